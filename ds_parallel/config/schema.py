@@ -1,0 +1,101 @@
+"""The one typed config tree.
+
+Every knob of a run lives in a dataclass below; YAML files and dotted command-line
+overrides (`parallel.tp=2 train.steps=50`) are folded into it by `config.load`, and
+`config.validate` checks cross-field rules before any process group starts.
+
+Field comments say what a value means and, where it comes from a paper, where.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    # A named shape from config/presets.py; any field set here overrides the preset.
+    preset: str = "debug_dense"
+    vocab_size: int = 128
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None = n_heads (MHA); fewer = GQA
+    head_dim: Optional[int] = None  # None = dim // n_heads
+    inter_dim: int = 344  # dense SwiGLU hidden width
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.006  # DeepSeek LLM / V3: N(0, 0.006)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    ep: int = 1  # expert parallel (carved out of data parallel, Megatron's ep-in-dp)
+    cp: int = 1  # context parallel (reserved; only 1 is supported so far)
+    dp: Optional[int] = None  # derived: world / (tp * pp * cp); set it only to assert
+    zero_stage: int = 0
+    pp_schedule: Literal["1f1b", "dualpipev"] = "1f1b"
+    timeout_s: float = 120.0  # collective timeout: a dead rank ends the job, not a hang
+    megatron_groups: bool = True  # also initialise megatron-core's parallel_state
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    global_batch_size: int = 16  # sequences per optimizer step, fixed across layouts
+    micro_batch_size: int = 8  # sequences per rank per forward
+    seq_len: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    lr_schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    out_dir: str = "runs/smoke"
+    log_every: int = 10
+    save_every: int = 100  # 0 = only at the end
+    eval_batches: int = 4
+    max_steps_this_run: int = 0  # stop early after this many steps (tests, preemption drills)
+
+
+@dataclass
+class DataConfig:
+    source: Literal["arithmetic", "indexed"] = "arithmetic"
+    path: Optional[str] = None  # prefix of a Megatron .bin/.idx pair, for source=indexed
+    n_digits: int = 2  # arithmetic corpus: operand width
+    ops: str = "+"  # arithmetic corpus: operators to draw from
+    n_train: int = 20000  # arithmetic corpus: problems in the training split
+    n_eval: int = 256  # arithmetic corpus: held-out problems
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = False
+    backend: Literal["auto", "te", "torch"] = "auto"
+    recipe: Literal["delayed", "current", "blockwise", "mxfp8"] = "blockwise"
+    format: Literal["e4m3", "hybrid"] = "e4m3"
+    block_size: int = 128
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    fp8: FP8Config = field(default_factory=FP8Config)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # Merged last into the DeepSpeed config dict (escape hatch for engine options).
+    deepspeed: dict[str, Any] = field(default_factory=dict)

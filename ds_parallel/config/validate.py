@@ -1,0 +1,107 @@
+"""Cross-field rules, checked before any process group starts (DESIGN invariant 5).
+
+Each failure is one `ConfigError` line naming the key, the value and the fix.
+"""
+from __future__ import annotations
+
+import os
+
+from ds_parallel.config.load import ConfigError
+from ds_parallel.config.schema import Config
+
+_POSITIVE = {
+    "model": ["vocab_size", "dim", "n_layers", "n_heads", "inter_dim", "max_seq_len"],
+    "parallel": ["tp", "pp", "ep", "cp"],
+    "train": ["steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every", "eval_batches"],
+}
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Raise ConfigError on the first broken rule. `world_size=None` skips world checks."""
+    for section, names in _POSITIVE.items():
+        sub = getattr(cfg, section)
+        for name in names:
+            value = getattr(sub, name)
+            if value <= 0:
+                raise ConfigError(f"{section}.{name}={value} must be a positive integer")
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    for name in ("n_kv_heads", "head_dim"):
+        value = getattr(m, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"model.{name}={value} must be positive or null")
+    for name in ("lr", "rope_theta", "norm_eps", "init_std"):
+        sub = t if name == "lr" else m
+        value = getattr(sub, name)
+        if value <= 0:
+            raise ConfigError(f"{'train' if sub is t else 'model'}.{name}={value} must be > 0")
+    if t.warmup_steps < 0 or t.save_every < 0 or t.max_steps_this_run < 0:
+        raise ConfigError("train.warmup_steps, train.save_every and train.max_steps_this_run must be >= 0")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]")
+    if t.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+
+    # Model shape rules.
+    head_dim = m.head_dim or m.dim // m.n_heads
+    if m.head_dim is None and m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}: set model.head_dim")
+    if head_dim % 2:
+        raise ConfigError(f"model head_dim={head_dim} must be even for RoPE: change model.dim or model.n_heads")
+    n_kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % n_kv:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={n_kv}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: lower one or raise the other")
+
+    # Parallel layout rules.
+    if p.cp != 1:
+        raise ConfigError(f"parallel.cp={p.cp} is not supported yet: set parallel.cp=1")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    if m.n_heads % p.tp:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}")
+    if n_kv % p.tp:
+        raise ConfigError(f"model.n_kv_heads={n_kv} is not divisible by parallel.tp={p.tp}: lower tp or raise n_kv_heads")
+    if m.inter_dim % p.tp:
+        raise ConfigError(f"model.inter_dim={m.inter_dim} is not divisible by parallel.tp={p.tp}")
+    if m.vocab_size % p.tp:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}: pad the vocabulary")
+    if m.n_layers % p.pp:
+        raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by parallel.pp={p.pp}")
+    if p.pp != 1:
+        raise ConfigError(f"parallel.pp={p.pp} is not supported yet: set parallel.pp=1")
+
+    if world_size is not None:
+        model_parallel = p.tp * p.pp * p.cp
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tp*pp*cp={model_parallel}: "
+                f"launch a multiple of {model_parallel} processes or change the degrees"
+            )
+        dp = world_size // model_parallel
+        if p.dp is not None and p.dp != dp:
+            raise ConfigError(
+                f"parallel.dp={p.dp} but world {world_size} / (tp*pp*cp={model_parallel}) = {dp}: remove parallel.dp or fix it"
+            )
+        if dp % p.ep:
+            raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel degree {dp} (world {world_size} / tp*pp*cp)")
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={t.micro_batch_size} x dp={dp}: change one of them"
+            )
+
+    if cfg.data.source == "indexed":
+        if not cfg.data.path:
+            raise ConfigError("data.source=indexed needs data.path: the prefix of a .bin/.idx pair")
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(cfg.data.path + ext):
+                raise ConfigError(f"data.path={cfg.data.path!r}: {cfg.data.path + ext} does not exist")
+    elif cfg.data.path:
+        raise ConfigError(f"data.path is set but data.source={cfg.data.source!r}: set data.source=indexed")
+    if cfg.data.source == "arithmetic" and cfg.data.n_digits < 1:
+        raise ConfigError(f"data.n_digits={cfg.data.n_digits} must be >= 1")
+
+    fp8 = cfg.precision.fp8
+    if fp8.enabled:
+        raise ConfigError("precision.fp8.enabled=true is not supported yet: set precision.fp8.enabled=false")

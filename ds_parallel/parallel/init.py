@@ -1,0 +1,120 @@
+"""Who am I? Rank, world and local rank from whichever launcher started us, then the
+default process group.
+
+Launchers, in the order they are recognised:
+- torchrun / `deepspeed` launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+- Slurm `srun`: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; master = first host of the
+  job's node list unless MASTER_ADDR is set
+- MPI (`mpirun`, `srun --mpi=pmix` without Slurm task variables): mpi4py's COMM_WORLD; rank
+  0 picks the master address and a free port and broadcasts them
+- none of these: a single process
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm", "mpi" or "single"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    # Fallback for simple lists ("node1,node2" or "node1"); bracket ranges need scontrol.
+    return nodelist.split(",")[0].split("[")[0]
+
+
+def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    default_port = int(env.get("MASTER_PORT", 29500))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=default_port,
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        master = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=master,
+            master_port=default_port,
+            launcher="slurm",
+        )
+    if any(v in env for v in _MPI_RANK_VARS):
+        from mpi4py import MPI  # only imported when an MPI launcher started us
+
+        comm = MPI.COMM_WORLD
+        rank, world = comm.Get_rank(), comm.Get_size()
+        addr = env.get("MASTER_ADDR") or socket.gethostname()
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+        addr, port = comm.bcast((addr, port) if rank == 0 else None, root=0)
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        return DistEnv(rank, world, local, addr, port, "mpi")
+    return DistEnv(0, 1, 0, "127.0.0.1", default_port, "single")
+
+
+def _disable_deepspeed_cpu_shm() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (~110 s on 2 cores)
+    the first time its comm backend starts. Collectives here go through gloo anyway, so mark
+    the op incompatible before DeepSpeed probes for it."""
+    try:
+        import deepspeed.ops as ds_ops
+    except ImportError:
+        return
+    ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(env: DistEnv, timeout_s: float, backend: str | None = None) -> None:
+    """Start the default process group. A single process gets a world of one, so DeepSpeed
+    and the collectives see the same code path at every scale."""
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        _disable_deepspeed_cpu_shm()
+    if dist.is_initialized():
+        return
+    if env.launcher == "single":
+        env = DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
