@@ -27,6 +27,45 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.006  # DeepSeek LLM / V3: N(0, 0.006)
+    rope_interleave: bool = False  # DeepSeek MLA rotates interleaved pairs; LLaMA split halves
+
+    # Attention: "mha" (multi-head / grouped-query, DeepSeek LLM) or "mla" (V2/V3).
+    attention: Literal["mha", "mla"] = "mha"
+    q_lora_rank: int = 0  # MLA query latent; 0 = no query compression (V2-Lite)
+    kv_lora_rank: int = 32  # MLA joint KV latent d_c
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16  # decoupled RoPE key, shared across heads
+    v_head_dim: int = 32
+    # YaRN (V3 §4.3); rope_factor 1.0 disables it.
+    rope_factor: float = 1.0
+    original_max_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+    # DeepSeekMoE; n_routed_experts = 0 means every FFN is dense.
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    n_activated_experts: int = 0  # K_r, routed experts per token
+    moe_inter_dim: int = 64
+    n_dense_layers: int = 0  # first_k_dense_replace
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    n_expert_groups: int = 1  # n_group
+    n_limited_groups: int = 1  # topk_group
+    route_scale: float = 1.0  # routed_scaling_factor
+    norm_topk_prob: bool = False
+    bias_update_speed: float = 0.0  # gamma of aux-loss-free balancing; 0 = off (V3: 1e-3)
+    seq_aux_alpha: float = 0.0  # V3 sequence-wise balance loss (V3: 1e-4)
+    expert_aux_alpha: float = 0.0  # V2 expert-level balance loss (V2: 3e-3)
+    device_aux_alpha: float = 0.0  # V2 device-level balance loss (V2: 5e-2)
+    comm_aux_alpha: float = 0.0  # V2 communication balance loss (V2: 2e-2)
+    z_loss_coeff: float = 0.0  # router z-loss
+    capacity_factor: float = 0.0  # 0 = dropless (V3); > 0 drops lowest-affinity overflow
+
+    # Multi-token prediction (V3 §2.2): D modules, loss weight lambda.
+    mtp_depth: int = 0
+    mtp_lambda: float = 0.3
 
 
 @dataclass
