@@ -33,6 +33,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):
+            try:
+                value = float(value)  # "1e-3": YAML 1.1 only knows floats with a dot
+            except ValueError:
+                pass
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -100,6 +105,11 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{path}={value!r} has the wrong type: expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r} has the wrong type: expected a number")
         return float(value)

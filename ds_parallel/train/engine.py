@@ -1,0 +1,83 @@
+"""Config -> DeepSpeed engine.
+
+The optimizer is torch's AdamW handed to DeepSpeed (no JIT-compiled op, so a fresh CPU
+machine trains at once). Parameter groups: weights decay, norms (1-D) do not; routed-expert
+parameters (tagged `allreduce = False` by moe/layer.py) go to DeepSpeed's MoE groups so
+ZeRO reduces their gradients over the expert-data-parallel group only. The learning rate
+is set by `train/schedule.py` before each optimizer step, so it is a pure function of the
+step and resume needs no scheduler state.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ds_parallel.config.schema import Config
+from ds_parallel.parallel.groups import ParallelContext, apply_deepspeed_groups
+
+
+def gradient_accumulation_steps(cfg: Config, dp: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+
+
+def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
+    t = cfg.train
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": cfg.precision.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # the trainer prints its own progress line
+        "wall_clock_breakdown": False,
+    }
+    for key, value in cfg.deepspeed.items():  # passthrough wins, merged one level deep
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    return ds
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if any(not getattr(p, "allreduce", True) for g in groups for p in g["params"]):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext):
+    """Wrap `model` in a DeepSpeed engine whose groups are ours (see parallel/groups.py)."""
+    import deepspeed
+
+    mpu = apply_deepspeed_groups(ctx)
+    t = cfg.train
+    if cfg.precision.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+        foreach=False,
+    )
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx.dp), mpu=mpu,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,46 @@
+"""Held-out exact match: greedy-decode each problem's answer and compare strings.
+
+Problems are batched by prompt length (no padding needed for a causal model). Every rank
+runs every problem, so tensor-parallel ranks stay in step; logits are gathered over tp.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ds_parallel.parallel.tensor_parallel import gather_logits
+
+
+@torch.no_grad()
+def greedy_answers(model, ctx, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    was_training = model.training
+    model.eval()
+    by_len: dict[int, list[int]] = defaultdict(list)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        by_len[len(ids)].append(i)
+    answers = [""] * len(prompts)
+    stop = tokenizer.encode("\n")[-1]
+    for _, idx in sorted(by_len.items()):
+        ids = torch.tensor([encoded[i] for i in idx], dtype=torch.long)
+        for _ in range(max_new_tokens):
+            logits = gather_logits(model(ids).logits[:, -1:], ctx)
+            ids = torch.cat([ids, logits.argmax(-1)], dim=1)
+        for row, i in zip(ids.tolist(), idx):
+            text = tokenizer.decode(row[len(encoded[i]):])
+            answers[i] = text.split("\n")[0] if stop is not None else text
+    model.train(was_training)
+    return answers
+
+
+def exact_match(model, ctx, tokenizer, problems, chance: float | None = None) -> dict:
+    prompts = [p for p, _ in problems]
+    targets = [a for _, a in problems]
+    max_new = max(len(tokenizer.encode(a)) for a in targets) + 1
+    answers = greedy_answers(model, ctx, tokenizer, prompts, max_new)
+    hits = sum(a.strip() == t.strip() for a, t in zip(answers, targets))
+    out = {"exact_match": hits / len(problems), "n_eval": len(problems)}
+    if chance is not None:
+        out["chance"] = chance
+    return out

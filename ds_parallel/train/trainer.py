@@ -1,0 +1,162 @@
+"""The training loop: config + parallel context -> run directory.
+
+Order of events (each step is a pure function of the step number, which is what makes
+resume exact): lr from the schedule -> this rank's micro-batches of the global batch ->
+forward/backward through the DeepSpeed engine (which accumulates and reduces) -> optimizer
+step -> MoE bias update from the global batch's expert loads -> global-batch loss reduced
+over data parallel -> metrics line, checkpoint, preemption check.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ds_parallel.config.load import dump_yaml, to_dict
+from ds_parallel.config.schema import Config
+from ds_parallel.data import GlobalBatchLoader, build_datasets
+from ds_parallel.model import build_model
+from ds_parallel.parallel.groups import ParallelContext
+from ds_parallel.train import checkpoint as ckpt
+from ds_parallel.train.engine import build_engine, set_lr
+from ds_parallel.train.evaluate import exact_match
+from ds_parallel.train.metrics import MetricsLog, plot_run
+from ds_parallel.train.schedule import lr_at
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 (Slurm's warning signal) ask for a checkpoint and a clean exit.
+    The flag is agreed across ranks each step, so every rank saves together."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _write_config(cfg: Config, out_dir: str) -> None:
+    path = os.path.join(out_dir, "config.yaml")
+    with open(path + ".tmp", "w") as fh:
+        fh.write(dump_yaml(cfg))
+    os.replace(path + ".tmp", path)
+
+
+def _mean_over(value: float, group, count: int) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t.item() / count
+
+
+def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
+    t = cfg.train
+    out_dir = t.out_dir
+    is_rank0 = ctx.rank == 0
+    if is_rank0:
+        os.makedirs(out_dir, exist_ok=True)
+        _write_config(cfg, out_dir)
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, ctx, seed=t.seed)
+    resume_dir = ckpt.latest_checkpoint(out_dir)
+    start_step = 0
+    if resume_dir:
+        reader = ckpt.CheckpointReader(resume_dir)
+        meta = ckpt.read_meta(resume_dir)
+        ckpt.load_model_weights(model, reader)
+        start_step = meta["step"]
+    engine = build_engine(model, cfg, ctx)
+    if resume_dir:
+        same_layout = meta["layout"]["world_size"] == ctx.world_size and all(
+            meta["layout"][k] == getattr(ctx, k) for k in ("tp", "pp", "ep", "dp")
+        )
+        ckpt.load_optimizer_state(engine, reader, meta, ctx.rank, same_layout)
+        if is_rank0:
+            print(f"resumed from {resume_dir} at step {start_step}", flush=True)
+
+    data = build_datasets(cfg.data, t, cfg.model.vocab_size)
+    loader = GlobalBatchLoader(data.samples, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
+    metrics = MetricsLog(out_dir, is_rank0, t.steps, start_step)
+    preempt = PreemptionFlag()
+    moe_update = _moe_bias_updater(model, ctx)
+
+    last = start_step
+    stop_at = t.steps if not t.max_steps_this_run else min(t.steps, start_step + t.max_steps_this_run)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    for step in range(start_step, stop_at):
+        tic = time.perf_counter()
+        set_lr(engine, lr_at(step, t))
+        sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "mtp_loss": 0.0}
+        micro = loader.micro_batches(step)
+        for input_ids, labels in micro:
+            out = engine(input_ids, labels=labels)
+            engine.backward(out.loss)
+            engine.step()
+            for key in sums:
+                value = getattr(out, key, None)
+                if value is not None:
+                    sums[key] += float(value.detach())
+        loads = moe_update() if moe_update else None
+        n = len(micro) * ctx.dp
+        record = {"step": step + 1, **{k: _mean_over(v, ctx.dp_group, n) for k, v in sums.items()}}
+        record["lr"] = lr_at(step, t)
+        norm = engine.get_global_grad_norm()
+        record["grad_norm"] = float(norm) if norm is not None else float("nan")
+        record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - tic)
+        if loads is not None:
+            record.update(loads)
+        else:
+            del record["aux_loss"]
+        if not cfg.model.mtp_depth:
+            del record["mtp_loss"]
+        last = step + 1
+        if last == 1 or last % t.log_every == 0 or last == t.steps:
+            metrics.log(record)
+        stop = preempt.agreed()
+        if stop or last == stop_at or (t.save_every and last % t.save_every == 0):
+            ckpt.save_checkpoint(out_dir, last, engine, ctx, to_dict(cfg))
+        if stop:
+            if is_rank0:
+                print(f"preempted: checkpoint written at step {last}; exiting for requeue", flush=True)
+            return {"step": last, "preempted": True}
+
+    summary: dict[str, Any] = {"step": last, "preempted": False}
+    if last == t.steps and data.eval_problems:
+        summary.update(exact_match(engine.module, ctx, data.tokenizer, data.eval_problems))
+        if is_rank0:
+            print(
+                f"held-out exact match: {summary['exact_match']:.3f} over {summary['n_eval']} problems "
+                f"(chance {summary['chance']:.4f})",
+                flush=True,
+            )
+    if is_rank0:
+        with open(os.path.join(out_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=1)
+        plot_run(out_dir)
+    return summary
+
+
+def _moe_bias_updater(model: torch.nn.Module, ctx: ParallelContext):
+    """A callable that applies the aux-loss-free bias update once per optimizer step and
+    returns MoE metrics, or None for dense models."""
+    try:
+        from ds_parallel.moe import moe_layers, update_moe_biases
+    except ImportError:
+        return None
+    if not list(moe_layers(model)):
+        return None
+    return lambda: update_moe_biases(model, ctx)

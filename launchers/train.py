@@ -1,0 +1,53 @@
+"""Train a DeepSeek-family model: `deepspeed --num_gpus 2 launchers/train.py [--config X.yaml] [key=value ...]`.
+
+Also runs under torchrun, srun and mpirun (rank and world from the environment). Without
+--config it trains the embedded default, configs/smoke_cpu.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke_cpu.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {os.path.relpath(DEFAULT_CONFIG)})")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
+    args = parser.parse_args(argv)
+
+    from ds_parallel.config import ConfigError, load_config
+    from ds_parallel.parallel.init import detect_env
+
+    env = detect_env()
+    try:
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, world_size=env.world_size)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+    from ds_parallel.train.run import run
+
+    try:
+        run(cfg, env)
+    except Exception as exc:  # one line on every rank; the traceback above it for debugging
+        traceback.print_exc()
+        print(f"rank {env.rank} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: a peer that died can leave gloo threads that hang exit.
+    os._exit(code)
