@@ -1,0 +1,83 @@
+"""The rank grid, checked without processes against megatron-core's own rank generator."""
+import itertools
+import warnings
+
+import pytest
+
+from ds_parallel.parallel.init import detect_env
+from ds_parallel.parallel.topology import Topology
+
+warnings.filterwarnings("ignore")
+from megatron.core.parallel_state import RankGenerator  # noqa: E402
+
+
+def _layouts():
+    for world in (1, 2, 4, 8, 16, 24, 64, 256, 1024, 4096):
+        for tp, pp, cp, ep in itertools.product((1, 2, 4, 8), (1, 2, 4, 16), (1, 2), (1, 2, 8, 64)):
+            try:
+                yield Topology(world, tp=tp, pp=pp, cp=cp, ep=ep)
+            except ValueError:
+                pass
+
+
+LAYOUTS = list(_layouts())
+
+
+def test_many_layouts_are_covered():
+    assert len(LAYOUTS) > 300
+    assert any(t.world_size == 4096 and t.pp == 16 and t.ep == 64 for t in LAYOUTS)
+
+
+@pytest.mark.parametrize("world", [2, 8, 64, 1024, 4096])
+def test_groups_match_megatron_rank_generator(world):
+    for topo in (t for t in LAYOUTS if t.world_size == world):
+        dense = RankGenerator(tp=topo.tp, ep=1, dp=topo.dp, pp=topo.pp, cp=topo.cp, order="tp-cp-ep-dp-pp")
+        expert = RankGenerator(tp=topo.tp, ep=topo.ep, dp=topo.edp, pp=topo.pp, cp=1, order="tp-cp-ep-dp-pp")
+        for dims in ("tp", "cp", "dp", "pp", "cp-dp", "tp-pp", "tp-cp"):
+            assert topo.groups(dims) == dense.get_ranks(dims), (topo, dims)
+        assert topo.groups("ep") == expert.get_ranks("ep"), topo
+        assert topo.groups("edp") == expert.get_ranks("dp"), topo
+        assert topo.groups("etp-ep") == expert.get_ranks("tp-ep"), topo
+
+
+@pytest.mark.parametrize("topo", [t for t in LAYOUTS if t.world_size in (8, 64)][:60], ids=str)
+def test_coords_partition_the_world(topo):
+    seen = set()
+    for rank in range(topo.world_size):
+        c = topo.coords(rank)
+        key = (c["tp"], c["cp"], c["dp"], c["pp"])
+        assert key not in seen
+        seen.add(key)
+        assert rank == c["tp"] + topo.tp * (c["cp"] + topo.cp * (c["dp"] + topo.dp * c["pp"]))
+        assert rank == c["etp"] + topo.tp * (c["ep"] + topo.ep * (c["edp"] + topo.edp * c["pp"]))
+        assert rank in topo.group_of("tp", rank) and len(topo.group_of("ep", rank)) == topo.ep
+    for dims in ("tp", "dp", "pp", "ep", "edp"):
+        flat = sorted(r for g in topo.groups(dims) for r in g)
+        assert flat == list(range(topo.world_size)), dims
+
+
+def test_deepseek_v3_layout():
+    # V3 §3.1: 2048 H800s, PP16, EP64 (over 8 nodes), ZeRO-1 DP, no TP.
+    topo = Topology(2048, tp=1, pp=16, ep=64)
+    assert (topo.dp, topo.edp) == (128, 2)
+    ep_group = topo.group_of("ep", 0)
+    assert ep_group == list(range(64)) and len(topo.groups("ep")) == 32
+    assert topo.group_of("pp", 0) == list(range(0, 2048, 128))
+
+
+def test_invalid_layouts_raise():
+    with pytest.raises(ValueError, match="not divisible"):
+        Topology(6, tp=4)
+    with pytest.raises(ValueError, match="ep=4 must divide"):
+        Topology(4, tp=2, ep=4)
+    with pytest.raises(ValueError, match="mix dense and expert"):
+        Topology(4).groups("tp-ep")
+
+
+def test_env_detection():
+    e = detect_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"})
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.launcher) == (3, 8, 1, "h0", 1234, "torchrun")
+    e = detect_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_NODELIST": "gpu7,gpu8"})
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.launcher) == (5, 16, 5, "gpu7", "slurm")
+    e = detect_env({})
+    assert (e.rank, e.world_size, e.launcher) == (0, 1, "single")
