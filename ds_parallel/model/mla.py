@@ -1,0 +1,174 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1; reference/deepseek.md §1.2).
+
+Keys and values of all heads come from one small latent per token, c = kv_norm(W^DKV h)
+(kv_lora_rank wide), plus one RoPE key k^R = RoPE(W^KR h) shared by every head:
+
+    k_i = [W^UK_i c ; k^R]      v_i = W^UV_i c      q_i = [q^C_i ; RoPE(q^R_i)]
+    o_i = softmax(q_i . k_i * scale) v_i            u = W^O [o_1; ...; o_H]
+
+The RoPE part is "decoupled" because a rotation between W^UK and the query would stop
+W^UK from being folded into the query at decode time. Two forwards compute the same thing:
+
+  * `forward` (training / prefill): expand c into per-head k and v with wkv_b and run
+    causal attention over H heads of width qk_nope + qk_rope.
+  * `forward_decode` (absorbed): the cache holds only c and the roped k^R per token
+    (kv_lora_rank + qk_rope_head_dim values, `MLACache`). W^UK is absorbed into the query,
+    attention runs over the latent itself (MQA with one key/value "head"), and W^UV is applied
+    after the softmax-weighted sum. Same numbers, ~H*(2 d_h)/(d_c + d_h^R) times less cache.
+
+Tensor parallel splits heads: wq / wq_b and wkv_b are column-parallel (rows are grouped
+per head, so a row chunk is a set of whole heads), wo is row-parallel. wq_a, wkv_a and the
+two norms are replicated. ColumnParallelLinear sums its input gradient over the tp group,
+so the latents feeding wq_b / wkv_b get full gradients; k_pe enters the heads without a
+column layer, so it crosses `copy_to_group` itself. Every replicated parameter therefore
+gets the same full gradient on every tp rank.
+
+HF checkpoint facts (established from transformers 5.24 modeling_deepseek_v3 / _v2, and
+tested in tests/unit/test_mla.py):
+  * No row permutation. HF's `apply_rotary_pos_emb_interleave` (rope_interleave=True) reads
+    q_pe / k_pe as interleaved pairs (2i, 2i+1) exactly like ours, but writes the rotated
+    result de-interleaved ([evens; odds]). It does that to q and k alike, so q.k is unchanged:
+    the weights map 1:1 (q_b_proj/q_proj -> wq_b/wq, kv_a_proj_with_mqa -> wkv_a, ...).
+    Only with rope_interleave=False would HF's split-half rotation need the 64 rope rows of
+    each q head and of kv_a_proj_with_mqa permuted. DeepseekV2Attention uses complex
+    (interleaved) RoPE and keeps the layout, also 1:1.
+  * kv_b_proj (H*(nope+v), kv_lora_rank) is per head [W^UK (nope rows); W^UV (v rows)],
+    the same as wkv_b; kv_a_proj_with_mqa rows are [W^DKV (kv_lora_rank); W^KR (rope)].
+  * HF's softmax scale is qk_head_dim^-0.5 * mscale(factor, mscale_all_dim)^2, which is
+    `yarn_softmax_scale`; its cos/sin carry mscale(f, mscale)/mscale(f, mscale_all_dim),
+    equal to 1 in every shipped config (mscale == mscale_all_dim), so it is not modelled.
+YaRN is on whenever rope_factor > 1 (as in HF); DeepSeek's inference code additionally
+requires max_seq_len > original_seq_len.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_parallel.model.norm import RMSNorm
+from ds_parallel.model.rope import YarnScaling, apply_rotary, precompute_freqs_cis, yarn_softmax_scale
+from ds_parallel.parallel.comm import copy_to_group
+from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, Gemm, Linear, RowParallelLinear
+
+
+def yarn_scaling(cfg) -> YarnScaling:
+    return YarnScaling(
+        factor=cfg.rope_factor, original_max_seq_len=cfg.original_max_seq_len, beta_fast=cfg.beta_fast,
+        beta_slow=cfg.beta_slow, mscale=cfg.mscale, mscale_all_dim=cfg.mscale_all_dim,
+    )
+
+
+def precompute_mla_freqs_cis(cfg, seqlen: Optional[int] = None) -> torch.Tensor:
+    """RoPE table for the decoupled rope dims: (seqlen, qk_rope_head_dim / 2) complex64."""
+    return precompute_freqs_cis(cfg.qk_rope_head_dim, seqlen or cfg.max_seq_len, cfg.rope_theta, yarn_scaling(cfg))
+
+
+class MLACache:
+    """One layer's compressed decode cache: kv_norm(latent) and the roped k_pe per token,
+    nothing else (kv_lora_rank + qk_rope_head_dim values per token; V3: 512 + 64 = 576).
+    Replicated over tp ranks: the latent is shared by all heads."""
+
+    def __init__(self, max_batch: int, max_seq_len: int, kv_lora_rank: int, qk_rope_head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        self.kv = torch.zeros(max_batch, max_seq_len, kv_lora_rank, dtype=dtype, device=device)  # (B, S, C)
+        self.pe = torch.zeros(max_batch, max_seq_len, qk_rope_head_dim, dtype=dtype, device=device)  # (B, S, R)
+
+    @classmethod
+    def for_layers(cls, cfg, n_layers: int, max_batch: int, max_seq_len: int, dtype=torch.float32, device=None):
+        return [cls(max_batch, max_seq_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device) for _ in range(n_layers)]
+
+    @property
+    def values_per_token(self) -> int:
+        return self.kv.shape[-1] + self.pe.shape[-1]
+
+    def update(self, kv: torch.Tensor, pe: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions [start_pos, start_pos + T) and return everything cached so far."""
+        bsz, seqlen, _ = kv.shape
+        end = start_pos + seqlen
+        assert end <= self.kv.shape[1], f"cache holds {self.kv.shape[1]} positions, decode reached {end}"
+        self.kv[:bsz, start_pos:end] = kv
+        self.pe[:bsz, start_pos:end] = pe
+        return self.kv[:bsz, :end], self.pe[:bsz, :end]
+
+
+class MLA(nn.Module):
+    def __init__(self, layer_id: int, cfg, ctx, gemm: Gemm = F.linear):
+        super().__init__()
+        assert cfg.n_heads % ctx.tp == 0, f"n_heads={cfg.n_heads} is not divisible by tp={ctx.tp}"
+        self.layer_id = layer_id
+        self.dim, self.n_heads, self.n_local_heads = cfg.dim, cfg.n_heads, cfg.n_heads // ctx.tp
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.tp_group = ctx.tp_group
+
+        if self.q_lora_rank == 0:
+            self.wq = ColumnParallelLinear(self.dim, self.n_heads * self.qk_head_dim, ctx, gemm)
+        else:
+            self.wq_a = Linear(self.dim, self.q_lora_rank, gemm)
+            self.q_norm = RMSNorm(self.q_lora_rank, cfg.norm_eps)
+            self.wq_b = ColumnParallelLinear(self.q_lora_rank, self.n_heads * self.qk_head_dim, ctx, gemm)
+        self.wkv_a = Linear(self.dim, self.kv_lora_rank + self.qk_rope_head_dim, gemm)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = ColumnParallelLinear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), ctx, gemm)
+        self.wo = RowParallelLinear(self.n_heads * self.v_head_dim, self.dim, ctx, gemm)
+        # V3 §4.3 / inference/model.py: 1/sqrt(d_h + d_h^R), times mscale^2 under YaRN.
+        self.softmax_scale = yarn_softmax_scale(self.qk_head_dim ** -0.5, yarn_scaling(cfg))
+
+    def _query(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(bsz, seqlen, self.n_local_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rotary(q_pe, freqs_cis)  # (B, T, H_l, nope), (B, T, H_l, rope)
+
+    def _latent(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rotary(k_pe.unsqueeze(2), freqs_cis).squeeze(2)
+        return self.kv_norm(kv), k_pe  # (B, T, C), (B, T, rope): what the cache keeps
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over x (B, T, D) at positions 0..T-1; freqs_cis (>= T, rope/2)."""
+        bsz, seqlen, _ = x.shape
+        q_nope, q_pe = self._query(x, freqs_cis)
+        kv, k_pe = self._latent(x, freqs_cis)
+        k_pe = copy_to_group(k_pe, self.tp_group)  # shared by the local heads of every rank
+        kv = self.wkv_b(kv).view(bsz, seqlen, self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H_l, nope + rope)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_local_heads, -1)], dim=-1)
+        # SDPA: the flash / memory-efficient kernels keep the softmax statistics in fp32;
+        # on CPU in fp32 (the parity tests) it is the plain math.
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        )  # (B, H_l, T, v)
+        return self.wo(o.transpose(1, 2).flatten(2))  # (B, T, D)
+
+    @torch.no_grad()
+    def forward_decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: MLACache, start_pos: int) -> torch.Tensor:
+        """Absorbed attention for tokens x (B, T, D) at positions start_pos..start_pos+T-1
+        (T = 1 when decoding, the prompt when prefilling), attending to everything in `cache`
+        before them. freqs_cis is the full table from position 0; it is sliced here."""
+        bsz, seqlen, _ = x.shape
+        end = start_pos + seqlen
+        rot = freqs_cis[start_pos:end]
+        q_nope, q_pe = self._query(x, rot)
+        kv_cache, pe_cache = cache.update(*self._latent(x, rot), start_pos)  # (B, S, C), (B, S, rope)
+        # (H_l, nope + v, C): rows [W^UK; W^UV] of each local head.
+        wkv_b = self.wkv_b.weight.view(self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # W^UK absorbed: (B, T, H_l, C)
+        scores = (
+            torch.einsum("bthc,bsc->bths", q_lat, kv_cache) + torch.einsum("bthr,bsr->bths", q_pe, pe_cache)
+        ) * self.softmax_scale  # (B, T, H_l, S)
+        query_pos = torch.arange(start_pos, end, device=x.device).view(1, seqlen, 1, 1)
+        key_pos = torch.arange(end, device=x.device).view(1, 1, 1, end)
+        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).type_as(x)
+        o_lat = torch.einsum("bths,bsc->bthc", probs, kv_cache)  # attention over the latent
+        o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # W^UV applied after: (B, T, H_l, v)
+        return self.wo(o.flatten(2))
