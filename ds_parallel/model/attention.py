@@ -1,0 +1,57 @@
+"""Causal multi-head / grouped-query attention with RoPE (DeepSeek LLM v1, LLaMA-style).
+
+    q = x wq^T, k = x wk^T, v = x wv^T          per head, head_dim channels
+    q, k <- RoPE(q), RoPE(k)
+    o_h = softmax(q_h k_g^T / sqrt(head_dim) + causal) v_g,   g = h // (n_heads / n_kv_heads)
+    y = [o_1; ...; o_H] wo^T
+
+GQA (DeepSeek LLM 67B: 64 query heads, 8 KV heads) lets n_heads / n_kv_heads query heads
+share one key/value head; n_kv_heads = n_heads is plain MHA.
+
+Tensor parallelism splits heads: wq/wk/wv are column parallel, so rank r owns query heads
+[r*H/tp, (r+1)*H/tp) and KV heads [r*G/tp, (r+1)*G/tp), which are exactly the KV heads
+those query heads read (the head-to-group map is contiguous). wo is row parallel. The
+attention core runs in fp32 (V3 §3.3 keeps attention operators in high precision).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_parallel.model.rope import apply_rotary
+from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, Gemm, RowParallelLinear
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, ctx, gemm: Gemm = F.linear):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.head_dim or cfg.dim // cfg.n_heads
+        assert self.n_heads % self.n_kv_heads == 0, f"n_heads={self.n_heads} not divisible by n_kv_heads={self.n_kv_heads}"
+        assert self.n_heads % ctx.tp == 0, f"n_heads={self.n_heads} is not divisible by tp={ctx.tp}"
+        assert self.n_kv_heads % ctx.tp == 0, f"n_kv_heads={self.n_kv_heads} is not divisible by tp={ctx.tp}"
+        self.n_local_heads = self.n_heads // ctx.tp
+        self.n_local_kv_heads = self.n_kv_heads // ctx.tp
+        self.interleaved = cfg.rope_interleave
+        self.softmax_scale = self.head_dim**-0.5
+        self.wq = ColumnParallelLinear(cfg.dim, self.n_heads * self.head_dim, ctx, gemm)
+        self.wk = ColumnParallelLinear(cfg.dim, self.n_kv_heads * self.head_dim, ctx, gemm)
+        self.wv = ColumnParallelLinear(cfg.dim, self.n_kv_heads * self.head_dim, ctx, gemm)
+        self.wo = RowParallelLinear(self.n_heads * self.head_dim, cfg.dim, ctx, gemm)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, T, H, Dh)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, G, Dh)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, G, Dh)
+        q = apply_rotary(q, freqs_cis, self.interleaved)
+        k = apply_rotary(k, freqs_cis, self.interleaved)
+        # SDPA wants heads before time; enable_gqa maps query head h to KV head h // (H/G).
+        q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H|G, T, Dh)
+        o = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=self.n_local_heads != self.n_local_kv_heads
+        )  # (B, H, T, Dh)
+        o = o.transpose(1, 2).reshape(bsz, seqlen, self.n_local_heads * self.head_dim).to(x.dtype)
+        return self.wo(o)  # (B, T, D)

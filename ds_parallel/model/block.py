@@ -1,0 +1,49 @@
+"""One pre-norm transformer block, and the two switch points that pick its parts.
+
+    h = x + attn(attn_norm(x))
+    y = h + ffn(ffn_norm(h))
+
+`build_attention` and `build_ffn` are the only places that decide which attention (MHA/GQA
+or MLA) and which FFN (dense SwiGLU or DeepSeekMoE) a layer gets; new kinds are added
+there, never as `if` inside the block. An FFN may return `y` or `(y, aux_loss)` (MoE
+balance losses); the block always returns `(x, aux_loss)` so the Transformer can sum them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ds_parallel.model.attention import Attention
+from ds_parallel.model.mlp import MLP
+from ds_parallel.model.norm import RMSNorm
+
+
+def build_attention(layer_id: int, cfg, ctx) -> nn.Module:
+    """Module with forward(x (B, T, D), freqs_cis) -> (B, T, D)."""
+    if cfg.attention == "mha":
+        return Attention(cfg, ctx)
+    raise NotImplementedError(f"model.attention={cfg.attention!r} has no builder in model/block.py yet")
+
+
+def build_ffn(layer_id: int, cfg, ctx) -> nn.Module:
+    """Module with forward(x (B, T, D)) -> (B, T, D) or ((B, T, D), aux_loss).
+    DeepSeekMoE keeps the first `n_dense_layers` layers dense (first_k_dense_replace)."""
+    if cfg.n_routed_experts > 0 and layer_id >= cfg.n_dense_layers:
+        raise NotImplementedError("MoE layers (model.n_routed_experts > 0) have no builder in model/block.py yet")
+    return MLP(cfg.dim, cfg.inter_dim, ctx)
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, cfg, ctx):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = build_attention(layer_id, cfg, ctx)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = build_ffn(layer_id, cfg, ctx)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), freqs_cis)  # (B, T, D)
+        out = self.ffn(self.ffn_norm(x))
+        out, aux = out if isinstance(out, tuple) else (out, x.new_zeros((), dtype=torch.float32))
+        return x + out, aux

@@ -1,0 +1,85 @@
+"""The decoder-only Transformer: embed -> blocks -> RMSNorm -> head.
+
+    logits = head(norm(block_L(... block_1(embed(ids)))))
+
+Input embedding and output head are separate matrices (untied, DeepSeek LLM and V2/V3).
+Both are split over the vocab with tensor parallelism; the logits stay sharded,
+(B, T, V/tp), and the loss is computed on the shards (`vocab_parallel_cross_entropy`).
+Use `parallel.tensor_parallel.gather_logits` where the full distribution is needed.
+
+Labels are aligned with positions: `labels[:, t]` is the token that should follow
+`input_ids[:, :t+1]` (the data loader shifts, as in Megatron); -100 marks no target.
+
+Layers live in a ModuleDict keyed by global layer id, so parameter names
+(`layers.7.attn.wq.weight`) stay the same when a pipeline stage holds only some layers;
+names are what init and checkpoints key on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ds_parallel.model.block import Block
+from ds_parallel.model.norm import RMSNorm
+from ds_parallel.model.mla import precompute_mla_freqs_cis
+from ds_parallel.model.rope import precompute_freqs_cis
+from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V/tp): this rank's vocab shard
+    loss: Optional[torch.Tensor] = None  # lm_loss + aux_loss; None without labels
+    lm_loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy
+    aux_loss: Optional[torch.Tensor] = None  # sum of MoE balance losses; 0 for dense
+
+
+def model_freqs_cis(cfg) -> torch.Tensor:
+    """RoPE rotations for the model's attention type, (max_seq_len, rope_dim/2) complex64.
+    MHA rotates whole heads with plain RoPE; MLA rotates only the decoupled
+    qk_rope_head_dim channels, with YaRN when rope_factor > 1 (V3 §4.3)."""
+    if cfg.attention == "mla":
+        return precompute_mla_freqs_cis(cfg)
+    head_dim = cfg.head_dim or cfg.dim // cfg.n_heads
+    return precompute_freqs_cis(head_dim, cfg.max_seq_len, cfg.rope_theta)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg, ctx):
+        super().__init__()
+        self.cfg, self.ctx = cfg, ctx
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, ctx)
+        self.layers = nn.ModuleDict({str(i): Block(i, cfg, ctx) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # The head stays in high precision (V3 §3.3): no FP8 gemm is ever injected here.
+        self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, ctx)
+        # Derived from the config, so not saved in checkpoints.
+        self.register_buffer("freqs_cis", model_freqs_cis(cfg), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts complex buffers too, and a complex -> bf16 cast silently
+        # drops the imaginary half of every rotation. Keep freqs_cis complex64; only move it.
+        freqs_cis = self._buffers.pop("freqs_cis")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["freqs_cis"] = freqs_cis.to(self.embed.weight.device)
+        return self
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        seqlen = input_ids.shape[1]
+        assert seqlen <= self.cfg.max_seq_len, f"sequence length {seqlen} > model.max_seq_len={self.cfg.max_seq_len}"
+        freqs_cis = self.freqs_cis[:seqlen]
+        h = self.embed(input_ids)  # (B, T, D)
+        aux_loss = h.new_zeros((), dtype=torch.float32)
+        for layer in self.layers.values():
+            h, aux = layer(h, freqs_cis)
+            aux_loss = aux_loss + aux
+        logits = self.head(self.norm(h))  # (B, T, V/tp)
+        if labels is None:
+            return ModelOutput(logits=logits, aux_loss=aux_loss)
+        lm_loss = vocab_parallel_cross_entropy(logits, labels, self.ctx)
+        return ModelOutput(logits=logits, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
