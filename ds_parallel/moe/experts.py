@@ -1,0 +1,100 @@
+"""Experts: SwiGLU MLPs, w2(silu(w1 x) * w3 x) (reference §1.4).
+
+`GroupedExperts` holds this rank's routed experts as stacked weights, w1/w3
+(n_local_experts, moe_inter_dim, dim) and w2 (n_local_experts, dim, moe_inter_dim), and
+runs them as grouped matrix products over rows already sorted by expert
+(`torch._grouped_mm` with group end offsets; a loop over experts, never over tokens,
+where that kernel does not take the dtype/device). `SwiGLU` is the dense MLP of the
+shared experts (one MLP of width n_shared_experts * moe_inter_dim).
+
+Expert tensors are tagged for the rest of the system: `shards` (which expert block this
+rank holds, for init, checkpoints and gather_full), `init_per_expert` (the model's init
+seeds each expert by its global id) and DeepSpeed's MoE convention, `allreduce = False`
+plus `group_name = "ep_size_<ep>"` (deepspeed/moe/utils.py `is_moe_param`), so its
+optimizer groups reduce their gradients over the expert-data-parallel group only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_parallel.parallel.shard import ShardSpec, set_shards
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: the CPU backward of
+    `_grouped_mm` rejects expanded (stride-0) gradients such as that of `y.sum()`."""
+
+    @staticmethod
+    def forward(fctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(fctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if x.device.type == "cuda":  # the CUDA kernel takes bf16 on sm90+
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return False
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool = True) -> torch.Tensor:
+    """x (P, in) rows sorted by group, w (G, out, in), counts (G,) -> (P, out), where the
+    rows of group g are multiplied by w[g]^T."""
+    if use_grouped_mm and _grouped_mm_ok(x):
+        offs = counts.cumsum(0).to(torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
+    chunks = x.split(counts.tolist())
+    return torch.cat([chunk @ w[g].t() for g, chunk in enumerate(chunks)])
+
+
+def tag_expert_param(param: nn.Parameter, ctx) -> nn.Parameter:
+    set_shards(param, ShardSpec(0, ctx.ep_rank, ctx.ep, "ep"))
+    param.init_per_expert = True
+    param.allreduce = False
+    param.group_name = f"ep_size_{ctx.ep}"
+    return param
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, cfg, ctx):
+        super().__init__()
+        n_experts, ep = cfg.n_routed_experts, ctx.ep
+        assert n_experts % ep == 0, f"n_routed_experts={n_experts} is not divisible by parallel.ep={ep}"
+        self.n_local_experts = n_experts // ep
+        self.expert_offset = ctx.ep_rank * self.n_local_experts  # global id of local expert 0
+        inter, dim = cfg.moe_inter_dim, cfg.dim
+        self.w1 = nn.Parameter(torch.empty(self.n_local_experts, inter, dim))
+        self.w3 = nn.Parameter(torch.empty(self.n_local_experts, inter, dim))
+        self.w2 = nn.Parameter(torch.empty(self.n_local_experts, dim, inter))
+        for p in (self.w1, self.w2, self.w3):
+            # Placeholder init; the model's init re-seeds each expert by its global id.
+            nn.init.normal_(p, std=cfg.init_std)
+            tag_expert_param(p, ctx)
+        self.use_grouped_mm = True
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (P, dim) rows sorted by local expert, counts (n_local_experts,) -> (P, dim)."""
+        gm = self.use_grouped_mm
+        h = F.silu(grouped_linear(x, self.w1, counts, gm)) * grouped_linear(x, self.w3, counts, gm)
+        return grouped_linear(h, self.w2, counts, gm)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, inter_dim: int, init_std: float = 0.006):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        for lin in (self.w1, self.w2, self.w3):
+            nn.init.normal_(lin.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,106 @@
+"""The DeepSeekMoE layer with expert parallelism (V3 §2.1.2; DESIGN invariant 8):
+
+    h'_t = sum_{shared} FFN_s(u_t) + sum_{i in topK} g_{i,t} FFN_i(u_t)
+
+in phases: route (router.py) -> permute (permute.py, index math) -> dispatch (dispatch.py,
+all-to-all; one copy of a token per destination rank) -> local experts (experts.py,
+grouped GEMM) -> gate-weighted combine on the expert's rank -> reverse all-to-all ->
+unpermute (sum of a token's rows). With ep == 1 the all-to-alls are identities.
+
+`forward` returns (y, aux_loss): the balance losses of this micro-batch, computed from
+local tokens only (every loss is per sequence), to be added to the training loss.
+Per-expert loads accumulate in each router over micro-batches; `update_moe_biases` sums
+them over the data-parallel ranks once per optimizer step, moves the V3 bias and resets
+them. Residual connection and normalisation belong to the block, not here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ds_parallel.moe.dispatch import combine, dispatch
+from ds_parallel.moe.experts import GroupedExperts, SwiGLU
+from ds_parallel.moe.permute import capacity_mask, combine_pairs, plan_dispatch, scatter_weights, sort_by_expert, unpermute
+from ds_parallel.moe.router import Router
+
+
+class MoE(nn.Module):
+    def __init__(self, layer_id: int, cfg, ctx, n_devices: Optional[int] = None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_experts = cfg.n_routed_experts
+        self.ep, self.ep_rank, self.ep_group = ctx.ep, ctx.ep_rank, ctx.ep_group
+        self.capacity_factor = cfg.capacity_factor
+        self.gate = Router(cfg, ctx, n_devices)
+        self.experts = GroupedExperts(cfg, ctx)
+        self.shared_experts = None
+        if cfg.n_shared_experts:
+            self.shared_experts = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, cfg.init_std)
+        self.last_comm = {"dispatch_bytes": 0, "combine_bytes": 0}  # bytes to other ranks, last forward
+
+    def capacity(self, seqlen: int) -> int:
+        """Pairs one expert may take from one sequence (capacity_factor > 0). Per sequence,
+        so which pairs drop does not depend on how sequences are spread over ranks."""
+        return math.ceil(self.capacity_factor * seqlen * self.gate.topk / self.n_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bsz, seqlen, dim = x.shape
+        h = x.reshape(-1, dim)  # (N, D)
+        r = self.gate(h)
+        aux_loss = self.gate.aux_loss(r, bsz)
+        keep = None
+        if self.capacity_factor > 0 and self.training:  # V2 §2.2.4: drop in training only
+            affinity = r.scores.detach().gather(1, r.indices).view(bsz, seqlen, -1)
+            keep = capacity_mask(r.indices.view(bsz, seqlen, -1), affinity, self.n_experts, self.capacity(seqlen))
+            keep = keep.view_as(r.indices)
+        plan = plan_dispatch(r.indices, self.n_experts, self.ep, keep)
+        gates = scatter_weights(plan, r.weights.to(x.dtype))  # (S, n_local)
+        x_recv, gates_recv, mask_recv, handle = dispatch(
+            h[plan.send_token], gates, plan.local_mask, plan.send_counts, self.ep_group, self.ep_rank
+        )
+        rows, experts, counts = sort_by_expert(mask_recv)
+        out = self.experts(x_recv[rows], counts)  # (P, D), pairs sorted by local expert
+        y_recv = combine_pairs(out, rows, gates_recv[rows, experts], x_recv.shape[0])
+        y = unpermute(combine(y_recv, handle), plan.send_token, h.shape[0])
+        self.last_comm = {"dispatch_bytes": handle.dispatch_bytes, "combine_bytes": handle.combine_bytes}
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(h)
+        return y.view(bsz, seqlen, dim), aux_loss
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer of `model` (of this pipeline stage), by layer id."""
+    return sorted((m for m in model.modules() if isinstance(m, MoE)), key=lambda m: m.layer_id)
+
+
+@torch.no_grad()
+def update_moe_biases(model: nn.Module, ctx) -> dict[int, torch.Tensor]:
+    """Once per optimizer step: sum each layer's accumulated loads over every rank that saw
+    distinct tokens (ctx.dp_group; tp ranks share tokens and are not in it), apply the
+    bias update, reset the accumulators. Returns {layer_id: (E,) float load} for metrics.
+    Collective over ctx.dp_group (one all-reduce for all layers)."""
+    layers = moe_layers(model)
+    if not layers:
+        return {}
+    loads = torch.stack([m.gate.load for m in layers])  # (L, E) int64
+    if ctx.dp > 1 and ctx.dp_group is not None:
+        dist.all_reduce(loads, group=ctx.dp_group)
+    out = {}
+    for m, load in zip(layers, loads):
+        m.gate.update_bias(load)
+        m.gate.reset_load()
+        out[m.layer_id] = load.float().cpu()
+    return out
+
+
+def expert_load_imbalance(loads: dict[int, torch.Tensor]) -> float:
+    """max/mean tokens per expert of the worst layer (1.0 = perfectly balanced)."""
+    worst = 1.0
+    for load in loads.values():
+        if load.sum() > 0:
+            worst = max(worst, (load.max() / load.mean()).item())
+    return worst
