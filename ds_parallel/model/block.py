@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from ds_parallel.model.attention import Attention
+from ds_parallel.model.mla import MLA
 from ds_parallel.model.mlp import MLP
 from ds_parallel.model.norm import RMSNorm
 
 
 def build_attention(layer_id: int, cfg, ctx) -> nn.Module:
     """Module with forward(x (B, T, D), freqs_cis) -> (B, T, D)."""
-    if cfg.attention == "mha":
-        return Attention(cfg, ctx)
-    raise NotImplementedError(f"model.attention={cfg.attention!r} has no builder in model/block.py yet")
+    if cfg.attention == "mla":
+        return MLA(layer_id, cfg, ctx)
+    return Attention(cfg, ctx)
 
 
 def build_ffn(layer_id: int, cfg, ctx) -> nn.Module:

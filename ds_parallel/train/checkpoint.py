@@ -45,25 +45,45 @@ def _spec_json(specs: tuple[ShardSpec, ...]) -> list[list]:
 
 
 # ---------------------------------------------------------------- optimizer state access
-def _uses_fragments(engine) -> bool:
-    """ZeRO 1/2 and DeepSpeed's bf16 optimizer keep fp32 masters in flat partitions."""
-    return any(hasattr(p, "_hp_mapping") for p in engine.module.parameters())
+# ZeRO 1/2 and DeepSpeed's bf16 optimizer keep fp32 masters in flat per-group partitions;
+# each model parameter's `_hp_mapping` says which slice of which flat tensor holds which
+# slice of the parameter (the mapping DeepSpeed's universal checkpoint uses). We read the
+# AdamW moments through that mapping directly from the base optimizer's state, keyed by
+# the flat tensor, rather than through DeepSpeed's per-fragment cache, which in 0.19.8
+# stays empty for every group but the first.
+
+def _flat_slices(param: torch.Tensor):
+    """(flat fp32 partition, slice of it, slice of the flattened param) or None."""
+    m = getattr(param, "_hp_mapping", None)
+    if m is None:
+        return None
+    flat = m.hp_fragment._base if m.hp_fragment._base is not None else m.hp_fragment
+    hp, lp = m.hp_fragment_address, m.lp_fragment_address
+    return flat, slice(hp.start, hp.start + hp.numel), slice(lp.start, lp.start + lp.numel)
 
 
 def _full_optimizer_state(engine, param: torch.Tensor) -> dict[str, torch.Tensor]:
     """fp32 master and AdamW moments of `param` at its local (TP/EP-sharded) shape,
     gathered over data parallel. Collective over the param's data-parallel group."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
-        out = {"master": safe_get_full_fp32_param(param)}
-        for key in ADAM_KEYS:
-            out[key] = safe_get_full_optimizer_state(param, key)
+    if hasattr(param, "ds_id"):
+        raise NotImplementedError("checkpointing ZeRO stage 3 is not supported yet: use parallel.zero_stage<=2")
+    state = engine.basic_optimizer.state
+    if hasattr(param, "_hp_mapping"):
+        out = {}
+        where = _flat_slices(param)
+        for key in ("master", *ADAM_KEYS):
+            buf = torch.zeros(param.numel(), dtype=torch.float32)
+            if where is not None:
+                flat, hp, lp = where
+                src = flat if key == "master" else state[flat][key]
+                buf[lp] = src[hp].float()
+            dist.all_reduce(buf, group=param._dp_group)  # pieces are disjoint: the sum assembles
+            out[key] = buf.view(param.shape)
         return out
-    state = engine.basic_optimizer.state.get(param, {})
+    st = state.get(param, {})
     out = {"master": param.detach().float()}
     for key in ADAM_KEYS:
-        out[key] = state[key] if key in state else torch.zeros_like(param, dtype=torch.float32)
+        out[key] = st[key] if key in st else torch.zeros_like(param, dtype=torch.float32)
     return out
 
 
@@ -75,9 +95,8 @@ def _optimizer_step_count(engine) -> int:
 
 
 def _materialise_optimizer_state(engine, step: int) -> None:
-    """AdamW creates its state lazily at the first step; resume needs it now. Create zero
-    moments with the saved step count for every tensor the base optimizer owns, then link
-    DeepSpeed's per-parameter fragments to them."""
+    """AdamW creates its state lazily at the first step; resume needs it now: zero moments
+    with the saved step count for every tensor the base optimizer owns."""
     opt = engine.basic_optimizer
     for group in opt.param_groups:
         for p in group["params"]:
@@ -86,23 +105,20 @@ def _materialise_optimizer_state(engine, step: int) -> None:
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
             }
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:  # ZeRO 1/2, bf16 optimizer: fragments point into the flat state
-        engine.optimizer._hp_optimizer_states_linked = False
-        link()
 
 
 def _set_optimizer_state(engine, param: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
-        safe_set_full_fp32_param(param, values["master"])
-        for key in ADAM_KEYS:
-            safe_set_full_optimizer_state(param, values[key], key)
+    state = engine.basic_optimizer.state
+    if hasattr(param, "_hp_mapping"):
+        where = _flat_slices(param)
+        if where is not None:
+            flat, hp, lp = where
+            for key in ("master", *ADAM_KEYS):
+                dst = flat if key == "master" else state[flat][key]
+                dst[hp] = values[key].flatten()[lp].to(dst.dtype)
         return
-    state = engine.basic_optimizer.state[param]
     for key in ADAM_KEYS:
-        state[key].copy_(values[key])
+        state[param][key].copy_(values[key])
 
 
 # ---------------------------------------------------------------------------- saving

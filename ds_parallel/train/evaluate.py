@@ -13,15 +13,17 @@ from ds_parallel.parallel.tensor_parallel import gather_logits
 
 
 @torch.no_grad()
-def greedy_answers(model, ctx, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+def greedy_answers(model, ctx, data, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuation of each prompt (encoded as in training by `data.prompt_ids`),
+    cut at the first newline / end of document."""
+    tokenizer = data.tokenizer
     was_training = model.training
     model.eval()
     by_len: dict[int, list[int]] = defaultdict(list)
-    encoded = [tokenizer.encode(p) for p in prompts]
+    encoded = [data.prompt_ids(p) for p in prompts]
     for i, ids in enumerate(encoded):
         by_len[len(ids)].append(i)
     answers = [""] * len(prompts)
-    stop = tokenizer.encode("\n")[-1]
     for _, idx in sorted(by_len.items()):
         ids = torch.tensor([encoded[i] for i in idx], dtype=torch.long)
         for _ in range(max_new_tokens):
@@ -29,18 +31,19 @@ def greedy_answers(model, ctx, tokenizer, prompts: list[str], max_new_tokens: in
             ids = torch.cat([ids, logits.argmax(-1)], dim=1)
         for row, i in zip(ids.tolist(), idx):
             text = tokenizer.decode(row[len(encoded[i]):])
-            answers[i] = text.split("\n")[0] if stop is not None else text
+            answers[i] = text.split("\n")[0]
     model.train(was_training)
     return answers
 
 
-def exact_match(model, ctx, tokenizer, problems, chance: float | None = None) -> dict:
+def exact_match(model, ctx, data) -> dict:
+    """Fraction of `data.heldout` (prompt, answer) pairs answered exactly, with chance level."""
+    problems = data.heldout
     prompts = [p for p, _ in problems]
     targets = [a for _, a in problems]
-    max_new = max(len(tokenizer.encode(a)) for a in targets) + 1
-    answers = greedy_answers(model, ctx, tokenizer, prompts, max_new)
+    max_new = max(len(data.tokenizer.encode(a)) for a in targets)
+    answers = greedy_answers(model, ctx, data, prompts, max_new)
     hits = sum(a.strip() == t.strip() for a, t in zip(answers, targets))
     out = {"exact_match": hits / len(problems), "n_eval": len(problems)}
-    if chance is not None:
-        out["chance"] = chance
+    out["chance"] = data.chance_accuracy
     return out

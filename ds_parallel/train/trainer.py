@@ -89,7 +89,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
             print(f"resumed from {resume_dir} at step {start_step}", flush=True)
 
     data = build_datasets(cfg.data, t, cfg.model.vocab_size)
-    loader = GlobalBatchLoader(data.samples, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
+    loader = GlobalBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
     metrics = MetricsLog(out_dir, is_rank0, t.steps, start_step)
     preempt = PreemptionFlag()
     moe_update = _moe_bias_updater(model, ctx)
@@ -135,8 +135,8 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
             return {"step": last, "preempted": True}
 
     summary: dict[str, Any] = {"step": last, "preempted": False}
-    if last == t.steps and data.eval_problems:
-        summary.update(exact_match(engine.module, ctx, data.tokenizer, data.eval_problems))
+    if last == t.steps and data.heldout:
+        summary.update(exact_match(engine.module, ctx, data))
         if is_rank0:
             print(
                 f"held-out exact match: {summary['exact_match']:.3f} over {summary['n_eval']} problems "
