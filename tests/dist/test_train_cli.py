@@ -1,0 +1,117 @@
+"""The training CLI end to end: exact resume, and no hang when a rank dies.
+
+Real `deepspeed` launcher, real engines, 2 gloo processes, the real run directory.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(ROOT, "launchers", "train.py")
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+
+
+def deepspeed_train(*overrides, timeout=300):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", TRAIN, *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        return {r["step"]: r["loss"] for r in map(json.loads, fh)}
+
+
+def test_resume_continues_the_exact_loss_curve(tmp_path):
+    common = ["train.steps=20", "train.log_every=1", "train.save_every=0", "train.warmup_steps=3"]
+    straight = tmp_path / "straight"
+    deepspeed_train(*common, f"train.out_dir={straight}")
+    resumed = tmp_path / "resumed"
+    # The same command twice: it stops after 10 steps, then resumes from `latest`.
+    first = deepspeed_train(*common, f"train.out_dir={resumed}", "train.max_steps_this_run=10")
+    assert "resumed from" not in first
+    assert open(resumed / "checkpoints" / "latest").read().strip() == "step_10"
+    second = deepspeed_train(*common, f"train.out_dir={resumed}", "train.max_steps_this_run=10")
+    assert "resumed from" in second and "at step 10" in second
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == list(range(1, 21))
+    for step in range(11, 21):
+        assert a[step] == b[step], (step, a[step], b[step])  # bit-identical, fp32 CPU
+    assert a[20] < a[1]
+    assert (resumed / "plots" / "loss.png").exists() and (resumed / "config.yaml").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_metrics(out_dir, procs, deadline):
+    path = out_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists() and path.read_text().count("\n") >= 2:
+            return
+        assert all(p.poll() is None for p in procs), "training ended before it could be interrupted"
+        time.sleep(0.5)
+    raise AssertionError("training did not start")
+
+
+def test_killed_rank_ends_the_job_without_launcher_help(tmp_path):
+    """Two bare processes (as srun or mpirun would start them): when rank 1 is SIGKILLed,
+    rank 0 must fail on its next collective and exit non-zero, not hang."""
+    out_dir = tmp_path / "run"
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(ENV, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(
+            [sys.executable, TRAIN, f"train.out_dir={out_dir}", "train.steps=100000", "train.log_every=1",
+             "train.save_every=0", "parallel.timeout_s=30"],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    try:
+        _wait_for_metrics(out_dir, procs, time.time() + 120)
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.time()
+        out, _ = procs[0].communicate(timeout=90)
+        elapsed = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode not in (0, None)
+    assert elapsed < 60, elapsed
+    assert "rank 0 failed:" in out
+
+
+def test_killed_rank_ends_the_deepspeed_launcher(tmp_path):
+    out_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", TRAIN, f"train.out_dir={out_dir}",
+         "train.steps=100000", "train.log_every=1", "train.save_every=0", "parallel.timeout_s=30"],
+        env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _wait_for_metrics(out_dir, [launcher], time.time() + 120)
+        ranks = subprocess.run(["pgrep", "-f", f"{TRAIN} --local_rank=1"], capture_output=True, text=True).stdout.split()
+        assert ranks, "rank 1 not found"
+        os.kill(int(ranks[0]), signal.SIGKILL)
+        t0 = time.time()
+        launcher.communicate(timeout=90)
+        elapsed = time.time() - t0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert elapsed < 60, elapsed
