@@ -1,0 +1,130 @@
+"""The built-in corpus: multi-digit arithmetic, every number written least-significant digit first.
+
+The smoke job needs data on which a 2-layer, dim-128 transformer makes measurable progress,
+so that "the loss fell and held-out accuracy beat chance" checks the training stack rather
+than the model's size. Every number is zero-padded and written backwards:
+
+    "21+93=150"    is  12 + 39 = 051
+    "07-80=26"     is  70 - 08 = 62
+    "21*93=8640"   is  12 * 39 = 0468
+
+* Fixed widths (operands n_digits; answers n+1 for +, n for -, 2n for *) give every
+  problem of one operator the same shape.
+* Writing the answer least-significant first is the order carries are computed in, so
+  each digit depends on operand digits and on digits already written (Lee et al. 2023,
+  "Teaching Arithmetic to Small Transformers": reversed outputs need far fewer examples).
+* Reversing the operands as well puts answer digit i and the operand digits it sums at
+  the same relative distance for every i (for +: 2n+1 and n tokens back), so one pair of
+  relative-position attention heads can serve all digits.
+* What a tiny model learns first is the format and the carry-out digit; the mod-10 digit
+  sums need sharp attention to exactly two tokens and come later (hundreds of steps).
+* Subtraction draws a >= b so answers stay non-negative and need no sign.
+
+Each problem is one document; the loader ends documents with EOS, so a held-out prompt is
+fed after an EOS, the left context problems have in training.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+OPS = "+-*"
+
+
+def answer_width(op: str, n_digits: int) -> int:
+    return {"+": n_digits + 1, "-": n_digits, "*": 2 * n_digits}[op]
+
+
+def _backwards(value: int, width: int) -> str:
+    return str(value).zfill(width)[::-1]
+
+
+def format_problem(a: int, op: str, b: int, n_digits: int) -> tuple[str, str]:
+    """(prompt, answer) strings: ("21+93=", "150") for 12 + 39."""
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    if value < 0:
+        raise ValueError(f"{a}{op}{b} is negative; subtraction problems need a >= b")
+    answer = _backwards(value, answer_width(op, n_digits))
+    return f"{_backwards(a, n_digits)}{op}{_backwards(b, n_digits)}=", answer
+
+
+def read_number(text: str) -> int:
+    """The integer a backwards digit string stands for: read_number("150") == 51."""
+    return int(text[::-1])
+
+
+def _check_ops(ops: str) -> str:
+    bad = sorted(set(ops) - set(OPS))
+    if not ops or bad:
+        raise ValueError(f"data.ops={ops!r} must be a non-empty string of operators from {OPS!r}")
+    return "".join(dict.fromkeys(ops))  # duplicates would silently reweight the mix
+
+
+def _space_size(op: str, n_digits: int) -> int:
+    n = 10**n_digits
+    return n * (n + 1) // 2 if op == "-" else n * n
+
+
+def _draw(rng: random.Random, ops: str, n_digits: int) -> tuple[int, str, int]:
+    n = 10**n_digits
+    op, a, b = rng.choice(ops), rng.randrange(n), rng.randrange(n)
+    if op == "-" and a < b:
+        a, b = b, a
+    return a, op, b
+
+
+@dataclass(frozen=True)
+class ArithmeticCorpus:
+    n_digits: int
+    ops: str
+    train: list[str] = field(repr=False)  # full problem texts, "21+93=150"
+    heldout: list[tuple[str, str]] = field(repr=False)  # (prompt, answer), disjoint from train
+
+
+def build_corpus(n_digits: int, ops: str, n_train: int, n_eval: int, seed: int) -> ArithmeticCorpus:
+    """Draw the held-out problems first, then training problems from everything else.
+
+    Training problems may repeat (2-digit addition has only 10^4 distinct problems and the
+    default draws 20000); held-out problems are distinct and never appear in training.
+    """
+    ops = _check_ops(ops)
+    if n_digits < 1:
+        raise ValueError(f"data.n_digits={n_digits} must be >= 1")
+    space = sum(_space_size(op, n_digits) for op in ops)
+    if not 0 <= n_eval < space:
+        raise ValueError(f"data.n_eval={n_eval} must be below the {space} distinct problems of "
+                         f"data.n_digits={n_digits}, data.ops={ops!r}, leaving some for training")
+    # A string seed keeps this stream independent of any other use of the run seed.
+    rng = random.Random(f"ds_parallel.arithmetic.{seed}")
+    heldout: dict[tuple[int, str, int], None] = {}
+    while len(heldout) < n_eval:
+        heldout[_draw(rng, ops, n_digits)] = None
+    train = []
+    while len(train) < n_train:
+        problem = _draw(rng, ops, n_digits)
+        if problem not in heldout:
+            train.append("".join(format_problem(*problem, n_digits)))
+    return ArithmeticCorpus(
+        n_digits=n_digits,
+        ops=ops,
+        train=train,
+        heldout=[format_problem(*p, n_digits) for p in heldout],
+    )
+
+
+def chance_accuracy(n_digits: int, ops: str) -> float:
+    """Exact-match accuracy of the best guesser that sees the operator but not the operands.
+
+    It always answers the most frequent result for the operator, so this is what a model
+    scores once it has learned the format and the answer distribution but no arithmetic.
+    With N = 10^n_digits equally likely operands a, b (for -, the pair is swapped to a >= b):
+      +  the sum N-1 has N of the N^2 pairs                  -> 1/N
+      -  the difference 1 has 2(N-1) of them (swaps double)   -> 2(N-1)/N^2
+      *  the product 0 has 2N-1 of them                       -> (2N-1)/N^2
+    Operators are drawn uniformly, so the chance level is the mean over operators.
+    A uniformly random digit string of the right width would score far less (10^-width).
+    """
+    ops = _check_ops(ops)
+    n = 10**n_digits
+    best = {"+": 1 / n, "-": 2 * (n - 1) / n**2, "*": (2 * n - 1) / n**2}
+    return sum(best[op] for op in ops) / len(ops)

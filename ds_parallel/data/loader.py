@@ -1,0 +1,151 @@
+"""Packing documents into samples, and cutting global batches into per-rank micro-batches.
+
+Packing (Megatron GPT style): every document is followed by EOS and the documents are
+concatenated into one token stream. Sample i is the window stream[i*T : i*T + T + 1] for
+seq_len T; consecutive windows share one token, so every token after the first is a label
+exactly once. inputs = sample[:-1], labels = sample[1:].
+
+Batching: the order of samples is a seeded permutation per epoch, and the epochs are laid
+end to end as one endless list of sample slots. Optimizer step s owns slots
+[s*GBS, (s+1)*GBS): the global batch depends on (seed, s) alone, so resuming at step s
+needs nothing but s, and changing the layout never changes what is trained on. Within a
+step, data-parallel rank r's micro-batch m holds global-batch positions
+[(m*dp + r)*mbs, (m*dp + r + 1)*mbs): the union over ranks and micro-batches is the same
+global batch for any dp, which is what the layout-parity tests compare.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ds_parallel.data.corpus import build_corpus, chance_accuracy
+from ds_parallel.data.indexed import IndexedDataset
+from ds_parallel.data.tokenizer import CharTokenizer
+
+
+def join_documents(documents: Iterable[Sequence[int]], eos_id: int) -> np.ndarray:
+    """One int64 stream: each document followed by `eos_id`."""
+    parts = [np.append(np.asarray(doc, dtype=np.int64), eos_id) for doc in documents]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+class PackedSamples:
+    """Windows of seq_len + 1 tokens over a stream; the stream may be a memory map."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len} must be >= 1")
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        """Sample(s) as int64: (seq_len + 1,) for an int, (k, seq_len + 1) for k indices."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if ((idx < 0) | (idx >= len(self))).any():
+            raise IndexError(f"sample index out of range for {len(self)} samples")
+        window = idx[..., None] * self.seq_len + np.arange(self.seq_len + 1)
+        return np.asarray(self.tokens[window], dtype=np.int64)
+
+
+class GlobalBatchLoader:
+    """This rank's micro-batches for any optimizer step, as a pure function of the step."""
+
+    def __init__(self, samples: PackedSamples, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp: int, seed: int) -> None:
+        if global_batch_size % (micro_batch_size * dp):
+            raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by "
+                             f"train.micro_batch_size={micro_batch_size} x dp={dp}")
+        if not 0 <= dp_rank < dp:
+            raise ValueError(f"dp_rank={dp_rank} must lie in [0, {dp})")
+        if len(samples) == 0:
+            raise ValueError("the dataset holds no complete sample of seq_len + 1 tokens")
+        self.samples, self.seed = samples, seed
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.dp_rank, self.dp = dp_rank, dp
+        self.n_micro = global_batch_size // (micro_batch_size * dp)  # gradient accumulation steps
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:  # a step spans at most two epochs unless GBS > len
+                self._orders.pop(min(self._orders))
+            rng = np.random.default_rng([self.seed, epoch])
+            self._orders[epoch] = rng.permutation(len(self.samples))
+        return self._orders[epoch]
+
+    def sample_ids(self, step: int, positions: Optional[np.ndarray] = None) -> np.ndarray:
+        """Sample indices at global-batch `positions` (default: all GBS of them) of `step`."""
+        if positions is None:
+            positions = np.arange(self.global_batch_size)
+        slots = step * self.global_batch_size + np.asarray(positions, dtype=np.int64)
+        epochs, within = np.divmod(slots, len(self.samples))
+        ids = np.empty_like(slots)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            ids[here] = self._order(int(epoch))[within[here]]
+        return ids
+
+    def global_batch(self, step: int) -> np.ndarray:
+        """The whole global batch of `step`, (GBS, seq_len + 1); the same on every rank."""
+        return self.samples[self.sample_ids(step)]
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(input_ids, labels)] for this rank, each (micro_batch_size, seq_len) int64."""
+        if step < 0:
+            raise ValueError(f"step={step} must be >= 0")
+        mbs, out = self.micro_batch_size, []
+        for m in range(self.n_micro):
+            first = (m * self.dp + self.dp_rank) * mbs
+            batch = torch.from_numpy(self.samples[self.sample_ids(step, np.arange(first, first + mbs))])
+            out.append((batch[:, :-1].contiguous(), batch[:, 1:].contiguous()))
+        return out
+
+
+@dataclass
+class Datasets:
+    train: PackedSamples
+    eval: Optional[PackedSamples]  # held-out problems packed the same way; None for indexed data
+    tokenizer: Optional[CharTokenizer]  # None for indexed data (ids come pre-tokenized)
+    heldout: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer) pairs
+    chance_accuracy: Optional[float] = None  # exact-match of the best operand-blind guess
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A held-out prompt as the model saw problems in training: after an EOS."""
+        return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
+
+
+def build_datasets(data_cfg, train_cfg, vocab_size: int) -> Datasets:
+    """Training samples (and held-out problems) for `data.source`; see module docstring."""
+    seq_len = train_cfg.seq_len
+    if data_cfg.source == "indexed":
+        ds = IndexedDataset(data_cfg.path)
+        tokens = ds.tokens
+        if tokens.dtype.kind not in "iu":
+            raise ValueError(f"data.path={data_cfg.path!r} holds {tokens.dtype} values, not token ids")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+            raise ValueError(f"data.path={data_cfg.path!r} has token ids in [{tokens.min()}, {tokens.max()}] "
+                             f"but model.vocab_size={vocab_size}: retokenize or raise the vocabulary")
+        # Megatron's preprocessing appends EOD itself (--append-eod): the stream is the .bin.
+        out = Datasets(train=PackedSamples(tokens, seq_len), eval=None, tokenizer=None)
+    elif data_cfg.source == "arithmetic":
+        tok = CharTokenizer()
+        if tok.vocab_size > vocab_size:
+            raise ValueError(f"model.vocab_size={vocab_size} is below the arithmetic tokenizer's {tok.vocab_size}")
+        corpus = build_corpus(data_cfg.n_digits, data_cfg.ops, data_cfg.n_train, data_cfg.n_eval, train_cfg.seed)
+        out = Datasets(
+            train=PackedSamples(join_documents((tok.encode(t) for t in corpus.train), tok.eos_id), seq_len),
+            eval=PackedSamples(join_documents((tok.encode(p + a) for p, a in corpus.heldout), tok.eos_id), seq_len),
+            tokenizer=tok,
+            heldout=corpus.heldout,
+            chance_accuracy=chance_accuracy(data_cfg.n_digits, corpus.ops),
+        )
+    else:
+        raise ValueError(f"data.source={data_cfg.source!r} must be 'arithmetic' or 'indexed'")
+    if len(out.train) == 0:
+        raise ValueError(f"the training data holds fewer than train.seq_len + 1 = {seq_len + 1} tokens")
+    return out

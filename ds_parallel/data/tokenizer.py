@@ -1,0 +1,51 @@
+"""Character-level tokenizer for the built-in arithmetic corpus.
+
+One id per character, fixed forever: the special tokens take ids 0-2, then the characters
+in `CHARS` follow in order, so digit d is id 3 + d. Nineteen ids in all, well inside the
+128-entry vocabulary of the debug model presets; the unused rows of the embedding simply
+never receive a gradient.
+
+BOS and PAD exist for callers that batch variable-length prompts; the packed training
+stream only uses EOS, as the separator between problems (Megatron's EOD convention).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+SPECIALS = ("<pad>", "<bos>", "<eos>")
+CHARS = "0123456789+-*= \n"
+
+
+class CharTokenizer:
+    pad_id = 0
+    bos_id = 1
+    eos_id = 2
+
+    def __init__(self) -> None:
+        self._id_of = {c: len(SPECIALS) + i for i, c in enumerate(CHARS)}
+        self._char_of = {i: c for c, i in self._id_of.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(SPECIALS) + len(CHARS)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        try:
+            ids = [self._id_of[c] for c in text]
+        except KeyError as err:
+            raise ValueError(f"character {err.args[0]!r} is not in the arithmetic vocabulary {CHARS!r}") from None
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
+        """Inverse of encode; special tokens are dropped unless `keep_special`."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i in self._char_of:
+                out.append(self._char_of[i])
+            elif 0 <= i < len(SPECIALS):
+                if keep_special:
+                    out.append(SPECIALS[i])
+            else:
+                raise ValueError(f"token id {i} is outside the arithmetic vocabulary (size {self.vocab_size})")
+        return "".join(out)

@@ -1,0 +1,246 @@
+"""Data layer: tokenizer, arithmetic corpus, Megatron indexed files, packing and batching."""
+import itertools
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from ds_parallel.config.schema import DataConfig, TrainConfig
+from ds_parallel.data.corpus import answer_width, build_corpus, chance_accuracy, format_problem, read_number
+from ds_parallel.data.indexed import IndexedDataset, IndexedDatasetWriter
+from ds_parallel.data.loader import GlobalBatchLoader, PackedSamples, build_datasets, join_documents
+from ds_parallel.data.tokenizer import CharTokenizer
+
+
+def test_tokenizer_round_trip_and_fixed_ids():
+    tok = CharTokenizer()
+    text = "0123456789+-*= \n21+93=150"
+    ids = tok.encode(text, bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, keep_special=True) == "<bos>" + text + "<eos>"
+    assert tok.encode("0129") == [3, 4, 5, 12]  # ids are part of every saved dataset: never move them
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert tok.vocab_size == 19 <= 128 and max(ids) < tok.vocab_size
+    with pytest.raises(ValueError, match="'x'"):
+        tok.encode("1x2")
+
+
+def _parse(text, n_digits):
+    """(a, op, b, value) from "21+93=150", read independently of format_problem."""
+    a, op, b, eq = text[:n_digits], text[n_digits], text[n_digits + 1 : 2 * n_digits + 1], text[2 * n_digits + 1]
+    assert eq == "="
+    return read_number(a), op, read_number(b), read_number(text[2 * n_digits + 2 :])
+
+
+def test_problem_format_examples():
+    assert format_problem(12, "+", 39, 2) == ("21+93=", "150")
+    assert format_problem(70, "-", 8, 2) == ("07-80=", "26")
+    assert format_problem(12, "*", 39, 2) == ("21*93=", "8640")
+    assert read_number("150") == 51
+    with pytest.raises(ValueError, match="a >= b"):
+        format_problem(3, "-", 5, 1)
+
+
+@pytest.mark.parametrize("n_digits,ops,n_eval", [(1, "+-*", 40), (2, "+", 256), (3, "+-*", 100)])
+def test_corpus_answers_are_correct_arithmetic(n_digits, ops, n_eval):
+    corpus = build_corpus(n_digits, ops, n_train=3000, n_eval=n_eval, seed=7)
+    seen_ops = Counter()
+    for text in corpus.train + [p + a for p, a in corpus.heldout]:
+        a, op, b, value = _parse(text, n_digits)
+        assert value == {"+": a + b, "-": a - b, "*": a * b}[op], text
+        assert len(text) == 2 * n_digits + 2 + answer_width(op, n_digits)
+        assert 0 <= b <= (a if op == "-" else 10**n_digits - 1) and a < 10**n_digits
+        seen_ops[op] += 1
+    assert set(seen_ops) == set(ops)
+    assert min(seen_ops.values()) > 0.25 * sum(seen_ops.values()) / len(ops)  # ops drawn evenly
+
+
+def test_corpus_is_deterministic_and_splits_are_disjoint():
+    one = build_corpus(2, "+-", n_train=5000, n_eval=300, seed=1)
+    assert one == build_corpus(2, "+-", n_train=5000, n_eval=300, seed=1)
+    assert one.train != build_corpus(2, "+-", n_train=5000, n_eval=300, seed=2).train
+    heldout = [p + a for p, a in one.heldout]
+    assert len(one.train) == 5000 and len(heldout) == len(set(heldout)) == 300
+    assert not set(heldout) & set(one.train)
+    # With n_digits=1 the 100 addition problems are split between the two sides exactly.
+    small = build_corpus(1, "+", n_train=2000, n_eval=30, seed=0)
+    assert len(set(small.train)) == 70 and not set(small.train) & {p + a for p, a in small.heldout}
+    with pytest.raises(ValueError, match="data.n_eval=100"):
+        build_corpus(1, "+", n_train=10, n_eval=100, seed=0)
+    with pytest.raises(ValueError, match="data.ops"):
+        build_corpus(2, "+/", n_train=10, n_eval=10, seed=0)
+
+
+@pytest.mark.parametrize("n_digits", [1, 2])
+def test_chance_accuracy_matches_brute_force(n_digits):
+    n = 10**n_digits
+    best = {}
+    for op in "+-*":
+        answers = Counter()
+        for a, b in itertools.product(range(n), repeat=2):  # the corpus's draw, swap included
+            a, b = (b, a) if op == "-" and a < b else (a, b)
+            answers[format_problem(a, op, b, n_digits)[1]] += 1
+        best[op] = max(answers.values()) / n**2
+        assert chance_accuracy(n_digits, op) == pytest.approx(best[op], rel=1e-12)
+    assert chance_accuracy(n_digits, "+-*") == pytest.approx(sum(best.values()) / 3)
+    assert chance_accuracy(n_digits, "++-") == pytest.approx((best["+"] + best["-"]) / 2)
+
+
+def test_packing_windows_shift_by_one():
+    docs = [[5, 6, 7], [8], [9, 10, 11, 12]]
+    stream = join_documents(docs, eos_id=2)
+    assert stream.tolist() == [5, 6, 7, 2, 8, 2, 9, 10, 11, 12, 2]
+    samples = PackedSamples(stream, seq_len=4)
+    assert len(samples) == 2  # (11 - 1) // 4
+    assert samples[0].tolist() == [5, 6, 7, 2, 8] and samples[1].tolist() == [8, 2, 9, 10, 11]
+    assert samples[np.array([1, 0])].shape == (2, 5)
+    with pytest.raises(IndexError):
+        samples[2]
+    loader = GlobalBatchLoader(samples, global_batch_size=2, micro_batch_size=2, dp_rank=0, dp=1, seed=0)
+    (inputs, labels), = loader.micro_batches(0)
+    assert inputs.dtype == labels.dtype == torch.long and inputs.shape == labels.shape == (2, 4)
+    assert torch.equal(inputs[:, 1:], labels[:, :-1])
+    assert sorted(map(tuple, torch.cat([inputs, labels[:, -1:]], 1).tolist())) == sorted(
+        map(tuple, samples[np.arange(2)].tolist()))
+
+
+def _union_over_ranks(samples, gbs, mbs, dp, step, seed):
+    """The global batch reassembled from every rank's micro-batches, in position order."""
+    rows = {}
+    for rank in range(dp):
+        loader = GlobalBatchLoader(samples, gbs, mbs, rank, dp, seed)
+        assert loader.n_micro == gbs // (mbs * dp)
+        for m, (inputs, labels) in enumerate(loader.micro_batches(step)):
+            assert inputs.shape == (mbs, samples.seq_len)
+            full = torch.cat([inputs, labels[:, -1:]], 1)
+            for j in range(mbs):
+                rows[(m * dp + rank) * mbs + j] = full[j]
+    return torch.stack([rows[p] for p in range(gbs)])
+
+
+def test_union_of_micro_batches_is_the_global_batch_for_any_dp():
+    # 37 samples and GBS 16: steps 2, 4 and 6 straddle an epoch boundary.
+    samples = PackedSamples(np.arange(37 * 8 + 1, dtype=np.int64), seq_len=8)
+    reference = GlobalBatchLoader(samples, 16, 16, 0, 1, seed=3)
+    for step in range(7):
+        expected = torch.from_numpy(reference.global_batch(step))
+        for dp, mbs in [(1, 4), (2, 2), (2, 8), (4, 1), (4, 4)]:
+            torch.testing.assert_close(_union_over_ranks(samples, 16, mbs, dp, step, 3), expected, rtol=0, atol=0)
+    # Each epoch visits every sample once, and the order depends on the seed only.
+    first_epochs = np.concatenate([reference.sample_ids(s) for s in range(7)])[: 3 * 37]
+    for e in range(3):
+        assert sorted(first_epochs[e * 37 : (e + 1) * 37]) == list(range(37))
+    fresh = GlobalBatchLoader(samples, 16, 16, 0, 1, seed=3)  # a resumed run: no state but the step
+    assert np.array_equal(fresh.global_batch(5), reference.global_batch(5))
+    assert not np.array_equal(GlobalBatchLoader(samples, 16, 16, 0, 1, seed=4).sample_ids(0), reference.sample_ids(0))
+    with pytest.raises(ValueError, match="global_batch_size=16"):
+        GlobalBatchLoader(samples, 16, 3, 0, 2, seed=0)
+
+
+def _write(prefix, docs, dtype=np.int32, lengths=None):
+    with IndexedDatasetWriter(prefix, dtype=dtype) as writer:
+        for i, doc in enumerate(docs):
+            writer.add_document(doc, None if lengths is None else lengths[i])
+
+
+DOCS = [[1, 2, 3], [], [4], list(range(5, 40)), [65000, 0, 7]]
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
+def test_indexed_round_trip(tmp_path, dtype):
+    prefix = str(tmp_path / "corpus")
+    lengths = [[1, 2], [], [1], [10, 0, 25], [3]]
+    _write(prefix, DOCS, dtype, lengths)
+    ds = IndexedDataset(prefix)
+    assert ds.dtype == np.dtype(dtype) and len(ds) == 7 and ds.n_documents == 5
+    assert ds.document_indices.tolist() == [0, 2, 2, 3, 6, 7]
+    sequences = [[1], [2, 3], [4], list(range(5, 15)), [], list(range(15, 40)), [65000, 0, 7]]
+    assert [ds[i].tolist() for i in range(len(ds))] == sequences
+    assert ds[-1].tolist() == [65000, 0, 7]
+    assert [ds.document(j).tolist() for j in range(5)] == DOCS
+    assert ds.tokens.tolist() == sum(DOCS, [])
+    with pytest.raises(ValueError, match="do not fit"):
+        _write(prefix + "_small", [[300]], np.uint8)
+
+
+def test_indexed_files_match_megatron_core_both_ways(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+    _write(ours, DOCS, np.uint16)
+    builder = IndexedDatasetBuilder(theirs + ".bin", dtype=np.uint16)
+    for doc in DOCS:
+        builder.add_item(torch.tensor(doc, dtype=torch.int64))
+        builder.end_document()
+    builder.finalize(theirs + ".idx")
+    for ext in (".bin", ".idx"):  # same input, same bytes
+        assert open(ours + ext, "rb").read() == open(theirs + ext, "rb").read()
+
+    for reader_prefix in (ours, theirs):
+        mine, megatron = IndexedDataset(reader_prefix), MegatronDataset(reader_prefix)
+        assert len(mine) == len(megatron) == len(DOCS)
+        assert np.array_equal(mine.document_indices, megatron.document_indices)
+        assert np.array_equal(mine.sequence_lengths, megatron.sequence_lengths)
+        for i in range(len(DOCS)):
+            assert megatron[i].dtype == mine[i].dtype and np.array_equal(megatron[i], mine[i])
+    # A document split into several sequences survives the crossing too.
+    split = str(tmp_path / "split")
+    _write(split, [list(range(10)), [3, 4]], np.int32, [[4, 6], [2]])
+    megatron = MegatronDataset(split)
+    assert megatron.document_indices.tolist() == [0, 2, 3] and megatron[1].tolist() == [4, 5, 6, 7, 8, 9]
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_pair(tmp_path):
+    prefix = str(tmp_path / "data")
+    with pytest.raises(RuntimeError):
+        with IndexedDatasetWriter(prefix) as writer:
+            writer.add_document([1, 2, 3])
+            raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []
+    _write(prefix, [[1, 2, 3]])
+    before = {p: open(tmp_path / p, "rb").read() for p in os.listdir(tmp_path)}
+    with pytest.raises(ValueError):
+        with IndexedDatasetWriter(prefix, dtype=np.uint8) as writer:
+            writer.add_document([4, 5])
+            writer.add_document([-1])  # does not fit uint8: the whole write is abandoned
+    assert {p: open(tmp_path / p, "rb").read() for p in os.listdir(tmp_path)} == before
+    assert IndexedDataset(prefix)[0].tolist() == [1, 2, 3]
+
+
+def test_reader_refuses_mismatched_or_foreign_files(tmp_path):
+    prefix = str(tmp_path / "data")
+    _write(prefix, [[1, 2, 3], [4, 5]])
+    with open(prefix + ".bin", "ab") as f:
+        f.write(b"\0\0\0\0")  # a .bin from some other write
+    with pytest.raises(ValueError, match="does not belong"):
+        IndexedDataset(prefix)
+    with open(prefix + ".idx", "r+b") as f:
+        f.write(b"PICKLE!!!")
+    with pytest.raises(ValueError, match="not a Megatron indexed dataset"):
+        IndexedDataset(prefix)
+
+
+def test_build_datasets_arithmetic_and_indexed(tmp_path):
+    train_cfg = TrainConfig(seq_len=16, seed=5)
+    data = build_datasets(DataConfig(n_train=500, n_eval=20), train_cfg, vocab_size=128)
+    tok = data.tokenizer
+    assert len(data.heldout) == 20 and data.chance_accuracy == pytest.approx(0.01)
+    text = tok.decode(data.train.tokens, keep_special=True).split("<eos>")
+    assert text[:-1] == build_corpus(2, "+", 500, 20, seed=5).train and text[-1] == ""
+    assert data.train[0].shape == (17,) and len(data.eval) > 0
+    assert data.prompt_ids(data.heldout[0][0]) == [tok.eos_id] + tok.encode(data.heldout[0][0])
+    with pytest.raises(ValueError, match="model.vocab_size=16"):
+        build_datasets(DataConfig(n_train=500, n_eval=20), train_cfg, vocab_size=16)
+
+    prefix = str(tmp_path / "tokens")
+    _write(prefix, [list(range(40)), [99, 3]])
+    cfg = DataConfig(source="indexed", path=prefix)
+    data = build_datasets(cfg, train_cfg, vocab_size=100)
+    assert data.tokenizer is None and data.heldout == [] and data.eval is None
+    assert len(data.train) == 2 and data.train[1].tolist() == list(range(16, 33))
+    with pytest.raises(ValueError, match=f"data.path='{prefix}'.*model.vocab_size=99"):
+        build_datasets(cfg, train_cfg, vocab_size=99)
