@@ -112,6 +112,7 @@ class DataConfig:
     ops: str = "+"  # arithmetic corpus: operators to draw from
     n_train: int = 20000  # arithmetic corpus: problems in the training split
     n_eval: int = 256  # arithmetic corpus: held-out problems
+    loss_on: Literal["answer", "all"] = "answer"  # arithmetic corpus: which tokens are labels
 
 
 @dataclass

@@ -91,6 +91,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"train.micro_batch_size={t.micro_batch_size} x dp={dp}: change one of them"
             )
 
+    _validate_mla_moe(cfg)
+
     if cfg.data.source == "indexed":
         if not cfg.data.path:
             raise ConfigError("data.source=indexed needs data.path: the prefix of a .bin/.idx pair")
@@ -105,3 +107,49 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     fp8 = cfg.precision.fp8
     if fp8.enabled:
         raise ConfigError("precision.fp8.enabled=true is not supported yet: set precision.fp8.enabled=false")
+
+
+def _validate_mla_moe(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if m.attention == "mla":
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(m, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(m, name)} must be positive for model.attention=mla")
+        if m.q_lora_rank < 0:
+            raise ConfigError(f"model.q_lora_rank={m.q_lora_rank} must be >= 0 (0 = no query compression)")
+        if m.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for RoPE")
+    if m.rope_factor < 1.0:
+        raise ConfigError(f"model.rope_factor={m.rope_factor} must be >= 1 (1 disables YaRN)")
+    if m.mtp_depth < 0 or m.mtp_lambda < 0:
+        raise ConfigError("model.mtp_depth and model.mtp_lambda must be >= 0")
+    e = m.n_routed_experts
+    if e == 0:
+        if p.ep != 1:
+            raise ConfigError(f"parallel.ep={p.ep} needs a MoE model: set model.n_routed_experts > 0 or parallel.ep=1")
+        return
+    if e < 0:
+        raise ConfigError(f"model.n_routed_experts={e} must be >= 0 (0 = dense)")
+    if e % p.ep:
+        raise ConfigError(f"model.n_routed_experts={e} is not divisible by parallel.ep={p.ep}")
+    if not 0 < m.n_activated_experts <= e:
+        raise ConfigError(f"model.n_activated_experts={m.n_activated_experts} must lie in [1, n_routed_experts={e}]")
+    if m.moe_inter_dim <= 0 or m.n_shared_experts < 0:
+        raise ConfigError("model.moe_inter_dim must be > 0 and model.n_shared_experts >= 0")
+    if m.n_expert_groups <= 0 or e % m.n_expert_groups:
+        raise ConfigError(f"model.n_routed_experts={e} is not divisible by model.n_expert_groups={m.n_expert_groups}")
+    if not 0 < m.n_limited_groups <= m.n_expert_groups:
+        raise ConfigError(f"model.n_limited_groups={m.n_limited_groups} must lie in [1, n_expert_groups={m.n_expert_groups}]")
+    if m.n_activated_experts > m.n_limited_groups * (e // m.n_expert_groups):
+        raise ConfigError(
+            f"model.n_activated_experts={m.n_activated_experts} exceeds the {m.n_limited_groups} x "
+            f"{e // m.n_expert_groups} experts reachable in model.n_limited_groups: raise n_limited_groups"
+        )
+    if m.n_expert_groups > 1 and m.score_func == "sigmoid" and e // m.n_expert_groups < 2:
+        raise ConfigError("sigmoid group scoring sums each group's top-2 scores: groups need >= 2 experts")
+    if not 0 <= m.n_dense_layers <= m.n_layers:
+        raise ConfigError(f"model.n_dense_layers={m.n_dense_layers} must lie in [0, n_layers={m.n_layers}]")
+    if m.capacity_factor < 0:
+        raise ConfigError(f"model.capacity_factor={m.capacity_factor} must be >= 0 (0 = dropless)")
+    if p.zero_stage == 3:
+        raise ConfigError("parallel.zero_stage=3 does not support MoE experts (DeepSpeed refuses it): use 1 or 2")

@@ -12,6 +12,12 @@ needs nothing but s, and changing the layout never changes what is trained on. W
 step, data-parallel rank r's micro-batch m holds global-batch positions
 [(m*dp + r)*mbs, (m*dp + r + 1)*mbs): the union over ranks and micro-batches is the same
 global batch for any dp, which is what the layout-parity tests compare.
+
+Loss masks: a stream may come with a boolean `supervised` twin; a label whose token is not
+supervised becomes -100 (ignored). The arithmetic corpus supervises only answers and the
+EOS after them (`data.loss_on: answer`, as in SFT): the operands are random digits that no
+model can predict, and their gradient noise delays learning the sums (measured: held-out
+exact match 57% vs 7% after 1000 steps of 32 x 64 tokens, 2-layer dim-128 model).
 """
 from __future__ import annotations
 
@@ -33,12 +39,15 @@ def join_documents(documents: Iterable[Sequence[int]], eos_id: int) -> np.ndarra
 
 
 class PackedSamples:
-    """Windows of seq_len + 1 tokens over a stream; the stream may be a memory map."""
+    """Windows of seq_len + 1 tokens over a stream; the stream may be a memory map.
+    `supervised` (optional, same length) marks the tokens that count as labels."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+    def __init__(self, tokens: np.ndarray, seq_len: int, supervised: Optional[np.ndarray] = None) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len={seq_len} must be >= 1")
-        self.tokens, self.seq_len = tokens, seq_len
+        if supervised is not None and len(supervised) != len(tokens):
+            raise ValueError("supervised mask and token stream differ in length")
+        self.tokens, self.seq_len, self.supervised = tokens, seq_len, supervised
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.seq_len)
@@ -50,6 +59,17 @@ class PackedSamples:
             raise IndexError(f"sample index out of range for {len(self)} samples")
         window = idx[..., None] * self.seq_len + np.arange(self.seq_len + 1)
         return np.asarray(self.tokens[window], dtype=np.int64)
+
+    def inputs_and_labels(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) for sample indices, labels -100 where not supervised."""
+        batch = torch.from_numpy(self[idx])
+        inputs, labels = batch[..., :-1].contiguous(), batch[..., 1:].contiguous()
+        if self.supervised is not None:
+            idx = np.asarray(idx, dtype=np.int64)
+            window = idx[..., None] * self.seq_len + np.arange(1, self.seq_len + 1)
+            keep = torch.from_numpy(np.asarray(self.supervised[window], dtype=bool))
+            labels = labels.masked_fill(~keep, -100)
+        return inputs, labels
 
 
 class GlobalBatchLoader:
@@ -101,8 +121,7 @@ class GlobalBatchLoader:
         mbs, out = self.micro_batch_size, []
         for m in range(self.n_micro):
             first = (m * self.dp + self.dp_rank) * mbs
-            batch = torch.from_numpy(self.samples[self.sample_ids(step, np.arange(first, first + mbs))])
-            out.append((batch[:, :-1].contiguous(), batch[:, 1:].contiguous()))
+            out.append(self.samples.inputs_and_labels(self.sample_ids(step, np.arange(first, first + mbs))))
         return out
 
 
@@ -117,6 +136,19 @@ class Datasets:
     def prompt_ids(self, prompt: str) -> list[int]:
         """A held-out prompt as the model saw problems in training: after an EOS."""
         return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
+
+
+def _arithmetic_stream(tok: CharTokenizer, problems: list[str], loss_on: str, seq_len: int):
+    """Token stream of the problems (each + EOS) and, for loss_on=answer, the mask that
+    supervises only the answer digits and the EOS after them."""
+    tokens = join_documents((tok.encode(t) for t in problems), tok.eos_id)
+    if loss_on == "all":
+        return tokens, seq_len, None
+    parts = []
+    for text in problems:
+        n_prompt = text.index("=") + 1
+        parts.append(np.concatenate([np.zeros(n_prompt, bool), np.ones(len(text) - n_prompt + 1, bool)]))
+    return tokens, seq_len, np.concatenate(parts)
 
 
 def build_datasets(data_cfg, train_cfg, vocab_size: int) -> Datasets:
@@ -138,7 +170,7 @@ def build_datasets(data_cfg, train_cfg, vocab_size: int) -> Datasets:
             raise ValueError(f"model.vocab_size={vocab_size} is below the arithmetic tokenizer's {tok.vocab_size}")
         corpus = build_corpus(data_cfg.n_digits, data_cfg.ops, data_cfg.n_train, data_cfg.n_eval, train_cfg.seed)
         out = Datasets(
-            train=PackedSamples(join_documents((tok.encode(t) for t in corpus.train), tok.eos_id), seq_len),
+            train=PackedSamples(*_arithmetic_stream(tok, corpus.train, data_cfg.loss_on, seq_len)),
             eval=PackedSamples(join_documents((tok.encode(p + a) for p, a in corpus.heldout), tok.eos_id), seq_len),
             tokenizer=tok,
             heldout=corpus.heldout,

@@ -17,6 +17,7 @@ from ds_parallel.model.attention import Attention
 from ds_parallel.model.mla import MLA
 from ds_parallel.model.mlp import MLP
 from ds_parallel.model.norm import RMSNorm
+from ds_parallel.moe.layer import MoE
 
 
 def build_attention(layer_id: int, cfg, ctx) -> nn.Module:
@@ -30,7 +31,7 @@ def build_ffn(layer_id: int, cfg, ctx) -> nn.Module:
     """Module with forward(x (B, T, D)) -> (B, T, D) or ((B, T, D), aux_loss).
     DeepSeekMoE keeps the first `n_dense_layers` layers dense (first_k_dense_replace)."""
     if cfg.n_routed_experts > 0 and layer_id >= cfg.n_dense_layers:
-        raise NotImplementedError("MoE layers (model.n_routed_experts > 0) have no builder in model/block.py yet")
+        return MoE(layer_id, cfg, ctx)
     return MLP(cfg.dim, cfg.inter_dim, ctx)
 
 

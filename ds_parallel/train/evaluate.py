@@ -28,7 +28,8 @@ def greedy_answers(model, ctx, data, prompts: list[str], max_new_tokens: int) ->
         ids = torch.tensor([encoded[i] for i in idx], dtype=torch.long)
         for _ in range(max_new_tokens):
             logits = gather_logits(model(ids).logits[:, -1:], ctx)
-            ids = torch.cat([ids, logits.argmax(-1)], dim=1)
+            # The model's vocabulary may be padded past the tokenizer's: never emit those ids.
+            ids = torch.cat([ids, logits[..., : tokenizer.vocab_size].argmax(-1)], dim=1)
         for row, i in zip(ids.tolist(), idx):
             text = tokenizer.decode(row[len(encoded[i]):])
             answers[i] = text.split("\n")[0]

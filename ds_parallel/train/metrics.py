@@ -19,24 +19,30 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricsLog:
+    """metrics.jsonl (one object per logged step) and, for MoE models, experts.jsonl: the
+    per-layer expert loads of the step and the router biases after its update."""
+
     def __init__(self, out_dir: str, enabled: bool, total_steps: int, start_step: int = 0):
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.experts_path = os.path.join(out_dir, "experts.jsonl")
         self.enabled = enabled
         self.total_steps = total_steps
         self.start_step = start_step
         self.t0 = time.perf_counter()
         if enabled:
-            self._truncate_after(start_step)
+            for path in (self.path, self.experts_path):
+                _truncate_after(path, start_step)
 
-    def _truncate_after(self, step: int) -> None:
-        if not os.path.exists(self.path):
+    def log_experts(self, step: int, loads: dict, biases: dict) -> None:
+        if not self.enabled:
             return
-        with open(self.path) as fh:
-            keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.writelines(keep)
-        os.replace(tmp, self.path)
+        record = {
+            "step": step,
+            "load": {str(k): v.tolist() for k, v in loads.items()},
+            "bias": {str(k): v.float().tolist() for k, v in biases.items()},
+        }
+        with open(self.experts_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -58,8 +64,19 @@ class MetricsLog:
         )
 
 
-def read_metrics(out_dir: str) -> list[dict]:
-    path = os.path.join(out_dir, "metrics.jsonl")
+def _truncate_after(path: str, step: int) -> None:
+    """Drop records logged after `step` (a run resumed from an earlier checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as fh:
+        fh.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def read_metrics(out_dir: str, name: str = "metrics.jsonl") -> list[dict]:
+    path = os.path.join(out_dir, name)
     if not os.path.exists(path):
         return []
     with open(path) as fh:
@@ -93,4 +110,37 @@ def plot_run(out_dir: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return [path]
+    paths = [path]
+    experts = read_metrics(out_dir, "experts.jsonl")
+    if experts:
+        paths.append(_plot_expert_load(experts, plot_dir, plt))
+    return paths
+
+
+def _plot_expert_load(records: list[dict], plot_dir: str, plt) -> str:
+    """plots/expert_load.png: per MoE layer, load of each expert relative to the mean
+    (1.0 = balanced) over training, and the router bias trajectories under it."""
+    import numpy as np
+
+    layers = sorted(records[0]["load"], key=int)[:8]
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(2, len(layers), figsize=(4 * len(layers), 6), squeeze=False)
+    for col, layer in enumerate(layers):
+        load = np.array([r["load"][layer] for r in records], dtype=float)  # (S, E)
+        rel = load / np.maximum(load.mean(axis=1, keepdims=True), 1e-9)
+        ax = axes[0, col]
+        im = ax.imshow(rel.T, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=max(2.0, rel.max()),
+                       extent=(steps[0], steps[-1], -0.5, rel.shape[1] - 0.5), interpolation="nearest")
+        ax.set_title(f"layer {layer}: load / mean")
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+        fig.colorbar(im, ax=ax)
+        bias = np.array([r["bias"][layer] for r in records], dtype=float)
+        axes[1, col].plot(steps, bias, lw=0.8)
+        axes[1, col].set_title(f"layer {layer}: router bias")
+        axes[1, col].set_xlabel("step")
+    fig.tight_layout()
+    path = os.path.join(plot_dir, "expert_load.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

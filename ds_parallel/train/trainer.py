@@ -21,6 +21,7 @@ from ds_parallel.config.load import dump_yaml, to_dict
 from ds_parallel.config.schema import Config
 from ds_parallel.data import GlobalBatchLoader, build_datasets
 from ds_parallel.model import build_model
+from ds_parallel.moe import expert_load_imbalance, moe_layers, update_moe_biases
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.train import checkpoint as ckpt
 from ds_parallel.train.engine import build_engine, set_lr
@@ -118,7 +119,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         record["grad_norm"] = float(norm) if norm is not None else float("nan")
         record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - tic)
         if loads is not None:
-            record.update(loads)
+            record["expert_load_imbalance"] = expert_load_imbalance(loads)
         else:
             del record["aux_loss"]
         if not cfg.model.mtp_depth:
@@ -126,6 +127,8 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         last = step + 1
         if last == 1 or last % t.log_every == 0 or last == t.steps:
             metrics.log(record)
+            if loads is not None:
+                metrics.log_experts(last, loads, {m.layer_id: m.gate.e_score_correction_bias for m in moe_layers(model)})
         stop = preempt.agreed()
         if stop or last == stop_at or (t.save_every and last % t.save_every == 0):
             ckpt.save_checkpoint(out_dir, last, engine, ctx, to_dict(cfg))
@@ -151,12 +154,8 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
 
 
 def _moe_bias_updater(model: torch.nn.Module, ctx: ParallelContext):
-    """A callable that applies the aux-loss-free bias update once per optimizer step and
-    returns MoE metrics, or None for dense models."""
-    try:
-        from ds_parallel.moe import moe_layers, update_moe_biases
-    except ImportError:
-        return None
-    if not list(moe_layers(model)):
+    """A callable that applies the aux-loss-free bias update once per optimizer step (from
+    the global batch's loads) and returns {layer: loads}, or None for dense models."""
+    if not moe_layers(model):
         return None
     return lambda: update_moe_biases(model, ctx)

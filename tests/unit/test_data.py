@@ -244,3 +244,28 @@ def test_build_datasets_arithmetic_and_indexed(tmp_path):
     assert len(data.train) == 2 and data.train[1].tolist() == list(range(16, 33))
     with pytest.raises(ValueError, match=f"data.path='{prefix}'.*model.vocab_size=99"):
         build_datasets(cfg, train_cfg, vocab_size=99)
+
+
+def test_answer_only_loss_mask():
+    """data.loss_on=answer: labels are the answer digits and the EOS after them, else -100."""
+    from ds_parallel.config import load_config
+
+    cfg = load_config(None, ["train.seq_len=32"])
+    data = build_datasets(cfg.data, cfg.train, 128)
+    eq, eos = data.tokenizer.encode("=")[0], data.tokenizer.eos_id
+    stream = data.train.tokens[: 8 * 32 + 1].tolist()
+    # Walk the stream: a token is supervised iff an '=' came after the last EOS before it.
+    truth, in_answer = [], False
+    for tok in stream:
+        truth.append(in_answer)
+        in_answer = (in_answer or tok == eq) and tok != eos
+    inputs, labels = data.train.inputs_and_labels(np.arange(8))
+    for i in range(8):
+        for t in range(32):
+            pos = i * 32 + t + 1  # the label's position in the stream
+            expected = stream[pos] if truth[pos] else -100
+            assert labels[i, t].item() == expected, (i, t)
+    assert 0.2 < (labels != -100).float().mean() < 0.6
+    cfg_all = load_config(None, ["train.seq_len=32", "data.loss_on=all"])
+    _, labels_all = build_datasets(cfg_all.data, cfg_all.train, 128).train.inputs_and_labels(np.arange(8))
+    assert (labels_all != -100).all()
