@@ -39,8 +39,14 @@ def shards_of(param: torch.Tensor) -> tuple[ShardSpec, ...]:
     return getattr(param, "shards", ())
 
 
+def local_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """This rank's shape of `param`; under ZeRO-3 the tensor itself is an empty stub and
+    DeepSpeed keeps the real shape in `ds_shape`."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:
-    shape = list(param.shape)
+    shape = list(local_shape(param))
     for spec in shards_of(param):
         shape[spec.dim] *= spec.count
     return tuple(shape)

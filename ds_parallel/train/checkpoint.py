@@ -29,7 +29,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ds_parallel.parallel.shard import ShardSpec, full_shape, local_index, shards_of
+from ds_parallel.parallel.shard import ShardSpec, full_shape, local_index, local_shape, shards_of
 
 FORMAT_VERSION = 1
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -65,8 +65,13 @@ def _flat_slices(param: torch.Tensor):
 def _full_optimizer_state(engine, param: torch.Tensor) -> dict[str, torch.Tensor]:
     """fp32 master and AdamW moments of `param` at its local (TP/EP-sharded) shape,
     gathered over data parallel. Collective over the param's data-parallel group."""
-    if hasattr(param, "ds_id"):
-        raise NotImplementedError("checkpointing ZeRO stage 3 is not supported yet: use parallel.zero_stage<=2")
+    if hasattr(param, "ds_id"):  # ZeRO-3: DeepSpeed gathers its partitions for us
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        out = {"master": safe_get_full_fp32_param(param)}
+        for key in ADAM_KEYS:
+            out[key] = safe_get_full_optimizer_state(param, key)
+        return {k: v.view(param.ds_shape) for k, v in out.items()}
     state = engine.basic_optimizer.state
     if hasattr(param, "_hp_mapping"):
         out = {}
@@ -98,8 +103,11 @@ def _materialise_optimizer_state(engine, step: int) -> None:
     """AdamW creates its state lazily at the first step; resume needs it now: zero moments
     with the saved step count for every tensor the base optimizer owns."""
     opt = engine.basic_optimizer
-    for group in opt.param_groups:
-        for p in group["params"]:
+    owned = [p for group in opt.param_groups for p in group["params"]]
+    # ZeRO-3 swaps its flat fp32 sub-groups in and out of the base optimizer's groups.
+    owned += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    for p in owned:
+        if p not in opt.state or "exp_avg" not in opt.state[p]:
             opt.state[p] = {
                 "step": torch.tensor(float(step)),
                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
@@ -108,6 +116,13 @@ def _materialise_optimizer_state(engine, step: int) -> None:
 
 
 def _set_optimizer_state(engine, param: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        safe_set_full_fp32_param(param, values["master"])
+        for key in ADAM_KEYS:
+            safe_set_full_optimizer_state(param, values[key], key)
+        return
     state = engine.basic_optimizer.state
     if hasattr(param, "_hp_mapping"):
         where = _flat_slices(param)
@@ -149,7 +164,7 @@ def save_checkpoint(run_dir: str, step: int, engine, ctx, config_dict: dict[str,
             continue
         spec = {"full_shape": list(full_shape(param)), "shards": _spec_json(shards_of(param))}
         for key, value in state.items():
-            tensors[f"{name}::{key}"] = value.detach().float().reshape(param.shape).contiguous().cpu()
+            tensors[f"{name}::{key}"] = value.detach().float().reshape(local_shape(param)).contiguous().cpu()
             header[f"{name}::{key}"] = spec
     for name, buf in module.named_buffers():
         if name.split(".")[-1] in _non_persistent(module, name) or ctx.dp_rank != 0:

@@ -1,0 +1,4 @@
+"""Checkpoint interoperability with other frameworks' formats (Hugging Face DeepSeek-V2/V3)."""
+from ds_parallel.interop.hf import config_from_hf, hf_config_from_model, load_ds, load_hf, save_ds, save_hf
+
+__all__ = ["config_from_hf", "hf_config_from_model", "load_ds", "load_hf", "save_ds", "save_hf"]
