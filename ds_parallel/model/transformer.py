@@ -13,6 +13,16 @@ Labels are aligned with positions: `labels[:, t]` is the token that should follo
 Layers live in a ModuleDict keyed by global layer id, so parameter names
 (`layers.7.attn.wq.weight`) stay the same when a pipeline stage holds only some layers;
 names are what init and checkpoints key on.
+
+With `mtp_depth = D > 0` the model also trains D multi-token-prediction depths (`mtp.0` ...,
+model/mtp.py, V3 §2.2) on the normed final hidden state, sharing `embed` and `head`:
+
+    loss = lm_loss + aux_loss + mtp_loss,   mtp_loss = mtp_lambda / D * sum_k L_k
+
+L_k is depth k's mean cross-entropy over its valid targets labels[:, k:]. MTP runs only
+when labels are given; inference returns the main logits alone. `mtp_lambda` starts at
+cfg.mtp_lambda and is a plain attribute (not saved): the trainer applies a schedule with
+`set_mtp_lambda` (V3 §4.2: 0.3 for the first 10T tokens, 0.1 for the last 4.8T).
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ from torch import nn
 from ds_parallel.model.block import Block
 from ds_parallel.model.norm import RMSNorm
 from ds_parallel.model.mla import precompute_mla_freqs_cis
+from ds_parallel.model.mtp import MultiTokenPrediction
 from ds_parallel.model.rope import precompute_freqs_cis
 from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 
@@ -32,9 +43,11 @@ from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, VocabPara
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V/tp): this rank's vocab shard
-    loss: Optional[torch.Tensor] = None  # lm_loss + aux_loss; None without labels
+    loss: Optional[torch.Tensor] = None  # lm_loss + aux_loss (+ mtp_loss); None without labels
     lm_loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy
-    aux_loss: Optional[torch.Tensor] = None  # sum of MoE balance losses; 0 for dense
+    aux_loss: Optional[torch.Tensor] = None  # sum of MoE balance losses (MTP blocks included); 0 for dense
+    mtp_loss: Optional[torch.Tensor] = None  # mtp_lambda / D * sum_k L_k; None without MTP or labels
+    mtp_losses: Optional[torch.Tensor] = None  # (D,) unweighted L_k, detached, for logging
 
 
 def model_freqs_cis(cfg) -> torch.Tensor:
@@ -56,6 +69,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # The head stays in high precision (V3 §3.3): no FP8 gemm is ever injected here.
         self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, ctx)
+        self.mtp = MultiTokenPrediction(cfg, ctx)  # empty (no parameters) when mtp_depth = 0
+        self.mtp_lambda = cfg.mtp_lambda
         # Derived from the config, so not saved in checkpoints.
         self.register_buffer("freqs_cis", model_freqs_cis(cfg), persistent=False)
 
@@ -69,17 +84,37 @@ class Transformer(nn.Module):
             self._buffers["freqs_cis"] = freqs_cis.to(self.embed.weight.device)
         return self
 
+    def set_mtp_lambda(self, value: float) -> None:
+        """Weight of the MTP loss from the next forward on (the trainer's schedule)."""
+        assert value >= 0, f"mtp_lambda={value} must be >= 0"
+        self.mtp_lambda = float(value)
+
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
         seqlen = input_ids.shape[1]
         assert seqlen <= self.cfg.max_seq_len, f"sequence length {seqlen} > model.max_seq_len={self.cfg.max_seq_len}"
         freqs_cis = self.freqs_cis[:seqlen]
-        h = self.embed(input_ids)  # (B, T, D)
+        emb = self.embed(input_ids)  # (B, T, D)
+        h = emb
         aux_loss = h.new_zeros((), dtype=torch.float32)
         for layer in self.layers.values():
             h, aux = layer(h, freqs_cis)
             aux_loss = aux_loss + aux
-        logits = self.head(self.norm(h))  # (B, T, V/tp)
+        h = self.norm(h)  # also h^0 of MTP
+        logits = self.head(h)  # (B, T, V/tp)
         if labels is None:
             return ModelOutput(logits=logits, aux_loss=aux_loss)
         lm_loss = vocab_parallel_cross_entropy(logits, labels, self.ctx)
-        return ModelOutput(logits=logits, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
+        if len(self.mtp) == 0:
+            return ModelOutput(logits=logits, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
+        # Depth k's embeddings are Emb(input_ids)[:, k:]: the main lookup, reused.
+        hidden, mtp_aux = self.mtp(h, emb, freqs_cis)
+        losses = torch.stack([
+            vocab_parallel_cross_entropy(self.head(h_k), labels[:, k:], self.ctx)  # targets t_{i+k+1}
+            for k, h_k in enumerate(hidden, start=1)
+        ])  # (D,)
+        mtp_loss = self.mtp_lambda / len(self.mtp) * losses.sum()
+        aux_loss = aux_loss + mtp_aux
+        return ModelOutput(
+            logits=logits, loss=lm_loss + aux_loss + mtp_loss, lm_loss=lm_loss, aux_loss=aux_loss,
+            mtp_loss=mtp_loss, mtp_losses=losses.detach(),
+        )
