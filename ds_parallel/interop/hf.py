@@ -477,6 +477,7 @@ def load_hf_weights(model: Transformer, hf: HFCheckpoint) -> None:
             for i in range(n_local):
                 e = (ep.index * n_local if ep else 0) + i  # global expert id
                 tensor[i].copy_(fetch(key.format(e=e), shape[1:], inner, name))
+            used.update(key.format(e=e) for e in range(shape[0]))  # other ep ranks read the rest
         elif key not in hf and name.endswith("e_score_correction_bias") and hf.config.get("model_type") == V2:
             tensor.zero_()  # V2 has no bias: selection by the plain scores
         else:

@@ -70,7 +70,7 @@ class MTPModule(nn.Module):
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, T', D)
         x, aux = self.block(x, freqs_cis)
-        return x, aux
+        return self.norm(x), aux
 
 
 class MultiTokenPrediction(nn.ModuleList):
