@@ -59,11 +59,32 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     return groups
 
 
+def _register_moe_layers(model: torch.nn.Module) -> None:
+    """Make DeepSpeed see our MoE layers. Its engine switches on expert handling (expert
+    gradients reduced over the expert-data-parallel group and scaled by the full data-parallel
+    size, MoE optimizer groups, expert-aware ZeRO partitioning) only for modules that are
+    instances of `deepspeed.moe.layer.MoE`. Each of our layers gets a class that derives from
+    both; ours comes first in the MRO, so only the type test and `num_experts` change. Its
+    `set_deepspeed_parallelism` is a no-op: the groups were registered from our topology."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    from ds_parallel.moe import moe_layers
+
+    for layer in moe_layers(model):
+        if isinstance(layer, DeepSpeedMoE):
+            continue
+        registered = type(f"DeepSpeedRegistered{type(layer).__name__}", (type(layer), DeepSpeedMoE),
+                          {"set_deepspeed_parallelism": lambda self, *a, **k: None})
+        layer.__class__ = registered
+        layer.num_experts = layer.n_experts
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext):
     """Wrap `model` in a DeepSpeed engine whose groups are ours (see parallel/groups.py)."""
     import deepspeed
 
     mpu = apply_deepspeed_groups(ctx)
+    _register_moe_layers(model)
     t = cfg.train
     if cfg.precision.dtype == "bf16":
         model = model.to(torch.bfloat16)

@@ -50,6 +50,10 @@ BAD = [
     (["precision.dtype=fp16"], "precision.dtype='fp16' is not one of"),
     (["parallel.ep=4"], "parallel.ep=4 must divide the data-parallel degree 2"),
     (["train.steps"], "is not of the form dotted.key=value"),
+    (["parallel.ep=2"], "parallel.ep=2 needs a MoE model"),
+    (["model.preset=debug_v3", "parallel.ep=2", "parallel.zero_stage=0"], "parallel.zero_stage=0 with parallel.ep>1"),
+    (["model.preset=debug_v3", "model.n_activated_experts=7"], "exceeds the 2 x 2 experts reachable"),
+    (["model.preset=debug_v3", "parallel.zero_stage=3"], "parallel.zero_stage=3 does not support MoE"),
 ]
 
 

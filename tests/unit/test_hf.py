@@ -3,6 +3,7 @@ tiny checkpoints written by `save_pretrained`, logits compared in fp32 on CPU.""
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from ds_parallel.config.schema import ModelConfig  # noqa: E402
 from ds_parallel.interop.hf import (  # noqa: E402
-    HFCheckpoint, config_from_hf, hf_config_from_model, load_ds, load_hf, load_hf_weights, save_ds, save_hf,
+    HFCheckpoint, config_from_hf, hf_config_from_model, load_ds, load_hf, load_hf_weights, named_tensors, save_hf,
 )
 from ds_parallel.model.init import init_weights  # noqa: E402
 from ds_parallel.model.transformer import Transformer  # noqa: E402
@@ -101,8 +102,14 @@ def test_load_and_save_match_transformers(case, tmp_path):
     model = load_hf(str(src))
     diff = (our_logits(model, ids) - ref).abs().max().item()
     assert diff <= TOL, f"{case}: load_hf logits differ from transformers by {diff:.3g}"
-    if CASES[case][0] == "v3":
-        assert any(b.abs().sum() > 0 for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    if CASES[case][0] == "v3":  # the (non-zero) router bias was loaded and changes the routing
+        biases = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+        saved = [b.clone() for b in biases]
+        for b in biases:
+            b.zero_()
+        assert (our_logits(model, ids) - ref).abs().max().item() > 100 * TOL
+        for b, value in zip(biases, saved):
+            b.copy_(value)
 
     save_hf(model, str(tmp_path / "out"))
     exported = hf_logits(tmp_path / "out", ids)
@@ -136,6 +143,20 @@ def test_convert_cli_round_trip(tmp_path):
     reader = CheckpointReader(str(run / "checkpoints" / "step_0"))
     for name, p in load_ds(str(run)).named_parameters():
         assert torch.equal(reader.full(f"{name}::exp_avg_sq"), torch.zeros(p.shape))
+
+    # ... and does: one process, two steps from the converted weights.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    train_env = dict(env, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launchers" / "train.py"), "--config", str(run / "config.yaml"), "train.steps=2",
+         "train.global_batch_size=2", "train.micro_batch_size=2", "train.seq_len=16", "train.eval_batches=1"],
+        capture_output=True, text=True, env=train_env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step_0'} at step 0" in proc.stdout
+    assert len((run / "metrics.jsonl").read_text().splitlines()) >= 1
 
 
 def test_convert_cli_reports_failure(tmp_path):
@@ -184,8 +205,8 @@ def test_loader_streams_one_tensor_at_a_time(tmp_path):
     with HFCheckpoint(str(src)) as hf:
         load_hf_weights(sharded, hf)
         read_sizes = dict(hf.reads)
-    full_tensors = dict(full.state_dict())
-    for name, t in sharded.state_dict().items():
+    full_tensors = dict(named_tensors(full))
+    for name, t in named_tensors(sharded):
         expected = local_slice(full_tensors[name], shards_of(t))
         assert torch.equal(t, expected), name
     assert read_sizes["model.embed_tokens.weight"] == BASE["vocab_size"] * BASE["hidden_size"] // 2
@@ -275,7 +296,7 @@ def test_config_round_trip():
     cfg = config_from_hf(hf_classes("v3")[0](**{**BASE, **CASES["v3_yarn"][1]}).to_dict())
     assert (cfg.rope_factor, cfg.original_max_seq_len, cfg.mscale_all_dim, cfg.n_dense_layers) == (4.0, 8, 1.0, 1)
     # Older config.json spelling: rope_scaling with "type" and a top-level rope_theta.
-    old = {**BASE, "model_type": "deepseek_v3", "rope_theta": 50000.0, "rope_scaling": {
+    old = {**BASE, "model_type": "deepseek_v3", "n_group": 2, "topk_group": 1, "rope_theta": 50000.0, "rope_scaling": {
         "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "mscale": 1.0, "mscale_all_dim": 1.0}}
     del old["rope_parameters"]
     assert (config_from_hf(old).rope_theta, config_from_hf(old).rope_factor) == (50000.0, 4.0)
@@ -316,3 +337,46 @@ def test_export_rejections(tmp_path):
     model.layers["1"].ffn.gate.e_score_correction_bias.fill_(0.1)
     with pytest.raises(ValueError, match="no router bias"):
         save_hf(model, str(tmp_path / "out"))
+
+
+def test_dense_mla_model_exports_as_v3(tmp_path):
+    """No routed experts: every layer (and the MTP block) dense, first_k_dense_replace = all."""
+    cfg = ModelConfig(attention="mla", rope_interleave=True, dim=48, n_heads=4, n_layers=2, vocab_size=96,
+                      inter_dim=40, q_lora_rank=24, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                      v_head_dim=10, max_seq_len=32, mtp_depth=1)
+    model = init_weights(Transformer(cfg, ParallelContext.single()), seed=0, std=0.1).eval()
+    save_hf(model, str(tmp_path / "dense"))
+    ids = input_ids()
+    assert (hf_logits(tmp_path / "dense", ids) - our_logits(model, ids)).abs().max().item() <= TOL
+    back = load_hf(str(tmp_path / "dense"))
+    assert (back.cfg.n_routed_experts, back.cfg.mtp_depth) == (0, 1)
+    assert torch.equal(our_logits(back, ids), our_logits(model, ids))
+
+
+def _load_and_save_sharded(rank, world_size, src, out_root, reference_logits):
+    from ds_parallel.parallel.groups import build_parallel_context
+    from ds_parallel.parallel.tensor_parallel import gather_logits
+
+    for name, topo in (("tp2", Topology(world_size, tp=2)), ("ep2", Topology(world_size, ep=2))):
+        ctx = build_parallel_context(topo)
+        model = load_hf(src, ctx=ctx)
+        logits = gather_logits(our_logits(model, input_ids()), ctx)
+        torch.testing.assert_close(logits, reference_logits, rtol=0, atol=TOL)
+        save_hf(model, os.path.join(out_root, name))  # collective; rank 0 writes
+
+
+@pytest.mark.dist
+def test_parallel_load_and_gathered_save(tmp_path):
+    """Each rank loads its tp / ep slices; save_hf gathers them back into the same files a
+    single process writes."""
+    from tests.harness import run_dist
+
+    src = write_hf("v3_qlora_grouped", tmp_path / "hf")
+    single = load_hf(str(src))
+    save_hf(single, str(tmp_path / "single"))
+    run_dist(_load_and_save_sharded, 2, str(src), str(tmp_path), our_logits(single, input_ids()))
+    with HFCheckpoint(str(tmp_path / "single")) as ref:
+        for name in ("tp2", "ep2"):
+            with HFCheckpoint(str(tmp_path / name)) as out:
+                assert set(out.weight_map) == set(ref.weight_map)
+                assert all(torch.equal(out.read(k), ref.read(k)) for k in ref.weight_map), name
