@@ -56,6 +56,7 @@ class ModelConfig:
     route_scale: float = 1.0  # routed_scaling_factor
     norm_topk_prob: bool = False
     bias_update_speed: float = 0.0  # gamma of aux-loss-free balancing; 0 = off (V3: 1e-3)
+    bias_update_stop: float = 1.0  # fraction of train.steps after which gamma = 0 (V3: 14.3/14.8)
     seq_aux_alpha: float = 0.0  # V3 sequence-wise balance loss (V3: 1e-4)
     expert_aux_alpha: float = 0.0  # V2 expert-level balance loss (V2: 3e-3)
     device_aux_alpha: float = 0.0  # V2 device-level balance loss (V2: 5e-2)
@@ -66,6 +67,8 @@ class ModelConfig:
     # Multi-token prediction (V3 §2.2): D modules, loss weight lambda.
     mtp_depth: int = 0
     mtp_lambda: float = 0.3
+    mtp_lambda_late: Optional[float] = None  # V3: 0.1 after the first 10T of 14.8T tokens
+    mtp_lambda_switch: float = 0.676  # fraction of train.steps where mtp_lambda_late starts
 
 
 @dataclass

@@ -121,8 +121,10 @@ def _validate_mla_moe(cfg: Config) -> None:
             raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for RoPE")
     if m.rope_factor < 1.0:
         raise ConfigError(f"model.rope_factor={m.rope_factor} must be >= 1 (1 disables YaRN)")
-    if m.mtp_depth < 0 or m.mtp_lambda < 0:
-        raise ConfigError("model.mtp_depth and model.mtp_lambda must be >= 0")
+    if m.mtp_depth < 0 or m.mtp_lambda < 0 or (m.mtp_lambda_late or 0) < 0:
+        raise ConfigError("model.mtp_depth, model.mtp_lambda and model.mtp_lambda_late must be >= 0")
+    if m.mtp_depth and cfg.train.seq_len <= m.mtp_depth:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} must exceed model.mtp_depth={m.mtp_depth}")
     e = m.n_routed_experts
     if e == 0:
         if p.ep != 1:

@@ -52,7 +52,9 @@ from ds_parallel.parallel.shard import ShardSpec, full_shape, gather_full, local
 from ds_parallel.train import checkpoint as ckpt
 
 # -------------------------------------------------------------------------- name map
-_TOP_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
+_TOP_NAMES = {
+    "embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "head.weight": "lm_head.weight",
+}
 _BLOCK_NAMES = {  # ours, inside a Block -> HF, inside a decoder layer
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -227,7 +229,7 @@ def load_hf_weights(model: Transformer, hf: HFCheckpoint) -> None:
     """Copy every tensor of `model` (this rank's slices) from `hf`, one at a time. Raises on a
     missing, misshapen or unused checkpoint tensor."""
     cfg, n_layers = model.cfg, model.cfg.n_layers
-    split_half = hf.config.get("model_type") == V3 and hf.config.get("rope_interleave", True) is False
+    split_half = hf.config.get("model_type") == V3 and not hf.config.get("rope_interleave", True)
     tied = "lm_head.weight" not in hf and hf.config.get("tie_word_embeddings", False)
     used: set[str] = set()
     local: dict[str, torch.Tensor] = {}
@@ -264,8 +266,9 @@ def load_hf_weights(model: Transformer, hf: HFCheckpoint) -> None:
             ours = local[_MTP_COPIES[m[2]]]
             if not torch.equal(fetch(key, full_shape(ours), shards_of(ours), key).to(ours.dtype), ours):
                 raise ValueError(f"{hf.path}: {key} differs from {_MTP_COPIES[m[2]]}, which the MTP module shares")
-        elif key.endswith(("weight_scale_inv", "rotary_emb.inv_freq")):
-            used.add(key)  # fp8 scales were read with their weights; RoPE tables are derived
+        elif key.endswith(("weight_scale_inv", "rotary_emb.inv_freq")) or 0 in hf.shape(key):
+            used.add(key)  # fp8 scales go with their weights; RoPE tables are derived; empty
+            # tensors are transformers' zero-width shared experts when n_shared_experts=0
     unused = sorted(set(hf.weight_map) - used)
     if unused:
         raise ValueError(f"{hf.path}: {len(unused)} checkpoint tensors have no place in the model, e.g. {unused[:3]}")
@@ -324,13 +327,21 @@ def _hf_items(model: Transformer, dtype: Optional[torch.dtype], model_type: str)
             items += [item(key.format(e=e), name, e) for e in range(full_shape(t)[0])]
         else:
             items.append(item(key, name))
+        if name.endswith("ffn.gate.weight") and not cfg.n_shared_experts:
+            # transformers builds zero-width shared experts for n_shared_experts=0: write them empty.
+            layer, float_dtype = key.removesuffix("gate.weight"), out_dtype("", model.embed.weight)
+            for proj, shape in (("gate_proj", (0, cfg.dim)), ("up_proj", (0, cfg.dim)), ("down_proj", (cfg.dim, 0))):
+                items.append(TensorItem(f"{layer}shared_experts.{proj}.weight", shape, float_dtype,
+                                        lambda shape=shape, dt=float_dtype: torch.empty(shape, dtype=dt)))
     for k in range(cfg.mtp_depth):
         for hf_leaf, ours in _MTP_COPIES.items():
             items.append(item(f"model.layers.{cfg.n_layers + k}.{hf_leaf}", ours))
     return items
 
 
-def save_hf(model: Transformer, path: str, dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_hf(
+    model: Transformer, path: str, dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 2**30
+) -> None:
     """Write `model` as an HF checkpoint directory (config.json + model.safetensors, or
     numbered shards + model.safetensors.index.json above `max_shard_bytes`) that
     transformers' DeepseekV2/V3ForCausalLM loads. `dtype` casts floating weights (the router

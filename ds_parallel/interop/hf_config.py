@@ -24,6 +24,7 @@ import math
 from typing import Any
 
 from ds_parallel.config.schema import Config, ModelConfig, TrainConfig
+from ds_parallel.config.validate import validate
 
 V2, V3 = "deepseek_v2", "deepseek_v3"
 
@@ -105,7 +106,7 @@ def _routing_from_hf(h: dict[str, Any], model_type: str) -> dict[str, Any]:
     if not h["num_experts_per_tok"]:
         raise _bad("num_experts_per_tok", h["num_experts_per_tok"], "a MoE model needs a positive top-k")
     if h.get("moe_layer_freq", 1) != 1:
-        raise _bad("moe_layer_freq", h["moe_layer_freq"], "transformers makes every layer from first_k_dense_replace on MoE")
+        raise _bad("moe_layer_freq", h["moe_layer_freq"], "transformers: every layer from first_k_dense_replace on is MoE")
     if model_type == V3:
         if h.get("scoring_func", "sigmoid") != "sigmoid":
             raise _bad("scoring_func", h["scoring_func"], "transformers' DeepseekV3 router is sigmoid only")
@@ -139,8 +140,6 @@ def _routing_from_hf(h: dict[str, Any], model_type: str) -> dict[str, Any]:
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     """An HF DeepSeek-V2/V3 config.json dict -> ModelConfig. ValueError (one line, naming the
     key) for anything the model cannot represent exactly."""
-    from ds_parallel.config.validate import validate
-
     model_type = hf_config.get("model_type")
     if model_type not in _HF_DEFAULTS:
         raise _bad("model_type", model_type, "expected deepseek_v2 or deepseek_v3")
@@ -154,7 +153,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         if h[key]:
             raise _bad(key, h[key], "DeepSeek linears have no biases")
     if h["rms_norm_eps"] != LATENT_NORM_EPS:
-        raise _bad("rms_norm_eps", h["rms_norm_eps"], "transformers' latent norms use 1e-6 regardless; one eps is modelled")
+        raise _bad("rms_norm_eps", h["rms_norm_eps"], "transformers' latent norms use 1e-6 anyway; one eps is modelled")
     quant = h.get("quantization_config")
     if quant and (quant.get("quant_method") != "fp8" or quant.get("fmt", "e4m3") != "e4m3"):
         raise _bad("quantization_config", quant, "only DeepSeek's blockwise fp8 (e4m3) weights are dequantised")
@@ -185,7 +184,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.attention != "mla":
         raise ValueError("model.attention=mha: HF DeepSeek-V2/V3 checkpoints hold MLA models only")
     if cfg.norm_eps != LATENT_NORM_EPS:
-        raise ValueError(f"model.norm_eps={cfg.norm_eps}: transformers' latent norms use 1e-6, so only 1e-6 exports exactly")
+        raise ValueError(f"model.norm_eps={cfg.norm_eps}: transformers' latent norms use 1e-6; only 1e-6 exports exactly")
     model_type = hf_model_type(cfg)
     if model_type == V2 and cfg.norm_topk_prob:
         raise ValueError("model.norm_topk_prob=true with softmax routing: transformers' DeepseekV2 never renormalises")

@@ -42,7 +42,9 @@ def write_safetensors(path: str, items: list[TensorItem], metadata: Optional[dic
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for it in items:
-        header[it.name] = {"dtype": _ST_DTYPES[it.dtype], "shape": list(it.shape), "data_offsets": [offset, offset + it.nbytes]}
+        header[it.name] = {
+            "dtype": _ST_DTYPES[it.dtype], "shape": list(it.shape), "data_offsets": [offset, offset + it.nbytes],
+        }
         offset += it.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header with spaces to 8-byte alignment

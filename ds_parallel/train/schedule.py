@@ -5,6 +5,9 @@
   training tokens, 31.6% of it until 90%, 10% after. With a fixed global batch, tokens are
   proportional to steps.
 - constant: warmup, then `lr`.
+
+Also the V3 schedules of two DeepSeek-specific coefficients: the MTP loss weight and the
+speed of the aux-loss-free bias update.
 """
 from __future__ import annotations
 
@@ -25,3 +28,14 @@ def lr_at(step: int, t: TrainConfig) -> float:
     progress = min(1.0, (step - t.warmup_steps) / span)
     floor = t.lr * t.min_lr_ratio
     return floor + (t.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def mtp_lambda_at(step: int, m, t: TrainConfig) -> float:
+    """V3 §4.2: lambda = 0.3 for the first 10T tokens, 0.1 for the remaining 4.8T."""
+    late = m.mtp_lambda_late is not None and step >= m.mtp_lambda_switch * t.steps
+    return m.mtp_lambda_late if late else m.mtp_lambda
+
+
+def bias_update_speed_at(step: int, m, t: TrainConfig) -> float:
+    """V3 §4.2: gamma = 0.001 for the first 14.3T tokens, 0 for the last 500B."""
+    return m.bias_update_speed if step < m.bias_update_stop * t.steps else 0.0

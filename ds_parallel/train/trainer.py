@@ -27,7 +27,7 @@ from ds_parallel.train import checkpoint as ckpt
 from ds_parallel.train.engine import build_engine, set_lr
 from ds_parallel.train.evaluate import exact_match
 from ds_parallel.train.metrics import MetricsLog, plot_run
-from ds_parallel.train.schedule import lr_at
+from ds_parallel.train.schedule import bias_update_speed_at, lr_at, mtp_lambda_at
 
 
 class PreemptionFlag:
@@ -101,6 +101,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
     for step in range(start_step, stop_at):
         tic = time.perf_counter()
         set_lr(engine, lr_at(step, t))
+        _apply_moe_mtp_schedules(model, step, cfg)
         sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "mtp_loss": 0.0}
         micro = loader.micro_batches(step)
         for input_ids, labels in micro:
@@ -151,6 +152,14 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
             json.dump(summary, fh, indent=1)
         plot_run(out_dir)
     return summary
+
+
+def _apply_moe_mtp_schedules(model: torch.nn.Module, step: int, cfg: Config) -> None:
+    if cfg.model.mtp_depth:
+        model.set_mtp_lambda(mtp_lambda_at(step, cfg.model, cfg.train))
+    speed = bias_update_speed_at(step, cfg.model, cfg.train)
+    for layer in moe_layers(model):
+        layer.gate.bias_update_speed = speed
 
 
 def _moe_bias_updater(model: torch.nn.Module, ctx: ParallelContext):

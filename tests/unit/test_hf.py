@@ -41,7 +41,8 @@ CASES = {
     "v3_no_qlora": ("v3", dict(q_lora_rank=None, n_group=1, topk_group=1, norm_topk_prob=False,
                                routed_scaling_factor=1.5)),
     "v3_yarn": ("v3", dict(q_lora_rank=24, n_group=2, topk_group=1, rope_parameters=YARN)),
-    "v3_split_half_rope": ("v3", dict(q_lora_rank=24, n_group=4, topk_group=2, rope_interleave=False)),
+    "v3_split_half_rope_no_shared": ("v3", dict(q_lora_rank=24, n_group=4, topk_group=2, rope_interleave=False,
+                                                n_shared_experts=0)),
     "v2_greedy": ("v2", dict(q_lora_rank=None, topk_method="greedy", n_shared_experts=2)),
     "v2_group_limited_yarn": ("v2", dict(
         q_lora_rank=24, topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=16.0,
@@ -94,6 +95,7 @@ def input_ids(vocab: int = BASE["vocab_size"]) -> torch.Tensor:
     return torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # transformers, n_shared_experts=0
 @pytest.mark.parametrize("case", list(CASES))
 def test_load_and_save_match_transformers(case, tmp_path):
     src = write_hf(case, tmp_path / "hf")
@@ -183,7 +185,8 @@ def test_sharded_export_and_bf16(tmp_path):
     assert dtypes["model.layers.1.mlp.gate.weight"] == torch.float32  # the router stays fp32
     assert dtypes["model.layers.1.mlp.experts.0.gate_proj.weight"] == torch.bfloat16
     bf16 = load_hf(str(tmp_path / "bf16"), dtype=torch.bfloat16)
-    assert bf16.embed.weight.dtype == torch.bfloat16 and bf16.layers["1"].ffn.gate.e_score_correction_bias.dtype == torch.float32
+    assert bf16.embed.weight.dtype == torch.bfloat16
+    assert bf16.layers["1"].ffn.gate.e_score_correction_bias.dtype == torch.float32
 
 
 def test_loader_streams_one_tensor_at_a_time(tmp_path):
@@ -227,7 +230,10 @@ def test_mtp_export_and_import(tmp_path):
     config = json.loads((tmp_path / "mtp" / "config.json").read_text())
     assert config["num_nextn_predict_layers"] == 1
     with HFCheckpoint(str(tmp_path / "mtp")) as hf:
-        layer = lambda i: {k.split(f"model.layers.{i}.", 1)[1] for k in hf.weight_map if k.startswith(f"model.layers.{i}.")}  # noqa: E731
+        def layer(i):
+            prefix = f"model.layers.{i}."
+            return {k.removeprefix(prefix) for k in hf.weight_map if k.startswith(prefix)}
+
         extra = {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
                  "shared_head.head.weight", "embed_tokens.weight"}
         assert layer(3) == layer(2) | extra
@@ -241,6 +247,21 @@ def test_mtp_export_and_import(tmp_path):
     mine = dict(model.state_dict())
     assert all(torch.equal(t, mine[name]) for name, t in back.state_dict().items())
     assert any(name.startswith("mtp.0.block.ffn.experts") for name in mine)
+
+    # The MTP layer's head copy must equal the shared head; stray tensors are not ignored.
+    from safetensors.torch import load_file, save_file
+
+    file = tmp_path / "mtp" / "model.safetensors"
+    tensors = load_file(str(file))
+    tensors["model.layers.3.shared_head.head.weight"] = tensors["model.layers.3.shared_head.head.weight"] + 1
+    save_file(tensors, str(file))
+    with pytest.raises(ValueError, match="differs from head.weight"):
+        load_hf(str(tmp_path / "mtp"))
+    tensors["model.layers.3.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    tensors["model.layers.1.mlp.experts.99.up_proj.weight"] = torch.zeros(16, 48)
+    save_file(tensors, str(file))
+    with pytest.raises(ValueError, match="no place in the model"):
+        load_hf(str(tmp_path / "mtp"))
 
     # A checkpoint written by transformers claims num_nextn_predict_layers=1 but has no MTP
     # weights: nothing to build.

@@ -32,3 +32,16 @@ def test_deepseek_multistep():
 def test_constant():
     t = TrainConfig(steps=10, lr=2.0, warmup_steps=0, lr_schedule="constant")
     assert {lr_at(s, t) for s in range(10)} == {2.0}
+
+
+def test_v3_mtp_lambda_and_bias_speed_schedules():
+    from ds_parallel.config.schema import ModelConfig
+    from ds_parallel.train.schedule import bias_update_speed_at, mtp_lambda_at
+
+    m = ModelConfig(mtp_depth=1, mtp_lambda=0.3, mtp_lambda_late=0.1, mtp_lambda_switch=10 / 14.8,
+                    bias_update_speed=1e-3, bias_update_stop=14.3 / 14.8)
+    t = TrainConfig(steps=1480)
+    assert [mtp_lambda_at(s, m, t) for s in (0, 999, 1000, 1479)] == [0.3, 0.3, 0.1, 0.1]
+    assert [bias_update_speed_at(s, m, t) for s in (0, 1429, 1430, 1479)] == [1e-3, 1e-3, 0.0, 0.0]
+    m.mtp_lambda_late = None
+    assert mtp_lambda_at(1479, m, t) == 0.3

@@ -1,0 +1,135 @@
+"""One training step (forward + backward + AdamW step) of the tiny DeepSeek-V3 (preset
+debug_v3) vs transformers' `DeepseekV3ForCausalLM` holding the same weights, on the same
+batch, single process, fp32, CPU.
+
+Fairness choices:
+  * mtp_depth = 0 (transformers has no MTP) and seq_aux_alpha = 0 (transformers has no
+    balance loss), so both compute exactly the same loss; the aux-loss-free bias update is
+    a trainer call outside the step and is not run here.
+  * The transformers twin is built by the project's own exporter (`interop.hf.save_hf`)
+    and loaded with `from_pretrained`, once per experts implementation: "grouped_mm"
+    (transformers' default for a whole model) and "eager"; attention is SDPA on both sides.
+  * Both losses are a mean token cross-entropy over the same (input, next-token) pairs:
+    ours from `Transformer(ids, labels)`, theirs as `F.cross_entropy` on its logits (its
+    built-in loss would shift the labels and drop the last position).
+  * Plain `torch.optim.AdamW` (same hyper-parameters) on both, no DeepSpeed engine: this
+    times the model code, not the engine.
+
+The losses of the first step must agree to 1e-4, and so must the losses after the timed
+steps (every candidate takes the same number of steps), which checks gradients and
+optimizer updates as well.
+
+    .venv/bin/python benchmarks/train_step.py [--bsz 8 --seqlen 256 --threads 1 --repeats 7]
+"""
+from __future__ import annotations
+
+import tempfile
+import warnings
+
+import torch
+import torch.nn.functional as F
+from common import base_parser, set_threads, table, time_interleaved  # first: puts the repo on sys.path
+from transformers import DeepseekV3ForCausalLM
+
+from ds_parallel.config.presets import MODEL_PRESETS
+from ds_parallel.config.schema import ModelConfig
+from ds_parallel.interop.hf import save_hf
+from ds_parallel.model.init import init_weights
+from ds_parallel.model.transformer import Transformer
+from ds_parallel.parallel.groups import ParallelContext
+
+TOL = 1e-4
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def ours_step(model: Transformer, opt, ids: torch.Tensor, labels: torch.Tensor):
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = model(ids, labels).loss
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def hf_step(model, opt, ids: torch.Tensor, labels: torch.Tensor):
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def main() -> None:
+    parser = base_parser(__doc__, repeats=7, warmup=2)
+    parser.add_argument("--bsz", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=256)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    warnings.filterwarnings("ignore")
+
+    cfg = ModelConfig(**{**MODEL_PRESETS["debug_v3"], "preset": "debug_v3", "mtp_depth": 0, "seq_aux_alpha": 0.0})
+    torch.manual_seed(0)
+    ours = init_weights(Transformer(cfg, ParallelContext.single()), seed=1234).train()
+    with torch.no_grad():  # a non-zero router bias, as after some training
+        for name, buf in ours.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(std=0.01)
+    theirs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(ours, tmp)
+        for impl in ("grouped_mm", "eager"):
+            hf = DeepseekV3ForCausalLM.from_pretrained(tmp, experts_implementation=impl, attn_implementation="sdpa",
+                                                       dtype=torch.float32)
+            theirs[impl] = hf.train()
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_hf = sum(p.numel() for p in theirs["eager"].parameters())
+    print(f"debug_v3 (mtp_depth=0): {cfg.n_layers} layers ({cfg.n_dense_layers} dense), dim {cfg.dim}, "
+          f"{cfg.n_routed_experts} experts top-{cfg.n_activated_experts}, vocab {cfg.vocab_size}; "
+          f"parameters ours {n_ours:,}, transformers {n_hf:,}; batch {args.bsz}x{args.seqlen}", flush=True)
+    assert n_ours == n_hf, "the twin does not hold the same parameters"
+    for impl, hf in theirs.items():
+        print(f"  transformers {impl}: experts_implementation={hf.config._experts_implementation}, "
+              f"attn_implementation={hf.config._attn_implementation}", flush=True)
+
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, cfg.vocab_size, (args.bsz, args.seqlen + 1), generator=gen)
+    ids, labels = tokens[:, :-1], tokens[:, 1:]  # labels[:, t] follows ids[:, :t+1]
+    fns = {"ours": ours_step(ours, adamw(ours), ids, labels)}
+    fns.update({f"hf-{impl}": hf_step(hf, adamw(hf), ids, labels) for impl, hf in theirs.items()})
+
+    first = {name: fn() for name, fn in fns.items()}  # step 1 of every candidate, from identical weights
+    print("  step-1 loss: " + ", ".join(f"{n} {v:.7f}" for n, v in first.items()), flush=True)
+    for name, v in first.items():
+        assert abs(v - first["ours"]) < TOL, f"step-1 loss of {name} differs from ours: {v} vs {first['ours']}"
+    ms = time_interleaved(fns, args.warmup, args.repeats, label="train step ")
+    last = {name: fn() for name, fn in fns.items()}  # every candidate has now taken the same steps
+    steps = 2 + args.warmup + args.repeats
+    print(f"  step-{steps} loss: " + ", ".join(f"{n} {v:.7f}" for n, v in last.items()), flush=True)
+    for name, v in last.items():
+        assert abs(v - last["ours"]) < TOL, f"step-{steps} loss of {name} differs from ours: {v} vs {last['ours']}"
+
+    o = ms["ours"]
+    rows = []
+    for impl in theirs:
+        t = ms[f"hf-{impl}"]
+        rows.append([f"hf {impl}", f"{o.wall_ms:.1f}", f"{t.wall_ms:.1f}", f"{t.wall_ms / o.wall_ms:.2f}x",
+                     f"{o.cpu_ms:.1f}", f"{t.cpu_ms:.1f}", f"{t.cpu_ms / o.cpu_ms:.2f}x",
+                     f"{first['ours']:.6f} / {first['hf-' + impl]:.6f}", f"{last['ours']:.6f} / {last['hf-' + impl]:.6f}"])
+    print()
+    print(f"debug_v3 training step (fwd+bwd+AdamW), batch {args.bsz}x{args.seqlen}, medians of {args.repeats} "
+          f"interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / ours (> 1: ours faster)")
+    print(table(["theirs", "ours wall ms", "theirs wall ms", "ratio wall", "ours cpu ms", "theirs cpu ms", "ratio cpu",
+                 "loss step 1 ours / theirs", f"loss step {steps} ours / theirs"], rows))
+
+
+if __name__ == "__main__":
+    main()
