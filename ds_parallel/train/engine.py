@@ -102,3 +102,30 @@ def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext):
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def reports_grad_norm(engine) -> bool:
+    """DeepSpeed computes the global gradient norm in its ZeRO and bf16 optimizers; a plain
+    fp32 engine (ZeRO-0) only does so while clipping, and then with an approximation."""
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
+
+
+@torch.no_grad()
+def global_grad_norm(model: torch.nn.Module, ctx: ParallelContext) -> float:
+    """L2 norm of the full (unsharded) gradient from reduced local gradients: pieces split
+    over tp or ep are summed over their group, replicated ones counted once."""
+    import torch.distributed as dist
+
+    from ds_parallel.parallel.shard import shards_of
+
+    sq = {"": torch.zeros((), dtype=torch.float64), "tp": torch.zeros((), dtype=torch.float64),
+          "ep": torch.zeros((), dtype=torch.float64)}
+    for param in model.parameters():
+        if param.grad is not None:
+            groups = {s.group for s in shards_of(param)}
+            key = "tp" if "tp" in groups else "ep" if "ep" in groups else ""
+            sq[key] += param.grad.double().pow(2).sum()
+    for key, group in (("tp", ctx.tp_group), ("ep", ctx.ep_group)):
+        if getattr(ctx, key) > 1:
+            dist.all_reduce(sq[key], group=group)
+    return sum(sq.values()).sqrt().item()

@@ -24,7 +24,7 @@ from ds_parallel.model import build_model
 from ds_parallel.moe import expert_load_imbalance, moe_layers, update_moe_biases
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.train import checkpoint as ckpt
-from ds_parallel.train.engine import build_engine, set_lr
+from ds_parallel.train.engine import build_engine, global_grad_norm, reports_grad_norm, set_lr
 from ds_parallel.train.evaluate import exact_match
 from ds_parallel.train.metrics import MetricsLog, plot_run
 from ds_parallel.train.schedule import bias_update_speed_at, lr_at, mtp_lambda_at
@@ -95,6 +95,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
     preempt = PreemptionFlag()
     moe_update = _moe_bias_updater(model, ctx)
 
+    own_norm = reports_grad_norm(engine)
     last = start_step
     stop_at = t.steps if not t.max_steps_this_run else min(t.steps, start_step + t.max_steps_this_run)
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -104,9 +105,12 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         _apply_moe_mtp_schedules(model, step, cfg)
         sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "mtp_loss": 0.0}
         micro = loader.micro_batches(step)
-        for input_ids, labels in micro:
+        norm = None
+        for i, (input_ids, labels) in enumerate(micro):
             out = engine(input_ids, labels=labels)
             engine.backward(out.loss)
+            if i == len(micro) - 1 and not own_norm:  # reduced, not yet clipped
+                norm = global_grad_norm(model, ctx)
             engine.step()
             for key in sums:
                 value = getattr(out, key, None)
@@ -116,7 +120,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         n = len(micro) * ctx.dp
         record = {"step": step + 1, **{k: _mean_over(v, ctx.dp_group, n) for k, v in sums.items()}}
         record["lr"] = lr_at(step, t)
-        norm = engine.get_global_grad_norm()
+        norm = engine.get_global_grad_norm() if own_norm else norm
         record["grad_norm"] = float(norm) if norm is not None else float("nan")
         record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - tic)
         if loads is not None:

@@ -77,7 +77,7 @@ def _check_layouts(rank, world, base, layouts):
     from ds_parallel.parallel.shard import gather_full, local_shape, shards_of
     from ds_parallel.parallel.topology import Topology
     from ds_parallel.moe import moe_layers, update_moe_biases
-    from ds_parallel.train.engine import build_engine, set_lr
+    from ds_parallel.train.engine import build_engine, global_grad_norm, reports_grad_norm, set_lr
     from ds_parallel.train.schedule import lr_at
 
     for extra in layouts:
@@ -100,6 +100,7 @@ def _check_layouts(rank, world, base, layouts):
                 total += out.loss.item()
                 if i == len(micro) - 1:  # gradients are reduced and available until step()
                     grads = {n: _full_grad(p, ctx) for n, p in engine.module.named_parameters()}
+                    own_norm = None if reports_grad_norm(engine) else global_grad_norm(engine.module, ctx)
                 engine.step()
             update_moe_biases(engine.module, ctx)
             loss = torch.tensor([total / len(micro)], dtype=torch.float64)
@@ -113,6 +114,9 @@ def _check_layouts(rank, world, base, layouts):
             # Step 0 starts from identical parameters: every gradient to 1e-5 of its tensor's
             # scale. Later steps start from parameters AdamW moved differently by ~1e-7 (see
             # below), so from then on the losses and the whole updates are compared.
+            ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()
+            norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
+            assert abs(norm - ref_norm) <= 1e-5 * ref_norm, (extra, step, norm, ref_norm)
             if step == 0:
                 for name, grad in grads.items():
                     _assert_close(grad, ref_grads[name], f"{extra} grad {name}")
