@@ -9,7 +9,7 @@ import yaml
 from ds_parallel.config import ConfigError, dump_yaml, load_config, parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SMOKE = os.path.join(ROOT, "configs", "smoke_cpu.yaml")
+SMOKE = os.path.join(ROOT, "configs", "smoke_dense_cpu.yaml")
 
 
 def test_overrides_are_typed_and_nested():
@@ -17,6 +17,7 @@ def test_overrides_are_typed_and_nested():
     assert tree == {"train": {"steps": 5, "lr": 1e-3}, "parallel": {"tp": 2}, "model": {"n_kv_heads": None}}
     cfg = load_config(SMOKE, ["train.steps=7", "parallel.tp=2"], world_size=2)
     assert (cfg.train.steps, cfg.parallel.tp, cfg.model.dim) == (7, 2, 128)
+    assert load_config(None, world_size=2).model.preset == "debug_dense"  # schema default
 
 
 def test_preset_fills_and_fields_override():
