@@ -87,7 +87,8 @@ def main() -> None:
     cfg = model_cfg("debug_v3")
     per_tok, err = measure_debug(cfg)
     print()
-    print("debug_v3, measured from allocated fp32 tensors (MLACache(2, 64, ...) vs naive k (B,S,H,nope+rope) + v (B,S,H,v)):")
+    print("debug_v3, measured from allocated fp32 tensors "
+          "(MLACache(2, 64, ...) vs naive k (B,S,H,nope+rope) + v (B,S,H,v)):")
     print(table(["scheme", "bytes / token / layer", "values (bytes / 4)"], [
         ["MLA (MLACache.kv + .pe)", f"{per_tok['mla']:.0f}", f"{per_tok['mla'] / 4:.0f}"],
         ["naive per-head k + v", f"{per_tok['naive']:.0f}", f"{per_tok['naive'] / 4:.0f}"],

@@ -11,7 +11,7 @@ reference, its per-expert loop fallback ("ours-loop").
 Before timing, outputs and input gradients are compared (max abs diff printed); the
 benchmark fails if they do not agree to 1e-4.
 
-    .venv/bin/python benchmarks/moe_layer.py [--threads 1 --repeats 7 --warmup 2]
+    .venv/bin/python benchmarks/moe_layer.py [--threads 1 --repeats 15 --warmup 2]
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def step_fn(module, x: torch.Tensor, cot: torch.Tensor, ours: bool):
 
 
 def main() -> None:
-    args = base_parser(__doc__, repeats=7, warmup=2).parse_args()
+    args = base_parser(__doc__, repeats=15, warmup=2).parse_args()
     set_threads(args.threads)
     rows = []
     for n_experts, topk, n_groups, n_limited in SHAPES:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from common import base_parser, set_threads, table, time_interleaved  # first: puts the repo on sys.path
 from transformers import DeepseekV3ForCausalLM
+from transformers.utils import logging as hf_logging
 
 from ds_parallel.config.presets import MODEL_PRESETS
 from ds_parallel.config.schema import ModelConfig
@@ -75,6 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     warnings.filterwarnings("ignore")
+    hf_logging.disable_progress_bar()
 
     cfg = ModelConfig(**{**MODEL_PRESETS["debug_v3"], "preset": "debug_v3", "mtp_depth": 0, "seq_aux_alpha": 0.0})
     torch.manual_seed(0)
@@ -116,6 +118,9 @@ def main() -> None:
     print(f"  step-{steps} loss: " + ", ".join(f"{n} {v:.7f}" for n, v in last.items()), flush=True)
     for name, v in last.items():
         assert abs(v - last["ours"]) < TOL, f"step-{steps} loss of {name} differs from ours: {v} vs {last['ours']}"
+    d1 = max(abs(v - first["ours"]) for v in first.values())
+    dn = max(abs(v - last["ours"]) for v in last.values())
+    print(f"  max |loss - ours loss|: step 1 {d1:.2e}, step {steps} {dn:.2e}", flush=True)
 
     o = ms["ours"]
     rows = []
@@ -123,7 +128,8 @@ def main() -> None:
         t = ms[f"hf-{impl}"]
         rows.append([f"hf {impl}", f"{o.wall_ms:.1f}", f"{t.wall_ms:.1f}", f"{t.wall_ms / o.wall_ms:.2f}x",
                      f"{o.cpu_ms:.1f}", f"{t.cpu_ms:.1f}", f"{t.cpu_ms / o.cpu_ms:.2f}x",
-                     f"{first['ours']:.6f} / {first['hf-' + impl]:.6f}", f"{last['ours']:.6f} / {last['hf-' + impl]:.6f}"])
+                     f"{first['ours']:.6f} / {first['hf-' + impl]:.6f}",
+                     f"{last['ours']:.6f} / {last['hf-' + impl]:.6f}"])
     print()
     print(f"debug_v3 training step (fwd+bwd+AdamW), batch {args.bsz}x{args.seqlen}, medians of {args.repeats} "
           f"interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / ours (> 1: ours faster)")

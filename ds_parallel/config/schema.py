@@ -80,6 +80,7 @@ class ParallelConfig:
     dp: Optional[int] = None  # derived: world / (tp * pp * cp); set it only to assert
     zero_stage: int = 0
     pp_schedule: Literal["1f1b", "dualpipev"] = "1f1b"
+    pp_layers: Optional[str] = None  # layers per stage, "4,5,5,..."; default: balanced by cost
     timeout_s: float = 120.0  # collective timeout: a dead rank ends the job, not a hang
     megatron_groups: bool = True  # also initialise megatron-core's parallel_state
 

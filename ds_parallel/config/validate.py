@@ -16,8 +16,9 @@ _POSITIVE = {
 }
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Raise ConfigError on the first broken rule. `world_size=None` skips world checks."""
+def validate(cfg: Config, world_size: int | None = None, purpose: str = "train") -> None:
+    """Raise ConfigError on the first broken rule. `world_size=None` skips world checks;
+    purpose="plan" (launchers/plan.py) admits layouts the trainer cannot run yet."""
     for section, names in _POSITIVE.items():
         sub = getattr(cfg, section)
         for name in names:
@@ -66,10 +67,21 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.inter_dim={m.inter_dim} is not divisible by parallel.tp={p.tp}")
     if m.vocab_size % p.tp:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}: pad the vocabulary")
-    if m.n_layers % p.pp:
-        raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by parallel.pp={p.pp}")
-    if p.pp != 1:
-        raise ConfigError(f"parallel.pp={p.pp} is not supported yet: set parallel.pp=1")
+    if p.pp > m.n_layers:
+        raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}")
+    if p.pp_layers is not None:
+        try:
+            counts = [int(c) for c in p.pp_layers.split(",")]
+        except ValueError:
+            counts = []
+        if len(counts) != p.pp or sum(counts) != m.n_layers or min(counts) < 1:
+            raise ConfigError(f"parallel.pp_layers={p.pp_layers!r} must list {p.pp} positive layer counts "
+                              f"summing to model.n_layers={m.n_layers}")
+    if p.pp_schedule == "dualpipev" and p.pp % 2:
+        raise ConfigError(f"parallel.pp_schedule=dualpipev needs an even parallel.pp, got {p.pp}")
+    if p.pp != 1 and purpose == "train":
+        raise ConfigError(f"parallel.pp={p.pp}: pipeline training is not implemented yet (launchers/plan.py "
+                          f"can plan it): set parallel.pp=1")
 
     if world_size is not None:
         model_parallel = p.tp * p.pp * p.cp
@@ -97,7 +109,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if not cfg.data.path:
             raise ConfigError("data.source=indexed needs data.path: the prefix of a .bin/.idx pair")
         for ext in (".bin", ".idx"):
-            if not os.path.isfile(cfg.data.path + ext):
+            if purpose == "train" and not os.path.isfile(cfg.data.path + ext):
                 raise ConfigError(f"data.path={cfg.data.path!r}: {cfg.data.path + ext} does not exist")
     elif cfg.data.path:
         raise ConfigError(f"data.path is set but data.source={cfg.data.source!r}: set data.source=indexed")

@@ -1,0 +1,257 @@
+"""Dry-run planning of a layout without processes: parameter counts, per-stage memory and
+pipeline bubbles, from the config alone (torchtitan's and Megatron's "fake process group"
+planning, as pure arithmetic).
+
+Parameter counts follow the model code exactly (a test checks them against a built
+model). Memory per rank, in bytes, for mixed precision with an fp32 master:
+
+    weights     2 (bf16) or 4 (fp32) per local parameter
+    grads       same width as the weights; divided over dp by ZeRO-2
+    optimizer   fp32 master (4, bf16 runs only) + AdamW m and v (8) per parameter;
+                divided over dp (dense) / edp (experts) by ZeRO-1 and up
+    activations saved for backward, per micro-batch and layer (bytes per token):
+                34 d x width/2 (Korthikanti et al. 2022, no recompute), + 5 h s x width/2
+                where the attention probabilities are stored (fp32 math kernel, not flash),
+                + MLA latents and expanded heads, + k (3 i_moe + d) x width for MoE layers;
+                1F1B keeps pp - i micro-batches in flight on stage i, DualPipe(V) pp + 1
+                chunks of half a stage (V3 report Table 2)
+
+Bubble fractions (time idle / total), with F = forward, B = full backward = 2F and
+W = weight-gradient part of B = F, and F&B (an overlapped forward + backward pair) = F + B:
+
+    1F1B       (p - 1)(F + B) / ((p - 1)(F + B) + m (F + B))  =  (p - 1) / (m + p - 1)
+    DualPipe   (p/2 - 1)(F&B + B - 3W) / (that + m (F + B))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ds_parallel.config.schema import Config, ModelConfig
+
+
+@dataclass
+class LayerParams:
+    attention: int
+    ffn_total: int  # dense MLP, or router + all routed experts + shared experts
+    ffn_active: int  # what one token touches
+    experts: int  # routed-expert parameters (sharded over ep)
+    norms: int
+
+    @property
+    def total(self) -> int:
+        return self.attention + self.ffn_total + self.norms
+
+    @property
+    def active(self) -> int:
+        return self.attention + self.ffn_active + self.norms
+
+
+def attention_params(m: ModelConfig) -> int:
+    d, h = m.dim, m.n_heads
+    if m.attention == "mla":
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        q = d * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * h * qk if m.q_lora_rank else d * h * qk
+        kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank + m.kv_lora_rank * h * (
+            m.qk_nope_head_dim + m.v_head_dim)
+        return q + kv + h * m.v_head_dim * d
+    hd = m.head_dim or d // h
+    kv = m.n_kv_heads or h
+    return d * h * hd + 2 * d * kv * hd + h * hd * d
+
+
+def layer_params(m: ModelConfig, layer_id: int) -> LayerParams:
+    d = m.dim
+    attn = attention_params(m)
+    if m.n_routed_experts and layer_id >= m.n_dense_layers:
+        expert = 3 * d * m.moe_inter_dim
+        shared = 3 * d * m.moe_inter_dim * m.n_shared_experts
+        router = m.n_routed_experts * d
+        experts = m.n_routed_experts * expert
+        return LayerParams(attn, router + experts + shared, router + m.n_activated_experts * expert + shared,
+                           experts, 2 * d)
+    mlp = 3 * d * m.inter_dim
+    return LayerParams(attn, mlp, mlp, 0, 2 * d)
+
+
+def mtp_params(m: ModelConfig) -> tuple[int, int]:
+    """(total, active) of the MTP modules, excluding the shared embedding and head."""
+    total = active = 0
+    for k in range(m.mtp_depth):
+        block = layer_params(m, m.n_layers + k)
+        extra = 2 * m.dim + 2 * m.dim * m.dim + m.dim  # enorm, hnorm, eh_proj, norm
+        total += block.total + extra
+        active += block.active + extra
+    return total, active
+
+
+def model_params(m: ModelConfig) -> dict[str, int]:
+    """Parameter counts of the main model (embedding + layers + norm + head) and MTP."""
+    layers = [layer_params(m, i) for i in range(m.n_layers)]
+    embed_head = 2 * m.vocab_size * m.dim
+    total = embed_head + m.dim + sum(lp.total for lp in layers)
+    active = embed_head + m.dim + sum(lp.active for lp in layers)
+    mtp_total, mtp_active = mtp_params(m)
+    return {"total": total, "active": active, "mtp_total": mtp_total, "mtp_active": mtp_active,
+            "embed_head": embed_head}
+
+
+def layer_cost(m: ModelConfig, layer_id: int) -> float:
+    """Relative compute of a layer per token: activated parameters (2 FLOPs each forward)."""
+    return float(layer_params(m, layer_id).active)
+
+
+def split_layers(m: ModelConfig, pp: int, explicit: str | None = None) -> list[list[int]]:
+    """Layer ids per stage. Explicit "a,b,..." counts win; otherwise contiguous stages that
+    minimise the largest stage cost, with the embedding charged to the first stage and the
+    head (plus MTP) to the last."""
+    if explicit:
+        counts = [int(c) for c in explicit.split(",")]
+        if len(counts) != pp or sum(counts) != m.n_layers or min(counts) < 0:
+            raise ValueError(f"parallel.pp_layers={explicit!r} must list {pp} counts summing to {m.n_layers}")
+    else:
+        costs = [layer_cost(m, i) for i in range(m.n_layers)]
+        edge = m.vocab_size * m.dim
+        head = edge + mtp_params(m)[1]
+        counts = _balanced_counts(costs, pp, first_extra=edge * 0.1, last_extra=float(head))
+    stages, start = [], 0
+    for c in counts:
+        stages.append(list(range(start, start + c)))
+        start += c
+    return stages
+
+
+def _balanced_counts(costs: list[float], pp: int, first_extra: float, last_extra: float) -> list[int]:
+    """Contiguous partition minimising the max part cost (binary search on the bound)."""
+    n = len(costs)
+    if pp > n:
+        raise ValueError(f"parallel.pp={pp} exceeds model.n_layers={n}")
+
+    def parts_for(bound: float) -> list[int] | None:
+        counts, acc, cnt = [], first_extra, 0
+        for i, c in enumerate(costs):
+            extra = last_extra if len(counts) == pp - 1 and i == n - 1 else 0.0
+            if cnt and acc + c + extra > bound:
+                counts.append(cnt)
+                acc, cnt = 0.0, 0
+            acc += c + (last_extra if i == n - 1 else 0.0)
+            cnt += 1
+        counts.append(cnt)
+        if len(counts) > pp or acc > bound:
+            return None
+        while len(counts) < pp:  # split the largest part to use every stage
+            j = max(range(len(counts)), key=lambda k: counts[k])
+            if counts[j] < 2:
+                return None
+            counts[j:j + 1] = [counts[j] - counts[j] // 2, counts[j] // 2]
+        return counts
+
+    lo, hi = max(costs), sum(costs) + first_extra + last_extra
+    best = parts_for(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        got = parts_for(mid)
+        if got is not None:
+            best, hi = got, mid
+        else:
+            lo = mid
+    return best
+
+
+def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: int, width: int) -> float:
+    """Bytes saved for backward per token by one layer (no recompute). fp32 runs (CPU) use
+    the math attention kernel, which saves the (h, s, s) probabilities; bf16 runs assume
+    flash attention, which does not."""
+    out = 34 * m.dim * width / 2  # Korthikanti et al. 2022: norms, projections, MLP, residuals
+    if width == 4:
+        out += 5 * (m.n_heads / tp) * seqlen * width / 2
+    if m.attention == "mla":  # latents, expanded per-head q/k (nope + rope) and v
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        out += (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
+                + m.n_heads / tp * (2 * qk + m.v_head_dim)) * width
+    if m.n_routed_experts and layer_id >= m.n_dense_layers:
+        out += m.n_activated_experts * (3 * m.moe_inter_dim + m.dim) * width
+    return out
+
+
+def bubble_fraction(schedule: str, pp: int, n_micro: int) -> float:
+    if pp == 1:
+        return 0.0
+    f, b, w = 1.0, 2.0, 1.0
+    if schedule == "dualpipev":
+        bubble = (pp / 2 - 1) * ((f + b) + b - 3 * w)
+    else:
+        bubble = (pp - 1) * (f + b)
+    return bubble / (bubble + n_micro * (f + b))
+
+
+@dataclass
+class StagePlan:
+    stage: int
+    layers: list[int]
+    params: int  # local parameters on one rank of this stage
+    expert_params: int
+    weights_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    activation_bytes: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+def plan(cfg: Config, world_size: int) -> dict:
+    """The whole report for `cfg` on `world_size` ranks (validated first)."""
+    from ds_parallel.config.validate import validate
+
+    validate(cfg, world_size, purpose="plan")
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    tp, pp, ep = p.tp, p.pp, p.ep
+    dp = world_size // (tp * pp * p.cp)
+    edp = dp // ep
+    width = 2 if cfg.precision.dtype == "bf16" else 4
+    master = 4 if cfg.precision.dtype == "bf16" else 0
+    n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    stages = split_layers(m, pp, p.pp_layers)
+    tokens = t.micro_batch_size * t.seq_len
+    out = []
+    for s, layer_ids in enumerate(stages):
+        lps = [layer_params(m, i) for i in layer_ids]
+        dense = sum(lp.total - lp.experts for lp in lps)
+        experts = sum(lp.experts for lp in lps)
+        if s == 0:
+            dense += m.vocab_size * m.dim
+        if s == pp - 1:
+            dense += m.vocab_size * m.dim + m.dim + mtp_params(m)[0]  # head, norm, MTP (shared embed copy below)
+            if m.mtp_depth and pp > 1:
+                dense += m.vocab_size * m.dim  # MTP needs the embedding on the last stage too
+        local_dense, local_experts = dense / tp, experts / ep
+        local = local_dense + local_experts
+        opt_div_dense = dp if p.zero_stage >= 1 else 1
+        opt_div_exp = edp if p.zero_stage >= 1 else 1
+        optimizer = (master + 8) * (local_dense / opt_div_dense + local_experts / opt_div_exp)
+        grads = width * (local_dense / (dp if p.zero_stage >= 2 else 1) + local_experts / (edp if p.zero_stage >= 2 else 1))
+        weights = width * local
+        if p.zero_stage == 3:
+            weights = width * (local_dense / dp + local_experts / edp)
+        n_layers_here = len(layer_ids) + (m.mtp_depth if s == pp - 1 else 0)
+        ids = layer_ids + ([m.n_layers + k for k in range(m.mtp_depth)] if s == pp - 1 else [])
+        per_token = sum(activation_bytes_per_token(m, i, t.seq_len, tp, width) for i in ids)
+        # 1F1B: stage s holds pp - s micro-batches; DualPipe(V): pp + 1 chunks of half a stage.
+        in_flight = (pp - s) if p.pp_schedule == "1f1b" else (pp + 1) / 2
+        in_flight = min(in_flight, n_micro) if pp > 1 else 1
+        acts = per_token * tokens * in_flight / (tp if tp > 1 else 1)
+        if s == pp - 1:
+            acts += tokens * (m.vocab_size / tp) * 4 * (1 + m.mtp_depth)  # fp32 logits for the loss
+        if p.pp_schedule == "dualpipev" and pp > 1:
+            weights *= 2  # DualPipe keeps two copies of the parameters (V3 Table 2)
+        out.append(StagePlan(s, layer_ids, int(local), int(local_experts), weights, grads, optimizer, acts,
+                             [f"{n_layers_here} layers"]))
+    counts = model_params(m)
+    return {
+        "world_size": world_size, "tp": tp, "pp": pp, "ep": ep, "dp": dp, "edp": edp,
+        "zero_stage": p.zero_stage, "schedule": p.pp_schedule, "micro_batches": n_micro,
+        "bubble_fraction": bubble_fraction(p.pp_schedule, pp, n_micro),
+        "params": counts, "stages": out,
+    }

@@ -1,0 +1,58 @@
+"""Plan a layout without processes: `python launchers/plan.py --config configs/v3_671b.yaml --world 2048`.
+
+Validates the config for `--world` ranks and prints parameter counts, per-stage memory
+estimates per rank and the pipeline bubble of the chosen schedule (ds_parallel/parallel/plan.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--world", type=int, required=True, help="number of ranks (GPUs)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+
+    from ds_parallel.config import ConfigError
+    from ds_parallel.config.load import config_from_dict, parse_overrides, read_yaml, _merge
+    from ds_parallel.parallel.plan import plan
+
+    try:
+        cfg = config_from_dict(_merge(read_yaml(args.config), parse_overrides(args.overrides)))
+        report = plan(cfg, args.world)
+    except (ConfigError, ValueError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        report = dict(report, stages=[dict(vars(s), total_bytes=s.total_bytes) for s in report["stages"]])
+        print(json.dumps(report, indent=1))
+        return 0
+    p = report["params"]
+    print(f"model: {p['total'] / 1e9:.2f}B parameters, {p['active'] / 1e9:.2f}B activated per token "
+          f"(+ MTP {p['mtp_total'] / 1e9:.2f}B, {p['mtp_active'] / 1e9:.2f}B activated)")
+    print(f"layout: world {report['world_size']} = tp {report['tp']} x pp {report['pp']} x dp {report['dp']} "
+          f"(ep {report['ep']} x edp {report['edp']}), ZeRO-{report['zero_stage']}, "
+          f"{report['micro_batches']} micro-batches per step")
+    print(f"pipeline: {report['schedule']}, bubble fraction {report['bubble_fraction']:.3f}")
+    print("stage  layers        params/rank  weights  grads    optim    activ    total  (GiB per rank)")
+    for s in report["stages"]:
+        span = f"{s.layers[0]}-{s.layers[-1]}" if s.layers else "-"
+        print(f"{s.stage:5d}  {span:12s}  {s.params / 1e9:9.3f}B {_gib(s.weights_bytes)} {_gib(s.grads_bytes)} "
+              f"{_gib(s.optimizer_bytes)} {_gib(s.activation_bytes)} {_gib(s.total_bytes)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
