@@ -162,3 +162,12 @@ def test_expert_parallel_with_zero_matches_single_process():
     layouts = [["parallel.ep=2", "parallel.zero_stage=0", "train.grad_clip=0"]]
     layouts += [["parallel.ep=2", f"parallel.zero_stage={z}"] for z in (1, 2)] + [["parallel.tp=2"]]
     run_dist(_check_layouts, 2, BASE + moe, layouts)
+
+
+def test_four_process_compositions_match_single_process():
+    """4 gloo processes: tp=2 x dp=2 (ZeRO-1) on the dense model, and tp=2 x ep=2 (ZeRO-1,
+    experts replicated over tp, dispatched over ep) on the tiny DeepSeek-V3."""
+    layouts = [["parallel.tp=2", "parallel.zero_stage=1", "model.n_kv_heads=2"],
+               ["parallel.tp=2", "parallel.ep=2", "parallel.zero_stage=1", "model.preset=debug_v3",
+                "model.mtp_depth=1", "model.bias_update_speed=1e-2"]]
+    run_dist(_check_layouts, 4, BASE, layouts)
