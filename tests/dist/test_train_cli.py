@@ -129,3 +129,25 @@ def test_killed_rank_ends_the_deepspeed_launcher(tmp_path):
             launcher.kill()
     assert launcher.returncode != 0
     assert elapsed < 60, elapsed
+
+
+def test_trains_on_a_megatron_indexed_dataset(tmp_path):
+    """data.source=indexed: token ids from a .bin/.idx pair (written here by our writer,
+    byte-compatible with megatron-core's, see tests/unit/test_data.py)."""
+    import numpy as np
+
+    from ds_parallel.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    prefix = str(tmp_path / "tokens")
+    with IndexedDatasetWriter(prefix, dtype=np.uint16) as writer:
+        for _ in range(200):  # documents of a repeating pattern: learnable
+            start = int(rng.integers(0, 100))
+            writer.add_document(np.arange(start, start + int(rng.integers(20, 80))) % 120 + 3)
+    out_dir = tmp_path / "run"
+    deepspeed_train("--config", os.path.join(ROOT, "configs", "smoke_dense_cpu.yaml"), f"train.out_dir={out_dir}",
+                    "data.source=indexed", f"data.path={prefix}", "train.steps=30", "train.log_every=1",
+                    "train.lr=3e-3")
+    curve = losses(out_dir)
+    assert curve[30] < 0.5 * curve[1], curve
+    assert not (out_dir / "summary.json").read_text().count("exact_match")  # no held-out problems here
