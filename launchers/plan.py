@@ -25,12 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from ds_parallel.config import ConfigError
-    from ds_parallel.config.load import config_from_dict, parse_overrides, read_yaml, _merge
+    from ds_parallel.config import ConfigError, load_config
     from ds_parallel.parallel.plan import plan
 
     try:
-        cfg = config_from_dict(_merge(read_yaml(args.config), parse_overrides(args.overrides)))
+        cfg = load_config(args.config, args.overrides, world_size=args.world, purpose="plan")
         report = plan(cfg, args.world)
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)

@@ -165,14 +165,16 @@ def read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
-    """The full pipeline: YAML -> overrides -> typed tree -> validation."""
+def load_config(path: str | None, overrides: list[str] = (), world_size: int | None = None,
+                purpose: str = "train") -> Config:
+    """The full pipeline: YAML -> overrides -> typed tree -> validation (see validate's
+    `purpose`: "plan" admits layouts the trainer cannot run yet)."""
     from ds_parallel.config.validate import validate
 
     data = read_yaml(path) if path else {}
     data = _merge(data, parse_overrides(list(overrides)))
     cfg = config_from_dict(data)
-    validate(cfg, world_size)
+    validate(cfg, world_size, purpose)
     return cfg
 
 
