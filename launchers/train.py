@@ -1,7 +1,8 @@
 """Train a DeepSeek-family model: `deepspeed --num_gpus 2 launchers/train.py [--config X.yaml] [key=value ...]`.
 
 Also runs under torchrun, srun and mpirun (rank and world from the environment). Without
---config it trains the embedded default, configs/smoke_cpu.yaml.
+--config it trains the embedded default, configs/smoke_cpu.yaml. Exit status: 0 done,
+1 failed, 2 bad config, 75 (EX_TEMPFAIL) preempted after checkpointing: rerun to resume.
 """
 from __future__ import annotations
 
@@ -34,15 +35,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from ds_parallel.train.run import run
+    from ds_parallel.train.trainer import EXIT_PREEMPTED
 
     try:
-        run(cfg, env)
+        summary = run(cfg, env)
     except Exception as exc:  # one line on every rank; the traceback above it for debugging
         traceback.print_exc()
         print(f"rank {env.rank} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
               file=sys.stderr, flush=True)
         return 1
-    return 0
+    # Preempted (SIGTERM/SIGUSR1): the checkpoint is written; 75 tells the job script to requeue.
+    return EXIT_PREEMPTED if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

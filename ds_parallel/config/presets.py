@@ -26,6 +26,19 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         score_func="sigmoid", n_expert_groups=4, n_limited_groups=2, route_scale=2.5, norm_topk_prob=True,
         bias_update_speed=1e-3, seq_aux_alpha=1e-4, mtp_depth=1, mtp_lambda=0.3,
     ),
+    # debug_v3 with every FP8 GEMM dimension a multiple of 128 (the V3 tile), so the
+    # blockwise recipe runs without padding: wq_a 128x128, wq_b 384x128, wkv_a 256x128,
+    # wkv_b 256x128, wo 128x128, dense MLP 384/128, experts and shared expert 128x128,
+    # MTP eh_proj 128x256. kv_lora_rank + qk_rope_head_dim (wkv_a's output) and
+    # kv_lora_rank (wkv_b's input) are both multiples of 128 only if the rope dim is.
+    "debug_v3_fp8": dict(
+        vocab_size=128, dim=128, n_layers=2, n_heads=2, inter_dim=384, max_seq_len=256,
+        attention="mla", q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=128, v_head_dim=64,
+        rope_interleave=True,
+        n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=128, n_dense_layers=1,
+        score_func="sigmoid", n_expert_groups=4, n_limited_groups=2, route_scale=2.5, norm_topk_prob=True,
+        bias_update_speed=1e-3, seq_aux_alpha=1e-4, mtp_depth=1, mtp_lambda=0.3,
+    ),
     # Tiny DeepSeek-V2(-Lite): MLA without query compression, softmax gate with group max,
     # 2 shared experts, V2's expert-level balance loss, no MTP.
     "debug_v2": dict(

@@ -121,11 +121,22 @@ class DataConfig:
 
 @dataclass
 class FP8Config:
+    # FP8 GEMMs in every eligible linear (fp8/recipe.py `apply_fp8`); embedding, head, router,
+    # norms and the attention core stay in precision.dtype (V3 §3.3).
     enabled: bool = False
+    # torch = emulated blockwise FP8 in plain torch (fp8/linear.py); te = Transformer Engine;
+    # auto = te where it imports and implements the recipe, else torch.
     backend: Literal["auto", "te", "torch"] = "auto"
+    # blockwise = V3's 1x128 activation / 128x128 weight tiles (torch or TE Float8BlockScaling);
+    # delayed, current (per-tensor) and mxfp8 (1x32, Blackwell) exist only in TE.
     recipe: Literal["delayed", "current", "blockwise", "mxfp8"] = "blockwise"
-    format: Literal["e4m3", "hybrid"] = "e4m3"
-    block_size: int = 128
+    format: Literal["e4m3", "hybrid"] = "e4m3"  # hybrid = E4M3 forward, E5M2 gradients (TE only)
+    block_size: int = 128  # tile width of the blockwise recipe (V3: 128)
+    power_of_two_scales: bool = False  # round scales up to 2^k (V3.1 "ue8m0")
+    # Comma-separated module-name patterns (fnmatch; a bare name also matches as a suffix,
+    # "wo" = "*.wo") kept in high precision besides the head, e.g. "mtp.*,layers.0.*".
+    keep_high_precision: str = ""
+    dispatch: bool = True  # MoE dispatch sends FP8 rows + scales (V3 §3.3.3); combine stays high
 
 
 @dataclass

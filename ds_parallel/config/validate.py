@@ -116,9 +116,51 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
     if cfg.data.source == "arithmetic" and cfg.data.n_digits < 1:
         raise ConfigError(f"data.n_digits={cfg.data.n_digits} must be >= 1")
 
+    if cfg.precision.fp8.enabled:
+        _validate_fp8(cfg)
+
+
+def _validate_fp8(cfg: Config) -> None:
+    """FP8 rules (fp8/recipe.py). The torch backend pads shapes that are not multiples of
+    block_size with zeros (as DeepSeek's kernels do), so it needs no divisibility rule."""
+    from ds_parallel.fp8.recipe import TORCH_RECIPES, fp8_gemm_shapes, resolve_backend
+    from ds_parallel.fp8.te import te_available
+
     fp8 = cfg.precision.fp8
-    if fp8.enabled:
-        raise ConfigError("precision.fp8.enabled=true is not supported yet: set precision.fp8.enabled=false")
+    if fp8.block_size <= 0:
+        raise ConfigError(f"precision.fp8.block_size={fp8.block_size} must be positive (V3: 128)")
+    if fp8.recipe == "mxfp8":
+        import torch
+
+        cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        if cap is None or cap < (10, 0):
+            found = "no CUDA device" if cap is None else f"compute capability {cap[0]}.{cap[1]}"
+            raise ConfigError(f"precision.fp8.recipe=mxfp8 needs a Blackwell (sm100+) GPU, found {found}: "
+                              f"use precision.fp8.recipe=blockwise")
+    backend = resolve_backend(fp8)
+    if backend == "torch":
+        if fp8.recipe not in TORCH_RECIPES:
+            raise ConfigError(f"precision.fp8.recipe={fp8.recipe} needs precision.fp8.backend=te (the torch "
+                              f"backend implements blockwise only): set precision.fp8.recipe=blockwise or backend=te")
+        if fp8.format != "e4m3":
+            raise ConfigError(f"precision.fp8.format={fp8.format} needs precision.fp8.backend=te (the torch "
+                              f"backend is E4M3 throughout, as V3): set precision.fp8.format=e4m3")
+        return
+    if not te_available():
+        why = "" if fp8.backend == "te" else f" (chosen by backend=auto for recipe={fp8.recipe}, format={fp8.format})"
+        raise ConfigError(f"precision.fp8.backend=te{why}: transformer_engine is not importable here: install "
+                          f"transformer-engine[pytorch] on a CUDA machine, or set precision.fp8.backend=torch "
+                          f"with precision.fp8.recipe=blockwise and precision.fp8.format=e4m3")
+    if fp8.recipe == "blockwise" and fp8.block_size != 128:
+        raise ConfigError(f"precision.fp8.block_size={fp8.block_size}: TE's Float8BlockScaling uses 128; "
+                          f"set block_size=128 or backend=torch")
+    if fp8.power_of_two_scales:
+        raise ConfigError("precision.fp8.power_of_two_scales=true is not mapped to TE recipes: set it false "
+                          "with backend=te, or use backend=torch")
+    for name, (n, k) in fp8_gemm_shapes(cfg.model, cfg.parallel.tp).items():
+        if n % 16 or k % 16:  # TE: "FP8 execution requires ... width divisible by 16"
+            raise ConfigError(f"precision.fp8.backend=te: GEMM {name} of shape (out {n}, in {k}) per tp rank is "
+                              f"not a multiple of 16 in both dims: change the model dims or use backend=torch")
 
 
 def _validate_mla_moe(cfg: Config) -> None:

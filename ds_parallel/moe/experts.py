@@ -79,12 +79,15 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(p, std=cfg.init_std)
             tag_expert_param(p, ctx)
         self.use_grouped_mm = True
+        # Injection point for the grouped GEMM, as `gemm` is for the linears (fp8/recipe.py
+        # swaps in an FP8 one); signature of `grouped_linear`.
+        self.grouped_gemm = grouped_linear
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (P, dim) rows sorted by local expert, counts (n_local_experts,) -> (P, dim)."""
-        gm = self.use_grouped_mm
-        h = F.silu(grouped_linear(x, self.w1, counts, gm)) * grouped_linear(x, self.w3, counts, gm)
-        return grouped_linear(h, self.w2, counts, gm)
+        gm, gemm = self.use_grouped_mm, self.grouped_gemm
+        h = F.silu(gemm(x, self.w1, counts, gm)) * gemm(x, self.w3, counts, gm)
+        return gemm(h, self.w2, counts, gm)
 
 
 class SwiGLU(nn.Module):

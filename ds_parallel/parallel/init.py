@@ -111,6 +111,11 @@ def init_distributed(env: DistEnv, timeout_s: float, backend: str | None = None)
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    # DeepSpeed's engine insists on LOCAL_RANK, which srun and mpirun do not set: publish
+    # what detect_env found in the names torchrun uses.
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{env.master_addr}:{env.master_port}",

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ds_parallel.config.schema import Config
+from ds_parallel.fp8.recipe import apply_fp8
 from ds_parallel.parallel.groups import ParallelContext, apply_deepspeed_groups
 
 
@@ -84,6 +85,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext):
     import deepspeed
 
     mpu = apply_deepspeed_groups(ctx)
+    apply_fp8(model, cfg.precision)  # FP8 GEMMs swapped in, if precision.fp8.enabled
     _register_moe_layers(model)
     t = cfg.train
     if cfg.precision.dtype == "bf16":

@@ -30,9 +30,16 @@ from ds_parallel.train.metrics import MetricsLog, plot_run
 from ds_parallel.train.schedule import bias_update_speed_at, lr_at, mtp_lambda_at
 
 
+# Exit status of a rank that stopped for preemption after writing its checkpoint:
+# EX_TEMPFAIL from sysexits.h ("try again later"). launchers/train.py exits with it and
+# slurm/v3_pretrain.sh requeues the job when srun reports it; rerunning resumes from latest.
+EXIT_PREEMPTED = 75
+
+
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 (Slurm's warning signal) ask for a checkpoint and a clean exit.
-    The flag is agreed across ranks each step, so every rank saves together."""
+    The flag is agreed across ranks each step, so every rank saves together, and every
+    rank then exits with EXIT_PREEMPTED."""
 
     def __init__(self):
         self.raised = False
@@ -139,7 +146,8 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
             ckpt.save_checkpoint(out_dir, last, engine, ctx, to_dict(cfg))
         if stop:
             if is_rank0:
-                print(f"preempted: checkpoint written at step {last}; exiting for requeue", flush=True)
+                print(f"preempted: checkpoint written at step {last}; exiting with {EXIT_PREEMPTED} for requeue",
+                      flush=True)
             return {"step": last, "preempted": True}
 
     summary: dict[str, Any] = {"step": last, "preempted": False}

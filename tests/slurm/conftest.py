@@ -1,0 +1,240 @@
+"""A real one-node Slurm cluster for the `slurm` tests, set up from nothing.
+
+When `sinfo` already answers (a CI image or a developer machine with Slurm running) the
+tests use that cluster. Otherwise the session fixture installs what is missing with
+apt-get (Debian's slurmctld, slurmd, slurm-client, munge, libpmix2), writes a slurm.conf
+into a scratch directory (exported as SLURM_CONF, so nothing under /etc/slurm changes),
+starts munged, slurmctld and slurmd in the foreground as children of pytest, waits for the
+node to go idle, and stops exactly those daemons when the session ends.
+
+Without systemd nothing starts the daemons for us; the settings below are the ones that
+work on a 2-core container (shared/notes/environment.md, "A real Slurm cluster"):
+- MinJobAge=4: the default 300 makes `sbatch --wait` poll at 2, 10, 42, 74 s.
+- task/none, proctrack/linuxproc, no accounting: no cgroups or database needed.
+- SlurmdParameters=config_overrides: CPUs=2 is taken as given, so a smaller or larger
+  machine neither drains the node nor offers more slots than the tests plan for.
+- Ports are picked free at start-up, so a leftover cluster from a crashed session cannot
+  collide with this one.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "libpmix2")
+COMMANDS = ("slurmctld", "slurmd", "sinfo", "sbatch", "srun", "scontrol", "munged")
+# The node advertises 8 GPUs without device files, like one H800/H100 node, so the job
+# scripts' `#SBATCH --gpus-per-node=8` default is satisfiable unchanged; nothing can use them.
+FAKE_GPUS = 8
+
+
+def _sinfo_answers(env: dict[str, str]) -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def _apt_install(packages: tuple[str, ...]) -> str | None:
+    """Install with apt-get; refresh the package lists once if the first try fails.
+    Returns None on success, else the reason (for the skip message)."""
+    if not shutil.which("apt-get"):
+        return "apt-get is not available"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True)
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        return f"apt-get install {' '.join(packages)} failed: {(out.stderr or out.stdout).strip()[-300:]}"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _munge_works() -> bool:
+    try:
+        cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+        if cred.returncode != 0:
+            return False
+        return subprocess.run(["unmunge"], input=cred.stdout, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _start_munged() -> subprocess.Popen | None:
+    """Start munged as the munge user unless one already answers. Returns our process."""
+    if _munge_works():
+        return None
+    munge = pwd.getpwnam("munge")
+    key = "/etc/munge/munge.key"
+    if not os.path.exists(key):
+        os.makedirs(os.path.dirname(key), exist_ok=True)
+        with open(key, "wb") as fh:
+            fh.write(os.urandom(1024))
+        os.chown(key, munge.pw_uid, munge.pw_gid)
+        os.chmod(key, 0o400)
+    for path in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
+        os.makedirs(path, exist_ok=True)
+        os.chown(path, munge.pw_uid, munge.pw_gid)
+    proc = subprocess.Popen(
+        ["munged", "--foreground", "--force"], user=munge.pw_uid, group=munge.pw_gid,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 20
+    while not _munge_works():
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError("munged did not start")
+        time.sleep(0.2)
+    return proc
+
+
+def _slurm_conf(scratch: str, host: str) -> str:
+    mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    return f"""\
+ClusterName=dsptest
+SlurmctldHost={host}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+MpiDefault=none
+MailProg=/bin/true
+ReturnToService=2
+MinJobAge=4
+StateSaveLocation={scratch}/state
+SlurmdSpoolDir={scratch}/spool
+SlurmctldPidFile={scratch}/slurmctld.pid
+SlurmdPidFile={scratch}/slurmd.pid
+SlurmctldLogFile={scratch}/slurmctld.log
+SlurmdLogFile={scratch}/slurmd.log
+GresTypes=gpu
+NodeName={host} CPUs=2 RealMemory={int(mem_mb * 0.9)} Gres=gpu:{FAKE_GPUS} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _wait_idle(env: dict[str, str], procs: list[subprocess.Popen], timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    state = ""
+    while time.time() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True)
+        state = out.stdout.strip()
+        if out.returncode == 0 and state == "idle":
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"the Slurm node did not become idle in {timeout:.0f}s (state {state!r})")
+
+
+class Cluster:
+    """What the tests need: the environment that points the Slurm clients at the cluster,
+    and the sbatch flags that make the GPU nodes' job defaults fit it."""
+
+    def __init__(self, env: dict[str, str], scratch: str | None):
+        self.env = env
+        self.scratch = scratch
+        gres = subprocess.run(["sinfo", "-h", "-o", "%G"], env=env, capture_output=True, text=True).stdout
+        # A cluster without GPU GRES rejects `#SBATCH --gpus-per-node=8`; zero overrides it.
+        self.sbatch_flags = [] if "gpu" in gres else ["--gpus-per-node=0"]
+
+    def daemon_logs(self) -> str:
+        if not self.scratch:
+            return ""
+        text = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            path = os.path.join(self.scratch, name)
+            if os.path.exists(path):
+                text.append(f"--- {name}\n" + open(path).read()[-3000:])
+        return "\n".join(text)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    env = dict(os.environ)
+    if _sinfo_answers(env):
+        yield Cluster(env, None)
+        return
+    if os.geteuid() != 0:
+        pytest.skip("no Slurm cluster answers and starting one needs root (apt-get, munged, slurmd)")
+    missing = [c for c in COMMANDS if not shutil.which(c)]
+    if missing:
+        reason = _apt_install(PACKAGES)
+        if reason:
+            pytest.skip(reason)
+
+    scratch = tempfile.mkdtemp(prefix="dsp-slurm-")
+    host = socket.gethostname().split(".")[0]
+    for sub in ("state", "spool"):
+        os.makedirs(os.path.join(scratch, sub))
+    conf = os.path.join(scratch, "slurm.conf")
+    with open(conf, "w") as fh:
+        fh.write(_slurm_conf(scratch, host))
+    # Slurm wants a device file per GPU: character devices like /dev/null (1, 3) stand in.
+    os.makedirs(os.path.join(scratch, "dev"))
+    for i in range(FAKE_GPUS):
+        os.mknod(os.path.join(scratch, "dev", f"fakegpu{i}"), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    with open(os.path.join(scratch, "gres.conf"), "w") as fh:  # read from slurm.conf's folder
+        fh.write(f"NodeName={host} Name=gpu File={scratch}/dev/fakegpu[0-{FAKE_GPUS - 1}]\n")
+    env["SLURM_CONF"] = conf
+    started: list[subprocess.Popen] = []
+    saved_conf = os.environ.get("SLURM_CONF")
+    try:
+        munged = _start_munged()
+        if munged:
+            started.append(munged)
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        # -i: ignore state from an earlier cluster with this scratch layout (there is none).
+        started.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", conf], **quiet))
+        started.append(subprocess.Popen(["slurmd", "-D", "-f", conf, "-N", host], **quiet))
+        try:
+            _wait_idle(env, started)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{Cluster(env, scratch).daemon_logs()}") from None
+        # Jobs inherit the submitter's environment, so Slurm clients inside them
+        # (scontrol show hostnames, scontrol requeue) find this cluster too.
+        os.environ["SLURM_CONF"] = conf
+        yield Cluster(env, scratch)
+    finally:
+        if saved_conf is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved_conf
+        if len(started) > 1:
+            subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True, timeout=30)
+        for proc in reversed(started):  # slurmd, slurmctld, then munged if it was ours
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,237 @@
+"""slurm/v3_pretrain.sh on a real (local, one-node) Slurm cluster, CPU profile, 2 tasks.
+
+One reference run under the `deepspeed` launcher, then three jobs, each checked against it
+or against a bound: a plain job (bit-identical losses), a job warned with SIGUSR1 mid-run
+(checkpoint, requeue, resume: still bit-identical), and a job whose rank 1 is killed (ends
+FAILED, quickly, with the rank's error in the log). fp32, same seed, same layout (ep=2 over
+the two ranks, ZeRO-1), so equal means equal.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "slurm", "v3_pretrain.sh")
+TRAIN = os.path.join(ROOT, "launchers", "train.py")
+STEPS = 40
+COMMON = f"train.steps={STEPS} train.log_every=1 train.save_every=0"
+JOB_TIMEOUT_S = 240
+
+
+def _clean_env(extra: dict[str, str], base=os.environ) -> dict[str, str]:
+    """The submitter's environment minus anything that names ranks or another job: the job
+    inherits it, and a stray RANK or SLURM_PROCID would decide the ranks."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in {**base, **extra}.items()
+           if k not in drop and (not k.startswith("SLURM_") or k == "SLURM_CONF")}
+    env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+    return env
+
+
+def _losses(out_dir) -> dict[int, float]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        return {r["step"]: r["loss"] for r in map(json.loads, fh)}
+
+
+def _steps_logged(out_dir) -> int:
+    path = os.path.join(out_dir, "metrics.jsonl")
+    return open(path).read().count("\n") if os.path.exists(path) else 0
+
+
+class Job:
+    """`sbatch --wait` of the job script in the background, from a scratch submit dir (so
+    the default `--output=logs/%x-%j.out` lands there), with CLUSTER=cpu."""
+
+    def __init__(self, cluster, submit_dir, overrides: str, script: str = SCRIPT, name: str = "v3-pretrain"):
+        os.makedirs(os.path.join(submit_dir, "logs"), exist_ok=True)
+        env = _clean_env({**cluster.env, "CLUSTER": "cpu", "OVERRIDES": overrides, "DSP_REPO": ROOT})
+        cmd = ["timeout", str(JOB_TIMEOUT_S), "sbatch", "--wait", "--parsable",
+               "--nodes=1", "--ntasks-per-node=2", *cluster.sbatch_flags, script]
+        self.t0 = time.time()
+        self.proc = subprocess.Popen(cmd, cwd=submit_dir, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.job_id = self.proc.stdout.readline().strip().split(";")[0]
+        assert self.job_id.isdigit(), self.job_id + self.proc.stdout.read()
+        self.env = env
+        self.log_path = os.path.join(submit_dir, "logs", f"{name}-{self.job_id}.out")
+
+    def wait(self) -> int:
+        try:
+            self.proc.communicate(timeout=JOB_TIMEOUT_S + 30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return open(self.log_path).read() if os.path.exists(self.log_path) else "(no log)"
+
+    def squeue_state(self) -> str:
+        out = subprocess.run(["squeue", "-h", "-j", self.job_id, "-o", "%T %r"], env=self.env,
+                             capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def show(self) -> str:
+        return subprocess.run(["scontrol", "show", "job", self.job_id], env=self.env, capture_output=True,
+                              text=True).stdout
+
+    def cancel(self) -> None:
+        subprocess.run(["scancel", self.job_id], env=self.env, capture_output=True)
+
+    def final_state(self, timeout: float) -> str:
+        """Poll the controller until the job is COMPLETED or FAILED and return that state.
+        `sbatch --wait` cannot be trusted across a requeue: in Slurm 22.05 a poll that lands
+        while the requeue is under way (the old run shows as CANCELLED or FAILED for a
+        moment) makes it return 1 although the job goes on."""
+        deadline = time.time() + timeout
+        state = "(never seen)"
+        while time.time() < deadline:
+            out = subprocess.run(["scontrol", "-o", "show", "job", self.job_id], env=self.env,
+                                 capture_output=True, text=True)
+            if out.returncode != 0:  # purged after MinJobAge: the last state seen stands
+                return state
+            state = out.stdout.split("JobState=")[1].split()[0]
+            if state in ("COMPLETED", "FAILED"):
+                return state
+            time.sleep(0.3)
+        raise AssertionError(f"job {self.job_id} still {state} after {timeout:.0f}s:\n{self.log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same config under `deepspeed --num_gpus 2 launchers/train.py`."""
+    out_dir = tmp_path_factory.mktemp("reference")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", TRAIN,
+           *COMMON.split(), f"train.out_dir={out_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env({"DS_ACCELERATOR": "cpu"}), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = _losses(out_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def test_job_trains_on_both_tasks_with_the_launcher_losses(slurm_cluster, reference, tmp_path):
+    out_dir = tmp_path / "run"
+    job = Job(slurm_cluster, str(tmp_path), f"{COMMON} train.out_dir={out_dir}")
+    rc = job.wait()
+    log = job.log()
+    assert rc == 0, log[-4000:] + slurm_cluster.daemon_logs()
+    assert "cluster=cpu nodes=1 ranks=2" in log and "env CUDA_VISIBLE_DEVICES=" in log
+    # srun --label: both tasks ran the trainer (each prints a line prefixed with its rank).
+    assert any(line.startswith("1: ") for line in log.splitlines()), log[-3000:]
+    assert _losses(out_dir) == reference
+
+
+def test_deepspeed_multinode_job_gives_the_same_losses(slurm_cluster, reference, tmp_path):
+    """DeepSpeed's own launcher with a hostfile from the node list (one node: no ssh)."""
+    out_dir = tmp_path / "run"
+    job = Job(slurm_cluster, str(tmp_path), f"{COMMON} train.out_dir={out_dir}",
+              script=os.path.join(ROOT, "slurm", "deepspeed_multinode.sh"), name="ds-multinode")
+    rc = job.wait()
+    log = job.log()
+    assert rc == 0, log[-4000:]
+    assert "deepspeed.launcher.runner --hostfile" in log and "dist_world_size=2" in log
+    assert _losses(out_dir) == reference
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_the_same_curve(slurm_cluster, reference, tmp_path):
+    out_dir = tmp_path / "run"
+    job = Job(slurm_cluster, str(tmp_path), f"{COMMON} train.out_dir={out_dir}")
+    try:
+        deadline = time.time() + 120
+        while _steps_logged(out_dir) < 2:
+            assert job.proc.poll() is None and time.time() < deadline, job.log()[-3000:]
+            time.sleep(0.2)
+        # What Slurm does --signal=B:USR1@600 before the time limit: warn the batch shell.
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], env=job.env, check=True)
+        # Slurm holds a requeued job ~2 minutes (PENDING, reason BeginTime) before it may
+        # start again, so that the node finishes cleaning up the old run. Release it as soon
+        # as the node is idle again (releasing it earlier can make the restart fail).
+        deadline = time.time() + 90
+        seen = []
+        while f"job {job.job_id} start 1:" not in job.log():
+            state = job.squeue_state(), node_state(job.env)
+            if not seen or seen[-1][1] != state:
+                seen.append((round(time.time() - deadline + 90, 1), state))
+            assert time.time() < deadline, (seen, job.show(), job.log()[-3000:])
+            if state == ("PENDING BeginTime", "idle"):
+                subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], env=job.env,
+                               capture_output=True)
+                time.sleep(1.0)
+            time.sleep(0.2)
+        # The old run passes through CANCELLED/FAILED while the requeue is under way: only
+        # the state after the second start counts.
+        state = job.final_state(JOB_TIMEOUT_S)
+    finally:
+        if job.proc.poll() is None:
+            job.proc.kill()  # sbatch --wait only; the job itself has ended or is cancelled next
+            job.cancel()
+    log = job.log()
+    assert state == "COMPLETED", log[-4000:]
+    stopped = [line for line in log.splitlines() if "preempted: checkpoint written at step" in line]
+    assert len(stopped) == 1, log[-4000:]
+    step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert 2 <= step < STEPS
+    assert "exit code 75" in log and f"requeueing job {job.job_id}" in log
+    assert f"resumed from {out_dir}/checkpoints/step_{step} at step {step}" in log
+    losses = _losses(out_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses == reference  # bit-identical before and after the requeue
+
+
+def node_state(env) -> str:
+    return subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
+
+
+def _rank_pids(out_dir, rank: int) -> list[int]:
+    """Training processes of this run (by their out_dir argument) with SLURM_PROCID=rank."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            if f"train.out_dir={out_dir}".encode() not in cmdline or not any(a.endswith(b"train.py") for a in cmdline):
+                continue
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURM_PROCID={rank}".encode() in environ:
+            pids.append(int(pid))
+    return pids
+
+
+def test_job_with_a_dead_rank_fails_quickly_with_its_error_in_the_log(slurm_cluster, tmp_path):
+    out_dir = tmp_path / "run"
+    job = Job(slurm_cluster, str(tmp_path), f"train.steps=100000 train.log_every=1 train.save_every=0 "
+                                      f"parallel.timeout_s=30 train.out_dir={out_dir}")
+    try:
+        deadline = time.time() + 120
+        while _steps_logged(out_dir) < 2:
+            assert job.proc.poll() is None and time.time() < deadline, job.log()[-3000:]
+            time.sleep(0.2)
+        pids = _rank_pids(out_dir, 1)
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        t0 = time.time()
+        rc = job.wait()
+        elapsed = time.time() - t0
+    finally:
+        if job.proc.poll() is None:
+            job.cancel()
+    log = job.log()
+    assert rc not in (0, 124), log[-4000:]  # 124: the `timeout` around sbatch fired
+    assert elapsed < 60, (elapsed, log[-3000:])
+    assert "task 1: Killed" in log, log[-3000:]  # srun names the dead rank
+    assert "0: rank 0 failed:" in log, log[-3000:]  # its peer fails on the next collective
+    state = subprocess.run(["scontrol", "show", "job", job.job_id], env=job.env, capture_output=True, text=True)
+    if state.returncode == 0:  # still remembered (MinJobAge)
+        assert "JobState=FAILED" in state.stdout, state.stdout
