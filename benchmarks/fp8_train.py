@@ -88,41 +88,70 @@ def window_mean(xs: list[float], end: int, width: int) -> float:
     return sum(chunk) / len(chunk)
 
 
+def _job(job: tuple) -> tuple:
+    """One training run (a worker process): (steps, overrides, seed, fp8, threads) ->
+    (seed, fp8, losses, exact match, seconds)."""
+    steps, overrides, seed, fp8, threads = job
+    torch.set_num_threads(threads)
+    cfg = smoke_config(steps, overrides + [f"train.seed={seed}"])
+    tag = f"seed {seed} {'fp8 ' if fp8 else 'fp32'}"
+    tic = time.perf_counter()
+    losses, em = train_curve(cfg, fp8, log=lambda line: print(f"  [{tag}]{line}", flush=True))
+    return seed, fp8, losses, em, time.perf_counter() - tic
+
+
 def main() -> int:
     parser = base_parser(__doc__, repeats=1, warmup=0)
     parser.add_argument("--steps", type=int, default=None, help="default: configs/smoke_cpu.yaml train.steps")
     parser.add_argument("--window", type=int, default=50, help="steps averaged for the smoothed gap")
+    parser.add_argument("--seeds", default=None, help="comma-separated train.seed values (default: the config's)")
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel processes (1 thread each)")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args()
     set_threads(args.threads)
     cfg = smoke_config(args.steps, args.overrides)
-    t = cfg.train
+    t, w = cfg.train, args.window
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [t.seed]
     print(f"model {cfg.model.preset}, {t.steps} steps, global batch {t.global_batch_size} x {t.seq_len}, "
-          f"lr {t.lr}, fp8 block {cfg.precision.fp8.block_size}, power_of_two={cfg.precision.fp8.power_of_two_scales}")
-    results, times = {}, {}
-    for fp8 in (False, True):
-        tic = time.perf_counter()
-        results[fp8] = train_curve(cfg, fp8)
-        times[fp8] = time.perf_counter() - tic
-    ref, low = results[False][0], results[True][0]
-    w = args.window
+          f"lr {t.lr}, fp8 block {cfg.precision.fp8.block_size}, power_of_two={cfg.precision.fp8.power_of_two_scales}, "
+          f"seeds {seeds}")
+    jobs = [(args.steps, args.overrides, seed, fp8, args.threads) for seed in seeds for fp8 in (True, False)]
+    if args.workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            done = pool.map(_job, jobs, chunksize=1)
+    else:
+        done = [_job(job) for job in jobs]
+    runs = {(seed, fp8): (losses, em, secs) for seed, fp8, losses, em, secs in done}
+
     marks = sorted({1, 10, 50, 100, *range(200, t.steps + 1, 200), t.steps} & set(range(1, t.steps + 1)))
-    rows = []
-    for s in marks:
-        rw, lw = window_mean(ref, s, w), window_mean(low, s, w)
-        rows.append([str(s), f"{ref[s - 1]:.4f}", f"{low[s - 1]:.4f}", f"{(low[s - 1] - ref[s - 1]) / ref[s - 1]:+.2%}",
-                     f"{rw:.4f}", f"{lw:.4f}", f"{(lw - rw) / rw:+.2%}"])
-    print()
-    print(table(["step", "fp32 loss", "fp8 loss", "gap", f"fp32 mean{w}", f"fp8 mean{w}", f"gap mean{w}"], rows))
-    em_ref, em_low = results[False][1], results[True][1]
-    final_gap = (window_mean(low, t.steps, w) - window_mean(ref, t.steps, w)) / window_mean(ref, t.steps, w)
-    print(f"\nfinal loss (mean of last {w} steps): fp32 {window_mean(ref, t.steps, w):.4f}, "
-          f"fp8 {window_mean(low, t.steps, w):.4f}, relative gap {final_gap:+.2%}")
-    print(f"held-out exact match: fp32 {em_ref['exact_match']:.3f}, fp8 {em_low['exact_match']:.3f} "
-          f"over {em_ref['n_eval']} problems (chance {em_ref['chance']:.4f})")
-    print(f"wall time: fp32 {times[False]:.0f}s, fp8 (emulated) {times[True]:.0f}s; the emulation quantises in "
-          f"fp32 on the CPU, so this says nothing about FP8 speed on a GPU")
-    print("reference is fp32, not bf16: bf16 matmuls are ~50x slower than fp32 on this CPU")
+    summary = []
+    for seed in seeds:
+        ref, low = runs[(seed, False)][0], runs[(seed, True)][0]
+        rows = []
+        for m in marks:
+            rw, lw = window_mean(ref, m, w), window_mean(low, m, w)
+            rows.append([str(m), f"{ref[m - 1]:.4f}", f"{low[m - 1]:.4f}", f"{rw:.4f}", f"{lw:.4f}", f"{(lw - rw) / rw:+.2%}"])
+        print(f"\nseed {seed}: global-batch loss, and its mean over the last {w} steps")
+        print(table(["step", "fp32", "fp8", f"fp32 mean{w}", f"fp8 mean{w}", "gap"], rows))
+        rf, lf = window_mean(ref, t.steps, w), window_mean(low, t.steps, w)
+        summary.append([str(seed), f"{rf:.4f}", f"{lf:.4f}", f"{(lf - rf) / rf:+.2%}",
+                        f"{runs[(seed, False)][1]['exact_match']:.3f}", f"{runs[(seed, True)][1]['exact_match']:.3f}",
+                        f"{runs[(seed, False)][2]:.0f} / {runs[(seed, True)][2]:.0f}"])
+    finals = {fp8: [window_mean(runs[(s, fp8)][0], t.steps, w) for s in seeds] for fp8 in (False, True)}
+    mean = {fp8: sum(v) / len(v) for fp8, v in finals.items()}
+    if len(seeds) > 1:
+        summary.append(["mean", f"{mean[False]:.4f}", f"{mean[True]:.4f}", f"{(mean[True] - mean[False]) / mean[False]:+.2%}",
+                        "", "", ""])
+    print(f"\nfinal loss (mean of the last {w} steps) and held-out exact match "
+          f"(chance {runs[(seeds[0], False)][1]['chance']:.4f})")
+    print(table(["seed", "fp32", "fp8", "fp8 vs fp32", "exact fp32", "exact fp8", "seconds fp32 / fp8"], summary))
+    if len(seeds) > 1:
+        spread = (max(finals[False]) - min(finals[False])) / mean[False]
+        print(f"fp32 alone spreads by {spread:.1%} of its mean across these seeds: compare the fp8 gap with that")
+    print("the emulation quantises in fp32 on the CPU, so the times say nothing about FP8 speed on a GPU; the "
+          "reference is fp32, not bf16: bf16 matmuls are ~50x slower than fp32 on this CPU")
     return 0
 
 

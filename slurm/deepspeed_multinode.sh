@@ -59,6 +59,7 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
     for host in "${hosts[@]}"; do dsp_log "dry run: $HOSTFILE: $host slots=$slots"; done
 else
     mkdir -p "$(dirname "$HOSTFILE")" "$(dirname "$DS_ENV_FILE")"
+    trap 'rm -rf "$scratch"' EXIT # rewritten at every start of the job
     for host in "${hosts[@]}"; do echo "$host slots=$slots"; done >"$HOSTFILE"
     # The profile's settings for the remote ranks, KEY=VALUE per line.
     env | grep -E '^(NCCL_|TORCH_NCCL_|CUDA_DEVICE_MAX_CONNECTIONS=|PYTORCH_CUDA_ALLOC_CONF=|OMP_NUM_THREADS=|DS_ACCELERATOR=|GLOO_SOCKET_IFNAME=)' \

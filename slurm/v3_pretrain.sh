@@ -8,6 +8,7 @@
 #   OVERRIDES="train.steps=1000 train.lr=1e-4" sbatch --nodes=16 --account=A --partition=P slurm/v3_pretrain.sh
 #   DRY_RUN=1 bash slurm/v3_pretrain.sh                          # print the srun command only
 #   CLUSTER=cpu sbatch --nodes=1 --ntasks-per-node=2 slurm/v3_pretrain.sh   # gloo, tiny V3
+#   (on a cluster without GPUs in its GRES, also --gpus-per-node=0)
 #
 # Environment: CLUSTER (h800 | h100 | cpu, default h800: slurm/env/<cluster>.sh), CONFIG
 # (default configs/v3_671b_cluster.yaml; configs/smoke_cpu.yaml when CLUSTER=cpu),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -68,44 +69,40 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _munge_works() -> bool:
-    try:
-        cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
-        if cred.returncode != 0:
-            return False
-        return subprocess.run(["unmunge"], input=cred.stdout, capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _start_munged() -> subprocess.Popen | None:
-    """Start munged as the munge user unless one already answers. Returns our process."""
-    if _munge_works():
-        return None
+def _start_munged(scratch: str) -> tuple[subprocess.Popen, str]:
+    """A munged of our own on a private socket, so that this cluster neither depends on
+    nor disturbs any other munged on the machine (another test session's, or the system's).
+    Returns the process and its socket."""
     munge = pwd.getpwnam("munge")
     key = "/etc/munge/munge.key"
-    if not os.path.exists(key):
+    if not os.path.exists(key):  # the Debian package makes one; create it where it did not
         os.makedirs(os.path.dirname(key), exist_ok=True)
         with open(key, "wb") as fh:
             fh.write(os.urandom(1024))
         os.chown(key, munge.pw_uid, munge.pw_gid)
         os.chmod(key, 0o400)
-    for path in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
-        os.makedirs(path, exist_ok=True)
-        os.chown(path, munge.pw_uid, munge.pw_gid)
+    run_dir = os.path.join(scratch, "munge")
+    os.makedirs(run_dir, mode=0o755)
+    os.chown(run_dir, munge.pw_uid, munge.pw_gid)
+    socket_path = os.path.join(run_dir, "munge.socket")
+    files = {"--socket": socket_path, "--pid-file": f"{run_dir}/munged.pid",
+             "--log-file": f"{run_dir}/munged.log", "--seed-file": f"{run_dir}/munged.seed"}
     proc = subprocess.Popen(
-        ["munged", "--foreground", "--force"], user=munge.pw_uid, group=munge.pw_gid,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ["munged", "--foreground", "--force", *(f"{k}={v}" for k, v in files.items())],
+        user=munge.pw_uid, group=munge.pw_gid, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 20
-    while not _munge_works():
+    while True:
+        cred = subprocess.run(["munge", "-n", "-S", socket_path], capture_output=True)
+        if cred.returncode == 0:
+            return proc, socket_path
         if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError("munged did not start")
+            proc.kill()
+            raise RuntimeError(f"munged did not start: {cred.stderr.decode()[-300:]}")
         time.sleep(0.2)
-    return proc
 
 
-def _slurm_conf(scratch: str, host: str) -> str:
+def _slurm_conf(scratch: str, host: str, munge_socket: str) -> str:
     mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     return f"""\
 ClusterName=dsptest
@@ -115,6 +112,7 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=socket={munge_socket}
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -166,13 +164,15 @@ class Cluster:
         self.sbatch_flags = [] if "gpu" in gres else ["--gpus-per-node=0"]
 
     def daemon_logs(self) -> str:
+        """The tails of the daemons' logs (for failure messages), without debug chatter."""
         if not self.scratch:
             return ""
         text = []
         for name in ("slurmctld.log", "slurmd.log"):
             path = os.path.join(self.scratch, name)
             if os.path.exists(path):
-                text.append(f"--- {name}\n" + open(path).read()[-3000:])
+                lines = [line for line in open(path).read().splitlines() if "debug" not in line]
+                text.append(f"\n--- {name}\n" + "\n".join(lines[-40:]))
         return "\n".join(text)
 
 
@@ -191,25 +191,24 @@ def slurm_cluster():
             pytest.skip(reason)
 
     scratch = tempfile.mkdtemp(prefix="dsp-slurm-")
+    os.chmod(scratch, 0o755)  # munged runs as the munge user and must reach its folder
     host = socket.gethostname().split(".")[0]
-    for sub in ("state", "spool"):
-        os.makedirs(os.path.join(scratch, sub))
     conf = os.path.join(scratch, "slurm.conf")
-    with open(conf, "w") as fh:
-        fh.write(_slurm_conf(scratch, host))
-    # Slurm wants a device file per GPU: character devices like /dev/null (1, 3) stand in.
-    os.makedirs(os.path.join(scratch, "dev"))
-    for i in range(FAKE_GPUS):
-        os.mknod(os.path.join(scratch, "dev", f"fakegpu{i}"), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    with open(os.path.join(scratch, "gres.conf"), "w") as fh:  # read from slurm.conf's folder
-        fh.write(f"NodeName={host} Name=gpu File={scratch}/dev/fakegpu[0-{FAKE_GPUS - 1}]\n")
     env["SLURM_CONF"] = conf
-    started: list[subprocess.Popen] = []
     saved_conf = os.environ.get("SLURM_CONF")
+    started: list[subprocess.Popen] = []
     try:
-        munged = _start_munged()
-        if munged:
-            started.append(munged)
+        for sub in ("state", "spool", "dev"):
+            os.makedirs(os.path.join(scratch, sub))
+        munged, munge_socket = _start_munged(scratch)
+        started.append(munged)
+        with open(conf, "w") as fh:
+            fh.write(_slurm_conf(scratch, host, munge_socket))
+        # Slurm wants a device file per GPU: character devices like /dev/null (1, 3) stand in.
+        for i in range(FAKE_GPUS):
+            os.mknod(os.path.join(scratch, "dev", f"fakegpu{i}"), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        with open(os.path.join(scratch, "gres.conf"), "w") as fh:  # read from slurm.conf's folder
+            fh.write(f"NodeName={host} Name=gpu File={scratch}/dev/fakegpu[0-{FAKE_GPUS - 1}]\n")
         quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         # -i: ignore state from an earlier cluster with this scratch layout (there is none).
         started.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", conf], **quiet))
@@ -228,8 +227,15 @@ def slurm_cluster():
         else:
             os.environ["SLURM_CONF"] = saved_conf
         if len(started) > 1:
+            # Jobs first, so that no slurmstepd outlives the daemons.
             subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True, timeout=30)
-        for proc in reversed(started):  # slurmd, slurmctld, then munged if it was ours
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                out = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
+                if out.returncode != 0 or not out.stdout.strip():
+                    break
+                time.sleep(0.5)
+        for proc in reversed(started):  # slurmd, slurmctld, then munged
             if proc.poll() is None:
                 proc.terminate()
                 try:
@@ -237,4 +243,20 @@ def slurm_cluster():
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        _kill_leftovers(conf)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _kill_leftovers(conf: str) -> None:
+    """SIGKILL whatever still runs with this cluster's SLURM_CONF in its environment
+    (slurmstepd and job processes whose daemons went first): nothing else carries it."""
+    marker = f"SLURM_CONF={conf}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if marker in fh.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
