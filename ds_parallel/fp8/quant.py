@@ -34,9 +34,8 @@ AMAX_FLOOR = 1e-4  # act_quant's clamp: an all-zero tile gets a finite scale
 # Gradients get a floor that only guards against zero. act_quant's 1e-4 is an inference
 # constant for O(1) activations; the gradients of a mean loss are far smaller (measured on
 # debug_v3_fp8 at init: dy tiles with amax 1e-13 .. 1e-5, median ~1e-6), and under a 1e-4
-# floor they keep a fraction of a bit or flush to zero (the smoke model then stalled on its
-# loss plateau: final loss 2x fp32's). Scaling is otherwise magnitude-invariant, so this
-# floor changes nothing for tiles above it.
+# floor they would keep a fraction of a bit or flush to zero. Scaling is otherwise
+# magnitude-invariant, so this floor changes nothing for tiles above it.
 GRAD_AMAX_FLOOR = 1e-30
 
 

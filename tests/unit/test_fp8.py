@@ -363,7 +363,10 @@ def test_fp8_model_gradients_reach_every_parameter():
 def test_fp8_training_tracks_fp32():
     """Short version of benchmarks/fp8_train.py: debug_v3_fp8 on the smoke job's data, fp32
     masters, FP8 GEMMs vs fp32 GEMMs from the same seed and batches. Measured at 40 steps
-    (global batch 16): loss ~5.9 -> ~2.6, mean of the last 10 steps within ~0.3% of fp32."""
+    (global batch 16): loss 6.31 -> 2.77, mean of the last 10 steps 0.15% above fp32's.
+    Kept before the task's loss plateau (~1.5): when a run leaves it depends on small
+    perturbations, so later single-seed gaps are noise of tens of percent either way
+    (benchmarks/README.md has the 3-seed, 1200-step numbers)."""
     from benchmarks.fp8_train import smoke_config, train_curve
 
     cfg = smoke_config(40, ["train.global_batch_size=16", "train.micro_batch_size=16", "train.warmup_steps=10",
