@@ -63,11 +63,12 @@ def _write_config(cfg: Config, out_dir: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _mean_over(value: float, group, count: int) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+def _mean_over(sums: dict[str, float], group, count: int) -> dict[str, float]:
+    """Global-batch means of per-rank sums: one all-reduce for every metric."""
+    t = torch.tensor(list(sums.values()), dtype=torch.float64)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
-    return t.item() / count
+    return dict(zip(sums, (t / count).tolist()))
 
 
 def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
                     sums[key] += float(value.detach())
         loads = moe_update() if moe_update else None
         n = len(micro) * ctx.dp
-        record = {"step": step + 1, **{k: _mean_over(v, ctx.dp_group, n) for k, v in sums.items()}}
+        record = {"step": step + 1, **_mean_over(sums, ctx.dp_group, n)}
         record["lr"] = lr_at(step, t)
         norm = engine.get_global_grad_norm() if own_norm else norm
         record["grad_norm"] = float(norm) if norm is not None else float("nan")

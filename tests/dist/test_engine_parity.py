@@ -36,8 +36,9 @@ def _full_grad(param, ctx):
     return gather_full(grad.view(local_shape(param)), shards_of(param), ctx).clone()
 
 
-def _reference_steps(cfg, loader_full, seed):
-    """Plain PyTorch: one process, the whole global batch per step."""
+def _reference_steps(cfg, loader_full, seed, steps=None, transform=None):
+    """Plain PyTorch: one process, the whole global batch per step. `transform(model)` is
+    applied after building (e.g. the FP8 swap)."""
     from ds_parallel.model import build_model
     from ds_parallel.moe import update_moe_biases
     from ds_parallel.parallel.groups import ParallelContext
@@ -46,10 +47,12 @@ def _reference_steps(cfg, loader_full, seed):
 
     t = cfg.train
     model = build_model(cfg.model, ParallelContext.single(), seed)
+    if transform is not None:
+        transform(model)
     opt = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                             eps=t.eps, foreach=False)
     history = []
-    for step in range(STEPS):
+    for step in range(STEPS if steps is None else steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, t)
         micro = loader_full.micro_batches(step)

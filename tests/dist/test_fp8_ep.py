@@ -127,34 +127,17 @@ BASE = ["model.preset=debug_v3_fp8", "model.mtp_depth=0", "train.global_batch_si
 
 
 def _reference(cfg):
+    """Losses of the plain-PyTorch one-process reference with the same FP8 swap."""
     from ds_parallel.data import GlobalBatchLoader, build_datasets
     from ds_parallel.fp8.recipe import apply_fp8
-    from ds_parallel.model import build_model
-    from ds_parallel.moe import update_moe_biases
-    from ds_parallel.parallel.groups import ParallelContext
-    from ds_parallel.train.engine import optimizer_param_groups
-    from ds_parallel.train.schedule import lr_at
+    from tests.dist.test_engine_parity import _reference_steps
 
     t = cfg.train
-    model = build_model(cfg.model, ParallelContext.single(), t.seed)
-    apply_fp8(model, cfg.precision)
-    opt = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                            eps=t.eps, foreach=False)
     loader = GlobalBatchLoader(build_datasets(cfg.data, t, cfg.model.vocab_size).train, t.global_batch_size,
                                t.micro_batch_size, 0, 1, t.seed)
-    losses = []
-    for step in range(STEPS):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, t)
-        micro = loader.micro_batches(step)
-        loss = sum(model(x, labels=y).loss for x, y in micro) / len(micro)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        update_moe_biases(model, ParallelContext.single())
-        losses.append(loss.item())
-    return losses
+    _, history = _reference_steps(cfg, loader, t.seed, steps=STEPS,
+                                  transform=lambda model: apply_fp8(model, cfg.precision))
+    return [loss for loss, _ in history]
 
 
 def _check_engine(rank, world):
