@@ -67,21 +67,26 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
         raise ConfigError(f"model.inter_dim={m.inter_dim} is not divisible by parallel.tp={p.tp}")
     if m.vocab_size % p.tp:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}: pad the vocabulary")
-    if p.pp > m.n_layers:
-        raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}")
+    n_stages = 2 * p.pp if p.pp_schedule == "dualpipev" and p.pp > 1 else p.pp
     if p.pp_layers is not None:
         try:
             counts = [int(c) for c in p.pp_layers.split(",")]
         except ValueError:
             counts = []
-        if len(counts) != p.pp or sum(counts) != m.n_layers or min(counts) < 1:
-            raise ConfigError(f"parallel.pp_layers={p.pp_layers!r} must list {p.pp} positive layer counts "
-                              f"summing to model.n_layers={m.n_layers}")
+        if len(counts) != n_stages or sum(counts) != m.n_layers or min(counts) < 0:
+            raise ConfigError(f"parallel.pp_layers={p.pp_layers!r} must list {n_stages} layer counts (one per "
+                              f"{p.pp_schedule} stage) summing to model.n_layers={m.n_layers}")
+    elif n_stages > m.n_layers:
+        raise ConfigError(f"parallel.pp={p.pp} with pp_schedule={p.pp_schedule} makes {n_stages} stages for "
+                          f"model.n_layers={m.n_layers}: lower pp or list layers per stage in parallel.pp_layers")
     if p.pp_schedule == "dualpipev" and p.pp % 2:
         raise ConfigError(f"parallel.pp_schedule=dualpipev needs an even parallel.pp, got {p.pp}")
-    if p.pp != 1 and purpose == "train":
-        raise ConfigError(f"parallel.pp={p.pp}: pipeline training is not implemented yet (launchers/plan.py "
-                          f"can plan it): set parallel.pp=1")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: ZeRO-2/3 reduce or gather "
+                          f"inside DeepSpeed's backward, which a pipeline schedule bypasses; use zero_stage=1")
+    if p.pp > 1 and p.zero_stage == 0 and cfg.precision.dtype == "bf16":
+        raise ConfigError(f"parallel.pp={p.pp} with precision.dtype=bf16 needs parallel.zero_stage=1 (DeepSpeed's "
+                          f"stage-0 bf16 optimizer accumulates gradients inside its own backward)")
 
     if world_size is not None:
         model_parallel = p.tp * p.pp * p.cp
@@ -102,6 +107,12 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
                 f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 f"train.micro_batch_size={t.micro_batch_size} x dp={dp}: change one of them"
             )
+        n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+        if p.pp > 1 and n_micro < n_stages:
+            raise ConfigError(
+                f"{n_micro} micro-batches per step (train.global_batch_size / (micro_batch_size x dp={dp})) are "
+                f"fewer than the {n_stages} pipeline stages of pp_schedule={p.pp_schedule}: lower "
+                f"train.micro_batch_size or raise train.global_batch_size")
 
     _validate_mla_moe(cfg)
 

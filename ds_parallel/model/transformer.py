@@ -27,7 +27,7 @@ cfg.mtp_lambda and is a plain attribute (not saved): the trainer applies a sched
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -61,15 +61,25 @@ def model_freqs_cis(cfg) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg, ctx):
+    """The whole model, or one pipeline rank's part of it: `layer_ids` (default all),
+    `has_embed`, `has_head` (final norm, head and MTP) pick what this rank builds; names stay
+    global, so init and checkpoints see the same names under every layout. Only the whole
+    model has a `forward`; parallel/pipeline.py runs the parts of a partial one."""
+
+    def __init__(self, cfg, ctx, layer_ids: Optional[Sequence[int]] = None, has_embed: bool = True,
+                 has_head: bool = True):
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, ctx)
-        self.layers = nn.ModuleDict({str(i): Block(i, cfg, ctx) for i in range(cfg.n_layers)})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        # The head stays in high precision (V3 §3.3): no FP8 gemm is ever injected here.
-        self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, ctx)
-        self.mtp = MultiTokenPrediction(cfg, ctx)  # empty (no parameters) when mtp_depth = 0
+        ids = range(cfg.n_layers) if layer_ids is None else layer_ids
+        self.complete = has_embed and has_head and list(ids) == list(range(cfg.n_layers))
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, ctx) if has_embed else None
+        self.layers = nn.ModuleDict({str(i): Block(i, cfg, ctx) for i in ids})
+        self.norm = self.head = self.mtp = None
+        if has_head:
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            # The head stays in high precision (V3 §3.3): no FP8 gemm is ever injected here.
+            self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, ctx)
+            self.mtp = MultiTokenPrediction(cfg, ctx)  # empty (no parameters) when mtp_depth = 0
         self.mtp_lambda = cfg.mtp_lambda
         # Derived from the config, so not saved in checkpoints.
         self.register_buffer("freqs_cis", model_freqs_cis(cfg), persistent=False)
@@ -81,7 +91,8 @@ class Transformer(nn.Module):
         try:
             super()._apply(fn, recurse)
         finally:
-            self._buffers["freqs_cis"] = freqs_cis.to(self.embed.weight.device)
+            device = next((p.device for p in self.parameters()), freqs_cis.device)
+            self._buffers["freqs_cis"] = freqs_cis.to(device)
         return self
 
     def set_mtp_lambda(self, value: float) -> None:
@@ -90,15 +101,31 @@ class Transformer(nn.Module):
         self.mtp_lambda = float(value)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
-        seqlen = input_ids.shape[1]
-        assert seqlen <= self.cfg.max_seq_len, f"sequence length {seqlen} > model.max_seq_len={self.cfg.max_seq_len}"
-        freqs_cis = self.freqs_cis[:seqlen]
+        assert self.complete, "a pipeline stage's part of the model runs through parallel/pipeline.py"
+        freqs_cis = self.rope(input_ids.shape[1])
         emb = self.embed(input_ids)  # (B, T, D)
-        h = emb
-        aux_loss = h.new_zeros((), dtype=torch.float32)
-        for layer in self.layers.values():
+        h, aux_loss = self.run_layers(emb, self.layers.values(), freqs_cis)
+        return self.finish(h, aux_loss, labels, emb if labels is not None else None, freqs_cis)
+
+    def rope(self, seqlen: int) -> torch.Tensor:
+        assert seqlen <= self.cfg.max_seq_len, f"sequence length {seqlen} > model.max_seq_len={self.cfg.max_seq_len}"
+        return self.freqs_cis[:seqlen]
+
+    @staticmethod
+    def run_layers(h: torch.Tensor, layers, freqs_cis: torch.Tensor,
+                   aux_loss: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h through `layers` in order; returns h and the running sum of MoE balance losses."""
+        if aux_loss is None:
+            aux_loss = h.new_zeros((), dtype=torch.float32)
+        for layer in layers:
             h, aux = layer(h, freqs_cis)
             aux_loss = aux_loss + aux
+        return h, aux_loss
+
+    def finish(self, h: torch.Tensor, aux_loss: torch.Tensor, labels: Optional[torch.Tensor],
+               emb: Optional[torch.Tensor], freqs_cis: torch.Tensor) -> ModelOutput:
+        """Final norm, head, loss and MTP from the last layer's output. `emb` is the main
+        embedding lookup of the input ids (MTP depth k reads emb[:, k:])."""
         h = self.norm(h)  # also h^0 of MTP
         logits = self.head(h)  # (B, T, V/tp)
         if labels is None:
@@ -106,7 +133,6 @@ class Transformer(nn.Module):
         lm_loss = vocab_parallel_cross_entropy(logits, labels, self.ctx)
         if len(self.mtp) == 0:
             return ModelOutput(logits=logits, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
-        # Depth k's embeddings are Emb(input_ids)[:, k:]: the main lookup, reused.
         hidden, mtp_aux = self.mtp(h, emb, freqs_cis)
         losses = torch.stack([
             vocab_parallel_cross_entropy(self.head(h_k), labels[:, k:], self.ctx)  # targets t_{i+k+1}

@@ -34,6 +34,10 @@ class ParallelContext:
     ep_group: Optional[ProcessGroup] = None
     edp_group: Optional[ProcessGroup] = None  # expert data parallel
     world_group: Optional[ProcessGroup] = None
+    # First and last pipeline rank of my pp group (pp > 1 only): where a 1F1B pipeline with
+    # MTP holds two copies of the embedding whose gradients are summed (Megatron's
+    # embedding group). None on the ranks in between.
+    embed_group: Optional[ProcessGroup] = None
     ranks: dict[str, list[int]] = field(default_factory=dict)  # name -> members of my group
 
     @property
@@ -95,6 +99,12 @@ def build_parallel_context(topo: Topology) -> ParallelContext:
             if rank in members:
                 setattr(ctx, attr, group)
                 ctx.ranks[attr.removesuffix("_group")] = members
+    if topo.pp > 1:
+        for members in topo.groups("pp"):
+            ends = [members[0], members[-1]]
+            group = dist.new_group(ends)
+            if rank in ends:
+                ctx.embed_group, ctx.ranks["embed"] = group, ends
     return ctx
 
 

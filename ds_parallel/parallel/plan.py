@@ -100,24 +100,71 @@ def layer_cost(m: ModelConfig, layer_id: int) -> float:
     return float(layer_params(m, layer_id).active)
 
 
-def split_layers(m: ModelConfig, pp: int, explicit: str | None = None) -> list[list[int]]:
-    """Layer ids per stage. Explicit "a,b,..." counts win; otherwise contiguous stages that
-    minimise the largest stage cost, with the embedding charged to the first stage and the
-    head (plus MTP) to the last."""
+def split_layers(m: ModelConfig, n_stages: int, explicit: str | None = None) -> list[list[int]]:
+    """Layer ids per (virtual) stage. Explicit "a,b,..." counts win (a stage may be empty);
+    otherwise contiguous stages that minimise the largest stage cost, with the embedding
+    charged to the first stage and the head (plus MTP) to the last."""
     if explicit:
         counts = [int(c) for c in explicit.split(",")]
-        if len(counts) != pp or sum(counts) != m.n_layers or min(counts) < 0:
-            raise ValueError(f"parallel.pp_layers={explicit!r} must list {pp} counts summing to {m.n_layers}")
+        if len(counts) != n_stages or sum(counts) != m.n_layers or min(counts) < 0:
+            raise ValueError(f"parallel.pp_layers={explicit!r} must list {n_stages} counts summing to {m.n_layers}")
     else:
         costs = [layer_cost(m, i) for i in range(m.n_layers)]
         edge = m.vocab_size * m.dim
         head = edge + mtp_params(m)[1]
-        counts = _balanced_counts(costs, pp, first_extra=edge * 0.1, last_extra=float(head))
+        counts = _balanced_counts(costs, n_stages, first_extra=edge * 0.1, last_extra=float(head))
     stages, start = [], 0
     for c in counts:
         stages.append(list(range(start, start + c)))
         start += c
     return stages
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """Which layers each pipeline stage runs and which pp rank holds each stage.
+
+    1F1B: pp stages, stage s on rank s. DualPipeV (the V-shaped DualPipe): 2 pp stages, rank
+    r holds stages r and 2pp-1-r, so rank 0 holds both the embedding (stage 0) and the head
+    and MTP (the last stage): the weights MTP shares with the main model sit on one rank, as
+    in DeepSeek-V3. Under 1F1B with MTP the last rank keeps a copy of the embedding whose
+    gradient is summed with the first rank's (Megatron's tied word embeddings)."""
+
+    schedule: str
+    pp: int
+    stages: tuple[tuple[int, ...], ...]  # layer ids per stage, in execution order
+    mtp: bool = False
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    def rank_of(self, stage: int) -> int:
+        return stage if stage < self.pp else 2 * self.pp - 1 - stage
+
+    def stages_of(self, rank: int) -> list[int]:
+        return [s for s in range(self.n_stages) if self.rank_of(s) == rank]
+
+    def layers_of(self, rank: int) -> list[int]:
+        return sorted(i for s in self.stages_of(rank) for i in self.stages[s])
+
+    def has_head(self, rank: int) -> bool:
+        """Final norm, output head and the MTP modules."""
+        return self.rank_of(self.n_stages - 1) == rank
+
+    def has_embed(self, rank: int) -> bool:
+        return self.rank_of(0) == rank or (self.mtp and self.has_head(rank))
+
+    @property
+    def tied_embedding(self) -> bool:
+        """Two ranks hold the embedding (1F1B with MTP): their gradients must be summed."""
+        return self.mtp and self.rank_of(0) != self.rank_of(self.n_stages - 1)
+
+
+def pipeline_layout(m: ModelConfig, pp: int, schedule: str = "1f1b", explicit: str | None = None) -> PipelineLayout:
+    n_stages = 2 * pp if schedule == "dualpipev" and pp > 1 else pp
+    stages = split_layers(m, n_stages, explicit)
+    return PipelineLayout(schedule, pp, tuple(tuple(s) for s in stages), mtp=m.mtp_depth > 0)
 
 
 def _balanced_counts(costs: list[float], pp: int, first_extra: float, last_extra: float) -> list[int]:

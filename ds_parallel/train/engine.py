@@ -24,10 +24,13 @@ def gradient_accumulation_steps(cfg: Config, dp: int) -> int:
 
 def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     t = cfg.train
+    # Under pipeline parallelism the schedule runs the micro-batches (parallel/pipeline.py):
+    # the engine sees one micro-batch of the rank's whole share per optimizer step.
+    gas = gradient_accumulation_steps(cfg, dp) if cfg.parallel.pp == 1 else 1
     ds: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp),
+        "train_micro_batch_size_per_gpu": t.global_batch_size // (gas * dp),
+        "gradient_accumulation_steps": gas,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": cfg.precision.dtype == "bf16"},
@@ -115,7 +118,8 @@ def reports_grad_norm(engine) -> bool:
 @torch.no_grad()
 def global_grad_norm(model: torch.nn.Module, ctx: ParallelContext) -> float:
     """L2 norm of the full (unsharded) gradient from reduced local gradients: pieces split
-    over tp or ep are summed over their group, replicated ones counted once."""
+    over tp or ep are summed over their group, replicated ones counted once, and pipeline
+    stages summed over pp (a tied embedding copy, `ds_pipe_replicated`, counted once)."""
     import torch.distributed as dist
 
     from ds_parallel.parallel.shard import shards_of
@@ -123,11 +127,14 @@ def global_grad_norm(model: torch.nn.Module, ctx: ParallelContext) -> float:
     sq = {"": torch.zeros((), dtype=torch.float64), "tp": torch.zeros((), dtype=torch.float64),
           "ep": torch.zeros((), dtype=torch.float64)}
     for param in model.parameters():
-        if param.grad is not None:
+        if param.grad is not None and not getattr(param, "ds_pipe_replicated", False):
             groups = {s.group for s in shards_of(param)}
             key = "tp" if "tp" in groups else "ep" if "ep" in groups else ""
             sq[key] += param.grad.double().pow(2).sum()
     for key, group in (("tp", ctx.tp_group), ("ep", ctx.ep_group)):
         if getattr(ctx, key) > 1:
             dist.all_reduce(sq[key], group=group)
-    return sum(sq.values()).sqrt().item()
+    total = sum(sq.values())
+    if ctx.pp > 1:
+        dist.all_reduce(total, group=ctx.pp_group)
+    return total.sqrt().item()

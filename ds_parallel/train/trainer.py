@@ -2,7 +2,8 @@
 
 Order of events (each step is a pure function of the step number, which is what makes
 resume exact): lr from the schedule -> this rank's micro-batches of the global batch ->
-forward/backward through the DeepSpeed engine (which accumulates and reduces) -> optimizer
+forward/backward through the DeepSpeed engine (which accumulates and reduces), or with
+pp > 1 through the pipeline schedule (parallel/pipeline.py) and then the engine's reduction -> optimizer
 step -> MoE bias update from the global batch's expert loads -> global-batch loss reduced
 over data parallel -> metrics line, checkpoint, preemption check.
 """
@@ -23,8 +24,11 @@ from ds_parallel.data import GlobalBatchLoader, build_datasets
 from ds_parallel.model import build_model
 from ds_parallel.moe import expert_load_imbalance, moe_layers, update_moe_biases
 from ds_parallel.parallel.groups import ParallelContext
+from ds_parallel.parallel.pipeline import PipelineForward, PipelineRunner, gather_layer_tensors
+from ds_parallel.parallel.plan import pipeline_layout
 from ds_parallel.train import checkpoint as ckpt
-from ds_parallel.train.engine import build_engine, global_grad_norm, reports_grad_norm, set_lr
+from ds_parallel.train.engine import (build_engine, global_grad_norm, gradient_accumulation_steps,
+                                     reports_grad_norm, set_lr)
 from ds_parallel.train.evaluate import exact_match
 from ds_parallel.train.metrics import MetricsLog, plot_run
 from ds_parallel.train.schedule import bias_update_speed_at, lr_at, mtp_lambda_at
@@ -63,11 +67,13 @@ def _write_config(cfg: Config, out_dir: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _mean_over(sums: dict[str, float], group, count: int) -> dict[str, float]:
-    """Global-batch means of per-rank sums: one all-reduce for every metric."""
+def _mean_over(sums: dict[str, float], groups, count: int) -> dict[str, float]:
+    """Global-batch means of per-rank sums: one all-reduce per group for every metric (dp,
+    then pp, where only the last stage's ranks hold nonzero sums)."""
     t = torch.tensor(list(sums.values()), dtype=torch.float64)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
+    for group in groups:
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(t, group=group)
     return dict(zip(sums, (t / count).tolist()))
 
 
@@ -80,7 +86,8 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         _write_config(cfg, out_dir)
 
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model, ctx, seed=t.seed)
+    layout = pipeline_layout(cfg.model, ctx.pp, cfg.parallel.pp_schedule, cfg.parallel.pp_layers)
+    model = build_model(cfg.model, ctx, seed=t.seed, layout=layout)
     resume_dir = ckpt.latest_checkpoint(out_dir)
     start_step = 0
     if resume_dir:
@@ -89,6 +96,10 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         ckpt.load_model_weights(model, reader)
         start_step = meta["step"]
     engine = build_engine(model, cfg, ctx)
+    runner = None
+    if ctx.pp > 1:
+        n_micro = gradient_accumulation_steps(cfg, ctx.dp)
+        runner = PipelineRunner(engine, model, layout, ctx, n_micro, t.micro_batch_size, t.seq_len)
     if resume_dir:
         same_layout = meta["layout"]["world_size"] == ctx.world_size and all(
             meta["layout"][k] == getattr(ctx, k) for k in ("tp", "pp", "ep", "dp")
@@ -114,7 +125,11 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "mtp_loss": 0.0}
         micro = loader.micro_batches(step)
         norm = None
-        for i, (input_ids, labels) in enumerate(micro):
+        if runner is not None:
+            sums = runner.forward_backward(micro)
+            norm = None if own_norm else global_grad_norm(model, ctx)  # reduced, not yet clipped
+            engine.step()
+        for i, (input_ids, labels) in enumerate(micro if runner is None else []):
             out = engine(input_ids, labels=labels)
             engine.backward(out.loss)
             if i == len(micro) - 1 and not own_norm:  # reduced, not yet clipped
@@ -126,7 +141,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
                     sums[key] += float(value.detach())
         loads = moe_update() if moe_update else None
         n = len(micro) * ctx.dp
-        record = {"step": step + 1, **_mean_over(sums, ctx.dp_group, n)}
+        record = {"step": step + 1, **_mean_over(sums, [ctx.dp_group, ctx.pp_group if runner else None], n)}
         record["lr"] = lr_at(step, t)
         norm = engine.get_global_grad_norm() if own_norm else norm
         record["grad_norm"] = float(norm) if norm is not None else float("nan")
@@ -141,7 +156,8 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         if last == 1 or last % t.log_every == 0 or last == t.steps:
             metrics.log(record)
             if loads is not None:
-                metrics.log_experts(last, loads, {m.layer_id: m.gate.e_score_correction_bias for m in moe_layers(model)})
+                biases = {m.layer_id: m.gate.e_score_correction_bias for m in moe_layers(model)}
+                metrics.log_experts(last, loads, gather_layer_tensors(biases, sorted(loads), ctx))
         stop = preempt.agreed()
         if stop or last == stop_at or (t.save_every and last % t.save_every == 0):
             ckpt.save_checkpoint(out_dir, last, engine, ctx, to_dict(cfg))
@@ -153,7 +169,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"step": last, "preempted": False}
     if last == t.steps and data.heldout:
-        summary.update(exact_match(engine.module, ctx, data))
+        summary.update(exact_match(engine.module if runner is None else PipelineForward(runner), ctx, data))
         if is_rank0:
             print(
                 f"held-out exact match: {summary['exact_match']:.3f} over {summary['n_eval']} problems "
@@ -178,6 +194,10 @@ def _apply_moe_mtp_schedules(model: torch.nn.Module, step: int, cfg: Config) -> 
 def _moe_bias_updater(model: torch.nn.Module, ctx: ParallelContext):
     """A callable that applies the aux-loss-free bias update once per optimizer step (from
     the global batch's loads) and returns {layer: loads}, or None for dense models."""
-    if not moe_layers(model):
+    if not moe_layers(model) and ctx.pp == 1:
         return None
-    return lambda: update_moe_biases(model, ctx)
+    m = model.cfg
+    every_moe_layer = [i for i in range(m.n_layers + m.mtp_depth) if m.n_routed_experts and i >= m.n_dense_layers]
+    if not every_moe_layer:
+        return None
+    return lambda: gather_layer_tensors(update_moe_biases(model, ctx), every_moe_layer, ctx)

@@ -80,7 +80,10 @@ def _check_layouts(rank, world, base, layouts):
     from ds_parallel.parallel.shard import gather_full, local_shape, shards_of
     from ds_parallel.parallel.topology import Topology
     from ds_parallel.moe import moe_layers, update_moe_biases
-    from ds_parallel.train.engine import build_engine, global_grad_norm, reports_grad_norm, set_lr
+    from ds_parallel.parallel.pipeline import PipelineRunner
+    from ds_parallel.parallel.plan import pipeline_layout
+    from ds_parallel.train.engine import (build_engine, global_grad_norm, gradient_accumulation_steps,
+                                         reports_grad_norm, set_lr)
     from ds_parallel.train.schedule import lr_at
 
     for extra in layouts:
@@ -90,14 +93,25 @@ def _check_layouts(rank, world, base, layouts):
         data = build_datasets(cfg.data, t, cfg.model.vocab_size)
         ref_model, history = _reference_steps(cfg, GlobalBatchLoader(data.train, t.global_batch_size,
                                                                      t.micro_batch_size, 0, 1, t.seed), t.seed)
-        ctx = build_parallel_context(Topology(world, tp=cfg.parallel.tp, ep=cfg.parallel.ep))
-        engine = build_engine(build_model(cfg.model, ctx, t.seed), cfg, ctx)
+        p = cfg.parallel
+        ctx = build_parallel_context(Topology(world, tp=p.tp, pp=p.pp, ep=p.ep))
+        layout = pipeline_layout(cfg.model, p.pp, p.pp_schedule, p.pp_layers)
+        engine = build_engine(build_model(cfg.model, ctx, t.seed, layout), cfg, ctx)
+        runner = None
+        if p.pp > 1:
+            runner = PipelineRunner(engine, engine.module, layout, ctx, gradient_accumulation_steps(cfg, ctx.dp),
+                                    t.micro_batch_size, t.seq_len)
         loader = GlobalBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
         for step in range(STEPS):
             set_lr(engine, lr_at(step, t))
             micro = loader.micro_batches(step)
             total = 0.0
-            for i, (x, y) in enumerate(micro):
+            if runner is not None:  # gradients are reduced after the schedule, until step()
+                total = runner.forward_backward(micro)["loss"]
+                grads = {n: _full_grad(p, ctx) for n, p in engine.module.named_parameters()}
+                own_norm = None if reports_grad_norm(engine) else global_grad_norm(engine.module, ctx)
+                engine.step()
+            for i, (x, y) in enumerate(micro if runner is None else []):
                 out = engine(x, labels=y)
                 engine.backward(out.loss)
                 total += out.loss.item()
@@ -108,6 +122,8 @@ def _check_layouts(rank, world, base, layouts):
             update_moe_biases(engine.module, ctx)
             loss = torch.tensor([total / len(micro)], dtype=torch.float64)
             dist.all_reduce(loss, group=ctx.dp_group)
+            if runner is not None:  # only the last stage's ranks hold the loss
+                dist.all_reduce(loss, group=ctx.pp_group)
             ref_loss, ref_grads = history[step]
             # bf16 (8-bit mantissa) against the fp32 reference: agreement to bf16 precision.
             tol = 2e-2 if bf16 else 1e-5
@@ -128,7 +144,9 @@ def _check_layouts(rank, world, base, layouts):
         if bf16:
             engine.destroy()
             continue
-        for ref_moe, moe in zip(moe_layers(ref_model), moe_layers(engine.module), strict=True):
+        ref_moes = {m.layer_id: m for m in moe_layers(ref_model)}
+        for moe in moe_layers(engine.module):  # under pp, this rank's stages' layers
+            ref_moe = ref_moes[moe.layer_id]
             bias = moe.gate.e_score_correction_bias
             assert torch.equal(bias, ref_moe.gate.e_score_correction_bias), (extra, moe.layer_id)
             assert bias.abs().sum() > 0  # the update did move it
@@ -174,3 +192,15 @@ def test_four_process_compositions_match_single_process():
                ["parallel.tp=2", "parallel.ep=2", "parallel.zero_stage=1", "model.preset=debug_v3",
                 "model.mtp_depth=1", "model.bias_update_speed=1e-2"]]
     run_dist(_check_layouts, 4, BASE, layouts)
+
+
+PIPE_V3 = ["model.preset=debug_v3", "model.n_layers=4", "model.mtp_depth=1", "model.bias_update_speed=1e-2",
+           "model.seq_aux_alpha=1e-2"]
+
+
+def test_pipeline_1f1b_and_dualpipev_match_single_process():
+    """Tiny DeepSeek-V3 with MTP over pp=2: 1F1B (embedding copy on the last stage, tied
+    gradients) and DualPipeV (4 stages in a V; rank 0 holds embedding, head and MTP), ZeRO-1."""
+    layouts = [["parallel.pp=2", "parallel.zero_stage=1"],
+               ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.zero_stage=1"]]
+    run_dist(_check_layouts, 2, BASE + PIPE_V3, layouts)
