@@ -33,12 +33,7 @@ DSP_REPO=${DSP_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 # shellcheck source=launch.sh
 source "$DSP_REPO/slurm/launch.sh"
 
-dsp_init
-if [[ $CLUSTER == cpu ]]; then
-    CONFIG=${CONFIG:-configs/smoke_cpu.yaml}
-else
-    CONFIG=${CONFIG:-configs/v3_671b_cluster.yaml}
-fi
+dsp_init configs/v3_671b_cluster.yaml
 DS_LAUNCHER=${DS_LAUNCHER:-pdsh}
 # DeepSpeed's hostfile wants equal slots per host; on CPU the job's tasks split evenly.
 slots=${RANKS_PER_NODE:-$((WORLD / NODES))}

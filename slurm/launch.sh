@@ -6,7 +6,7 @@
 #
 # Inputs, all from the environment (the job inherits the submitter's), all optional:
 #   CLUSTER            h800 (default) | h100 | cpu: which slurm/env/<cluster>.sh to source
-#   CONFIG             config for the entry point (each job script sets its own default)
+#   CONFIG             config for the entry point (default: the job script's; smoke_cpu on cpu)
 #   OVERRIDES          space-separated key=value config overrides ("train.steps=100 train.lr=1e-4")
 #   ENTRY              training entry point (default launchers/train.py)
 #   PYTHON             interpreter (default: the repository's .venv/bin/python, else python3)
@@ -89,9 +89,11 @@ dsp_sbatch_default() {
     echo "${value:-$2}"
 }
 
-# Profile, ranks, rendezvous and the override list. Sets CLUSTER, NODES, WORLD,
-# RANKS_PER_NODE (GPUs per node; empty on CPU, where ranks follow Slurm's task layout),
-# NODELIST, MASTER_ADDR/PORT (exported), PYTHON, ENTRY and DSP_OVERRIDES.
+# dsp_init [GPU_CONFIG]: profile, ranks, rendezvous, config and the override list. Sets
+# CLUSTER, NODES, WORLD, RANKS_PER_NODE (GPUs per node; empty on CPU, where ranks follow
+# Slurm's task layout), NODELIST, MASTER_ADDR/PORT (exported), PYTHON, ENTRY, CONFIG and
+# DSP_OVERRIDES. CONFIG defaults to the tiny CPU smoke config on CLUSTER=cpu, else to
+# GPU_CONFIG; a job script without a GPU_CONFIG requires CONFIG off the CPU profile.
 dsp_init() {
     cd "$DSP_REPO" || exit 2
     CLUSTER=${CLUSTER:-h800}
@@ -138,6 +140,17 @@ dsp_init() {
     fi
     ENTRY=${ENTRY:-launchers/train.py}
     read -r -a DSP_OVERRIDES <<<"${OVERRIDES:-}"
+
+    # After the profile: a GPU job that fell back to cpu trains the CPU config.
+    if [[ $CLUSTER == cpu ]]; then
+        CONFIG=${CONFIG:-configs/smoke_cpu.yaml}
+    else
+        CONFIG=${CONFIG:-${1:-}}
+    fi
+    if [[ -z $CONFIG ]]; then
+        dsp_log "set CONFIG=<config>: ${SLURM_JOB_NAME:-$0} has no default config on CLUSTER=$CLUSTER"
+        exit 2
+    fi
 }
 
 # The srun command: one rank per GPU (or per task on CPU), ranks from Slurm's variables.
@@ -155,6 +168,14 @@ dsp_srun_command() {
     # Slurm sets CUDA_VISIBLE_DEVICES per step on GPU nodes; the CPU profile must hide them.
     if [[ $CLUSTER == cpu ]]; then DSP_CMD+=(env CUDA_VISIBLE_DEVICES=); fi
     DSP_CMD+=("$PYTHON" -u "$ENTRY" --config "$CONFIG" "${DSP_OVERRIDES[@]}")
+}
+
+# dsp_srun_job [GPU_CONFIG]: the whole job of an srun job script (dsp_init, then srun
+# under dsp_launch).
+dsp_srun_job() {
+    dsp_init "$@"
+    dsp_srun_command
+    dsp_launch "${DSP_CMD[@]}"
 }
 
 dsp_forward_to_child() {

@@ -32,12 +32,5 @@ DSP_REPO=${DSP_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 # shellcheck source=launch.sh
 source "$DSP_REPO/slurm/launch.sh"
 
-dsp_init
-if [[ $CLUSTER == cpu ]]; then
-    CONFIG=${CONFIG:-configs/smoke_cpu.yaml}
-elif [[ -z ${CONFIG:-} ]]; then
-    dsp_log "set CONFIG to the post-training config (e.g. CONFIG=configs/my_sft.yaml sbatch slurm/post_train.sh)"
-    exit 2
-fi
-dsp_srun_command
-dsp_launch "${DSP_CMD[@]}"
+# No default GPU config (""): CONFIG names the post-training one; exit 2 without it.
+dsp_srun_job ""

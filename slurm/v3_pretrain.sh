@@ -42,11 +42,5 @@ DSP_REPO=${DSP_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 # shellcheck source=launch.sh
 source "$DSP_REPO/slurm/launch.sh"
 
-dsp_init # sources the profile; CLUSTER ends as cpu where no GPU is visible
-if [[ $CLUSTER == cpu ]]; then
-    CONFIG=${CONFIG:-configs/smoke_cpu.yaml}
-else
-    CONFIG=${CONFIG:-configs/v3_671b_cluster.yaml}
-fi
-dsp_srun_command
-dsp_launch "${DSP_CMD[@]}"
+# Falls back to CLUSTER=cpu (and configs/smoke_cpu.yaml) where no GPU is visible.
+dsp_srun_job configs/v3_671b_cluster.yaml
