@@ -126,7 +126,9 @@ dsp_init() {
     fi
 
     NODELIST=${SLURM_JOB_NODELIST:-$(hostname -s)}
-    MASTER_ADDR=${MASTER_ADDR:-$(dsp_hostnames "$NODELIST" | head -n1)}
+    # sed, not head: head exits after one line, and the SIGPIPE of a node list still being
+    # written would fail the pipeline (pipefail) and end the script with 141.
+    MASTER_ADDR=${MASTER_ADDR:-$(dsp_hostnames "$NODELIST" | sed -n 1p)}
     # A port per job, so jobs sharing a node do not collide; stable across requeues.
     MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
     export MASTER_ADDR MASTER_PORT
