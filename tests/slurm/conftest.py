@@ -15,6 +15,10 @@ work on a 2-core container (shared/notes/environment.md, "A real Slurm cluster")
   machine neither drains the node nor offers more slots than the tests plan for.
 - Ports are picked free at start-up, so a leftover cluster from a crashed session cannot
   collide with this one.
+- `srun --mpi=pmix` needs libpmix-dev before slurmd starts: Slurm's mpi/pmix plugin
+  dlopens the unversioned libpmix.so (libpmix2 ships only libpmix.so.2), and slurmd loads
+  the plugin once, at start-up. Without it every pmix step fails ("pmi/pmix: can not load
+  PMIx library"); the other tests do not need it, so its install is best-effort.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import time
 import pytest
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "libpmix2")
+PMIX_PACKAGES = ("libpmix-dev",)
 COMMANDS = ("slurmctld", "slurmd", "sinfo", "sbatch", "srun", "scontrol", "munged")
 # The node advertises 8 GPUs without device files, like one H800/H100 node, so the job
 # scripts' `#SBATCH --gpus-per-node=8` default is satisfiable unchanged; nothing can use them.
@@ -63,7 +68,14 @@ def _apt_install(packages: tuple[str, ...]) -> str | None:
     return None
 
 
-def _free_port() -> int:
+def _dpkg_installed(package: str) -> bool:
+    if not shutil.which("dpkg-query"):
+        return False
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+    return out.returncode == 0 and out.stdout.endswith(" installed")
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
@@ -107,8 +119,8 @@ def _slurm_conf(scratch: str, host: str, munge_socket: str) -> str:
     return f"""\
 ClusterName=dsptest
 SlurmctldHost={host}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -154,11 +166,13 @@ def _wait_idle(env: dict[str, str], procs: list[subprocess.Popen], timeout: floa
 
 class Cluster:
     """What the tests need: the environment that points the Slurm clients at the cluster,
-    and the sbatch flags that make the GPU nodes' job defaults fit it."""
+    and the sbatch flags that make the GPU nodes' job defaults fit it. `pmix_note` says why
+    PMIx may be missing (its install failed), for the pmix test's skip message."""
 
-    def __init__(self, env: dict[str, str], scratch: str | None):
+    def __init__(self, env: dict[str, str], scratch: str | None, pmix_note: str = ""):
         self.env = env
         self.scratch = scratch
+        self.pmix_note = pmix_note
         gres = subprocess.run(["sinfo", "-h", "-o", "%G"], env=env, capture_output=True, text=True).stdout
         # A cluster without GPU GRES rejects `#SBATCH --gpus-per-node=8`; zero overrides it.
         self.sbatch_flags = [] if "gpu" in gres else ["--gpus-per-node=0"]
@@ -189,6 +203,9 @@ def slurm_cluster():
         reason = _apt_install(PACKAGES)
         if reason:
             pytest.skip(reason)
+    pmix_note = ""
+    if not all(_dpkg_installed(p) for p in PMIX_PACKAGES):
+        pmix_note = _apt_install(PMIX_PACKAGES) or ""
 
     scratch = tempfile.mkdtemp(prefix="dsp-slurm-")
     os.chmod(scratch, 0o755)  # munged runs as the munge user and must reach its folder
@@ -220,7 +237,7 @@ def slurm_cluster():
         # Jobs inherit the submitter's environment, so Slurm clients inside them
         # (scontrol show hostnames, scontrol requeue) find this cluster too.
         os.environ["SLURM_CONF"] = conf
-        yield Cluster(env, scratch)
+        yield Cluster(env, scratch, pmix_note)
     finally:
         if saved_conf is None:
             os.environ.pop("SLURM_CONF", None)
@@ -245,6 +262,20 @@ def slurm_cluster():
                     proc.wait()
         _kill_leftovers(conf)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pmix(slurm_cluster):
+    """Skips unless `srun --mpi=pmix` starts 2 tasks that each see their PMIx rank."""
+    cmd = ["srun", "--mpi=pmix", "-n", "2", "printenv", "PMIX_RANK"]
+    try:
+        out = subprocess.run(cmd, env=slurm_cluster.env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:  # e.g. a step that never starts
+        out = subprocess.CompletedProcess(cmd, 124, "", "no answer in 60 s")
+    if out.returncode != 0 or sorted(out.stdout.split()) != ["0", "1"]:
+        note = f" ({slurm_cluster.pmix_note})" if slurm_cluster.pmix_note else ""
+        pytest.skip(f"`{' '.join(cmd)}` failed (exit {out.returncode}){note}: "
+                    f"{(out.stderr or out.stdout).strip()[-600:]}")
 
 
 def _kill_leftovers(conf: str) -> None:

@@ -1,10 +1,11 @@
 """slurm/v3_pretrain.sh on a real (local, one-node) Slurm cluster, CPU profile, 2 tasks.
 
-One reference run under the `deepspeed` launcher, then three jobs, each checked against it
-or against a bound: a plain job (bit-identical losses), a job warned with SIGUSR1 mid-run
-(checkpoint, requeue, resume: still bit-identical), and a job whose rank 1 is killed (ends
-FAILED, quickly, with the rank's error in the log). fp32, same seed, same layout (ep=2 over
-the two ranks, ZeRO-1), so equal means equal.
+One reference run under the `deepspeed` launcher, then jobs, each checked against it or
+against a bound: a plain job (bit-identical losses), the same with `srun --mpi=pmix`, the
+DeepSpeed-launcher job script, a job warned with SIGUSR1 mid-run (checkpoint, requeue,
+resume: still bit-identical), and a job whose rank 1 is killed (ends FAILED, quickly, with
+the rank's error in the log). fp32, same seed, same layout (ep=2 over the two ranks,
+ZeRO-1), so equal means equal.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import sys
 import time
 
 import pytest
+
+from .conftest import free_port
 
 pytestmark = pytest.mark.slurm
 
@@ -49,11 +52,16 @@ def _steps_logged(out_dir) -> int:
 
 class Job:
     """`sbatch --wait` of the job script in the background, from a scratch submit dir (so
-    the default `--output=logs/%x-%j.out` lands there), with CLUSTER=cpu."""
+    the default `--output=logs/%x-%j.out` lands there), with CLUSTER=cpu. MASTER_PORT is a
+    free port: the scripts' default (20000 + job id) would collide between test sessions
+    running side by side, whose clusters all number their jobs from 1."""
 
-    def __init__(self, cluster, submit_dir, overrides: str, script: str = SCRIPT, name: str = "v3-pretrain"):
+    def __init__(self, cluster, submit_dir, overrides: str, script: str = SCRIPT, name: str = "v3-pretrain",
+                 extra_env: dict[str, str] | None = None):
         os.makedirs(os.path.join(submit_dir, "logs"), exist_ok=True)
-        env = _clean_env({**cluster.env, "CLUSTER": "cpu", "OVERRIDES": overrides, "DSP_REPO": ROOT})
+        env = _clean_env({**cluster.env, "CLUSTER": "cpu", "OVERRIDES": overrides, "DSP_REPO": ROOT,
+                          **(extra_env or {})})
+        env["MASTER_PORT"] = str(free_port())
         cmd = ["sbatch", "--wait", "--parsable",
                "--nodes=1", "--ntasks-per-node=2", *cluster.sbatch_flags, script]
         self.t0 = time.time()
@@ -115,10 +123,11 @@ class Job:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The same config under `deepspeed --num_gpus 2 launchers/train.py`."""
+    """The same config under `deepspeed --num_gpus 2 launchers/train.py`, on a free port
+    (the launcher's default 29500 may be taken by another run on the machine)."""
     out_dir = tmp_path_factory.mktemp("reference")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", TRAIN,
-           *COMMON.split(), f"train.out_dir={out_dir}"]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           TRAIN, *COMMON.split(), f"train.out_dir={out_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env({"DS_ACCELERATOR": "cpu"}), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -137,6 +146,22 @@ def test_job_trains_on_both_tasks_with_the_launcher_losses(slurm_cluster, refere
     # srun --label: both tasks ran the trainer (each prints a line prefixed with its rank).
     assert any(line.startswith("1: ") for line in log.splitlines()), log[-3000:]
     assert _losses(out_dir) == reference
+
+
+def test_job_under_srun_mpi_pmix_gives_the_same_losses(slurm_cluster, pmix, reference, tmp_path):
+    """SRUN_ARGS=--mpi=pmix, as on sites whose MPI stacks bootstrap through PMIx: srun
+    serves PMIx to each rank (the `pmix` fixture checks PMIX_RANK), and the ranks still take
+    rank and world from SLURM_PROCID/SLURM_NTASKS, so the curve is the launcher's."""
+    out_dir = tmp_path / "run"
+    job = Job(slurm_cluster, str(tmp_path), f"{COMMON} train.out_dir={out_dir}",
+              extra_env={"SRUN_ARGS": "--mpi=pmix"})
+    rc = job.wait()
+    elapsed = time.time() - job.t0
+    log = job.log()
+    assert rc == 0, log[-4000:] + slurm_cluster.daemon_logs()
+    assert "launch: srun --nodes=1 --ntasks=2 " in log and " --label --mpi=pmix env " in log, log[-3000:]
+    assert _losses(out_dir) == reference
+    assert elapsed < 60, elapsed
 
 
 def test_deepspeed_multinode_job_gives_the_same_losses(slurm_cluster, reference, tmp_path):
