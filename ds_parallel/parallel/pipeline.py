@@ -37,6 +37,7 @@ from torch import nn
 
 from ds_parallel.model.transformer import ModelOutput
 from ds_parallel.parallel.plan import PipelineLayout
+from ds_parallel.train.engine import clip_grad_norm_
 
 METRICS = ("loss", "lm_loss", "aux_loss", "mtp_loss")
 
@@ -75,10 +76,12 @@ class PipelineRunner:
     """Runs one optimizer step's micro-batches through the pipeline schedule."""
 
     def __init__(self, engine, model: nn.Module, layout: PipelineLayout, ctx, n_micro: int, micro_batch: int,
-                 seq_len: int):
+                 seq_len: int, grad_clip: float = 0.0):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
 
         self.engine, self.model, self.layout, self.ctx, self.n_micro = engine, model, layout, ctx, n_micro
+        self.grad_clip = grad_clip
+        self.grad_norm = float("nan")  # global norm of the last step's gradients, before clipping
         rank = ctx.pp_rank
         self.chunks = [StageChunk(model, layout, s) for s in layout.stages_of(rank)]
         dtype = next(model.parameters()).dtype
@@ -108,8 +111,9 @@ class PipelineRunner:
 
     def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """Forward and backward of this rank's micro-batches; gradients end up reduced (dp,
-        edp, tied embedding) and ready for `engine.step()`. Returns per-metric sums over the
-        micro-batches on the rank holding the last stage, zeros elsewhere."""
+        edp, tied embedding), clipped by their global norm over every stage (`grad_norm`),
+        and ready for `engine.step()`. Returns per-metric sums over the micro-batches on the
+        rank holding the last stage, zeros elsewhere."""
         tokens = torch.cat([x for x, _ in micro])
         labels = torch.cat([y for _, y in micro])
         kwargs = {"tokens": tokens, "labels": labels}
@@ -121,6 +125,7 @@ class PipelineRunner:
             grad = self.model.embed.weight.grad
             dist.all_reduce(grad, group=self.ctx.embed_group)
         self.engine.allreduce_gradients()
+        self.grad_norm = clip_grad_norm_(self.model, self.ctx, self.grad_clip)
         if not self.holds_last:
             return dict.fromkeys(METRICS, 0.0)
         sums = out.detach().view(self.n_micro, len(METRICS)).sum(0).tolist()

@@ -38,6 +38,10 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # the trainer prints its own progress line
         "wall_clock_breakdown": False,
     }
+    if cfg.parallel.pp > 1:  # parallel/pipeline.py computes the norm and clips over every stage
+        ds["gradient_clipping"] = 0.0
+        if cfg.parallel.zero_stage > 0:
+            ds["zero_optimization"]["compute_grad_norm"] = False
     for key, value in cfg.deepspeed.items():  # passthrough wins, merged one level deep
         if isinstance(value, dict) and isinstance(ds.get(key), dict):
             ds[key] = {**ds[key], **value}
@@ -46,21 +50,30 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     return ds
 
 
-def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if any(not getattr(p, "allreduce", True) for g in groups for p in g["params"]):
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float,
+                           expert_group: str | None = None) -> list[dict[str, Any]]:
+    """decay / no_decay groups, each split into dense and routed-expert parameters.
 
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return groups
+    Routed-expert parameters (`allreduce = False`) go to groups marked `moe` and named by
+    their DeepSpeed expert-data-parallel group (`ep_size_<ep>`), which is what makes ZeRO
+    reduce them over edp (DeepSpeed's `split_params_into_different_moe_groups_for_optimizer`
+    layout). `expert_group` forces the expert groups to exist even when this rank holds no
+    experts: DeepSpeed computes one gradient norm per group with a collective over the model-
+    parallel group (tp x pp), so every pipeline stage needs the same list of groups, including
+    a stage that holds only dense layers. Groups are never split by size, for the same reason.
+    """
+    dense_groups, expert_groups = [], []
+    for name, decays in (("decay", True), ("no_decay", False)):
+        params = [p for p in model.parameters() if p.requires_grad and (p.ndim >= 2) == decays]
+        dense = [p for p in params if getattr(p, "allreduce", True)]
+        experts = [p for p in params if not getattr(p, "allreduce", True)]
+        wd = weight_decay if decays else 0.0
+        if dense:
+            dense_groups.append({"params": dense, "weight_decay": wd, "name": name})
+        if experts or (expert_group and decays):  # expert weights are all matrices
+            label = experts[0].group_name if experts else expert_group
+            expert_groups.append({"params": experts, "weight_decay": wd, "name": label, "moe": True})
+    return dense_groups + expert_groups
 
 
 def _register_moe_layers(model: torch.nn.Module) -> None:
@@ -94,7 +107,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext):
     if cfg.precision.dtype == "bf16":
         model = model.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+        optimizer_param_groups(model, t.weight_decay, _expert_group_name(cfg, ctx)), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
         foreach=False,
     )
     engine, optimizer, _, _ = deepspeed.initialize(
@@ -102,6 +115,14 @@ def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext):
         dist_init_required=False,
     )
     return engine
+
+
+def _expert_group_name(cfg: Config, ctx: ParallelContext) -> str | None:
+    """Under pipeline parallelism with experts anywhere in the model, the name every stage
+    gives its (possibly empty) expert groups."""
+    m = cfg.model
+    has_experts = m.n_routed_experts and m.n_layers + m.mtp_depth > m.n_dense_layers
+    return f"ep_size_{ctx.ep}" if ctx.pp > 1 and has_experts else None
 
 
 def set_lr(engine, lr: float) -> None:
@@ -115,26 +136,62 @@ def reports_grad_norm(engine) -> bool:
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
 
 
+def _reduced_grad(param: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """This rank's piece of `param`'s reduced gradient, and whether the pieces are split over
+    data parallel (ZeRO-1/2 partitions, read through DeepSpeed's fragment mapping: a view into
+    the buffers the optimizer steps on) rather than replicated (ZeRO-0: param.grad)."""
+    if hasattr(param, "_hp_mapping"):
+        m = param._hp_mapping
+        return (m.get_lp_grad_fragment(param._index_in_param_group) if m is not None else None), True
+    return param.grad, False
+
+
 @torch.no_grad()
 def global_grad_norm(model: torch.nn.Module, ctx: ParallelContext) -> float:
-    """L2 norm of the full (unsharded) gradient from reduced local gradients: pieces split
-    over tp or ep are summed over their group, replicated ones counted once, and pipeline
-    stages summed over pp (a tied embedding copy, `ds_pipe_replicated`, counted once)."""
+    """L2 norm of the full (unsharded) gradient from reduced local gradients, under any
+    layout: ZeRO partitions summed over dp (experts: edp), pieces split over tp or ep summed
+    over their group, replicated ones counted once, pipeline stages summed over pp (a tied
+    embedding copy, `ds_pipe_replicated`, counted once). Collective over the world: every
+    rank issues the same reductions whatever it holds."""
+    import itertools
+
     import torch.distributed as dist
 
     from ds_parallel.parallel.shard import shards_of
 
-    sq = {"": torch.zeros((), dtype=torch.float64), "tp": torch.zeros((), dtype=torch.float64),
-          "ep": torch.zeros((), dtype=torch.float64)}
+    keys = list(itertools.product((False, True), repeat=3))  # (partitioned, tp-split, expert)
+    sq = {k: torch.zeros((), dtype=torch.float64) for k in keys}
     for param in model.parameters():
-        if param.grad is not None and not getattr(param, "ds_pipe_replicated", False):
+        if getattr(param, "ds_pipe_replicated", False):
+            continue
+        grad, partitioned = _reduced_grad(param)
+        if grad is not None:
             groups = {s.group for s in shards_of(param)}
-            key = "tp" if "tp" in groups else "ep" if "ep" in groups else ""
-            sq[key] += param.grad.double().pow(2).sum()
-    for key, group in (("tp", ctx.tp_group), ("ep", ctx.ep_group)):
-        if getattr(ctx, key) > 1:
-            dist.all_reduce(sq[key], group=group)
-    total = sum(sq.values())
+            sq[(partitioned, "tp" in groups, "ep" in groups)] += grad.double().pow(2).sum()
+    total = torch.zeros((), dtype=torch.float64)
+    for (partitioned, tp_split, expert), value in sq.items():
+        reductions = [(partitioned, ctx.edp_group if expert else ctx.dp_group, ctx.edp if expert else ctx.dp),
+                      (tp_split, ctx.tp_group, ctx.tp), (expert, ctx.ep_group, ctx.ep)]
+        for needed, group, size in reductions:
+            if needed and size > 1:
+                dist.all_reduce(value, group=group)
+        total += value
     if ctx.pp > 1:
         dist.all_reduce(total, group=ctx.pp_group)
     return total.sqrt().item()
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: torch.nn.Module, ctx: ParallelContext, max_norm: float) -> float:
+    """Scale the reduced gradients so their global norm is at most `max_norm` (torch's
+    clip_grad_norm_ rule, max_norm / (norm + 1e-6)); returns the norm before clipping. Used
+    under pipeline parallelism, where DeepSpeed's own clipping would need the same optimizer
+    groups on every stage (it reduces one norm per group over tp x pp)."""
+    norm = global_grad_norm(model, ctx)
+    coef = max_norm / (norm + 1e-6)
+    if max_norm > 0 and coef < 1:
+        for param in model.parameters():
+            grad, _ = _reduced_grad(param)
+            if grad is not None:
+                grad.mul_(coef)
+    return norm

@@ -99,7 +99,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
     runner = None
     if ctx.pp > 1:
         n_micro = gradient_accumulation_steps(cfg, ctx.dp)
-        runner = PipelineRunner(engine, model, layout, ctx, n_micro, t.micro_batch_size, t.seq_len)
+        runner = PipelineRunner(engine, model, layout, ctx, n_micro, t.micro_batch_size, t.seq_len, t.grad_clip)
     if resume_dir:
         same_layout = meta["layout"]["world_size"] == ctx.world_size and all(
             meta["layout"][k] == getattr(ctx, k) for k in ("tp", "pp", "ep", "dp")
@@ -127,7 +127,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         norm = None
         if runner is not None:
             sums = runner.forward_backward(micro)
-            norm = None if own_norm else global_grad_norm(model, ctx)  # reduced, not yet clipped
+            norm = runner.grad_norm
             engine.step()
         for i, (input_ids, labels) in enumerate(micro if runner is None else []):
             out = engine(input_ids, labels=labels)
@@ -143,7 +143,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         n = len(micro) * ctx.dp
         record = {"step": step + 1, **_mean_over(sums, [ctx.dp_group, ctx.pp_group if runner else None], n)}
         record["lr"] = lr_at(step, t)
-        norm = engine.get_global_grad_norm() if own_norm else norm
+        norm = engine.get_global_grad_norm() if own_norm and runner is None else norm
         record["grad_norm"] = float(norm) if norm is not None else float("nan")
         record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - tic)
         if loads is not None:
