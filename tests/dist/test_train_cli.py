@@ -20,8 +20,9 @@ TRAIN = os.path.join(ROOT, "launchers", "train.py")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
 
 
-def deepspeed_train(*overrides, timeout=300):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", TRAIN, *overrides]
+def deepspeed_train(*overrides, timeout=300, nprocs=2):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(_free_port()),
+           "--num_gpus", str(nprocs), TRAIN, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -33,15 +34,20 @@ def losses(out_dir):
 
 
 def test_resume_continues_the_exact_loss_curve(tmp_path):
-    common = ["train.steps=20", "train.log_every=1", "train.save_every=0", "train.warmup_steps=3"]
+    """The default tiny DeepSeek-V3 (MTP, MoE) on 4 processes as pp=2 x ep=2 (dp=2, ZeRO-1):
+    the stage-0 rank holds the dense layer and the embedding, the last stage the MoE layer,
+    head, MTP and the embedding copy."""
+    common = ["train.steps=20", "train.log_every=1", "train.save_every=0", "train.warmup_steps=3",
+              "train.micro_batch_size=8"]
+    pipe = ["parallel.pp=2", "parallel.ep=2"]
     straight = tmp_path / "straight"
-    deepspeed_train(*common, f"train.out_dir={straight}")
+    deepspeed_train(*common, *pipe, f"train.out_dir={straight}", nprocs=4)
     resumed = tmp_path / "resumed"
     # The same command twice: it stops after 10 steps, then resumes from `latest`.
-    first = deepspeed_train(*common, f"train.out_dir={resumed}", "train.max_steps_this_run=10")
+    first = deepspeed_train(*common, *pipe, f"train.out_dir={resumed}", "train.max_steps_this_run=10", nprocs=4)
     assert "resumed from" not in first
     assert open(resumed / "checkpoints" / "latest").read().strip() == "step_10"
-    second = deepspeed_train(*common, f"train.out_dir={resumed}", "train.max_steps_this_run=10")
+    second = deepspeed_train(*common, *pipe, f"train.out_dir={resumed}", "train.max_steps_this_run=10", nprocs=4)
     assert "resumed from" in second and "at step 10" in second
     a, b = losses(straight), losses(resumed)
     assert sorted(b) == list(range(1, 21))
@@ -50,9 +56,10 @@ def test_resume_continues_the_exact_loss_curve(tmp_path):
     assert a[20] < a[1]
     assert (resumed / "plots" / "loss.png").exists() and (resumed / "config.yaml").exists()
 
-    # Layout-free: the step-10 checkpoint (ep=2, dp=2, ZeRO-1) resumes under tp=2 (ep=1) and
-    # under ep=1 with ZeRO-2, and continues the same curve (not bit-identical: reductions differ).
-    for layout in (["parallel.tp=2", "parallel.ep=1"], ["parallel.ep=1", "parallel.zero_stage=2"]):
+    # Layout-free: the step-10 checkpoint (pp=2, ep=2, dp=2, ZeRO-1) resumes on 2 processes
+    # without a pipeline (pp=1, ep=1: dp=2 with ZeRO-2) and under tp=2, and continues the same
+    # curve (not bit-identical: reductions differ).
+    for layout in (["parallel.pp=1", "parallel.ep=1", "parallel.zero_stage=2"], ["parallel.tp=2", "parallel.ep=1"]):
         other = tmp_path / ("other_" + "_".join(layout))
         (other / "checkpoints").mkdir(parents=True)
         shutil.copytree(resumed / "checkpoints" / "step_10", other / "checkpoints" / "step_10")
