@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.dist
 
@@ -69,6 +70,20 @@ def test_resume_continues_the_exact_loss_curve(tmp_path):
         c = losses(other)
         for step in range(11, 21):
             assert c[step] == pytest.approx(a[step], rel=1e-5), (layout, step, c[step], a[step])
+
+    # launchers/convert.py exports the pipeline checkpoint to the HF layout; transformers'
+    # DeepseekV3ForCausalLM on it gives our logits (load_ds rebuilds the one-process model).
+    from ds_parallel.interop.hf import load_ds
+    from tests.unit.test_hf import hf_logits, input_ids, our_logits
+
+    hf_dir = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "convert.py"), "ds-to-hf", "--ckpt",
+                           str(resumed / "checkpoints" / "step_10"), "--out", str(hf_dir)],
+                          capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = input_ids(vocab=128)
+    ours = our_logits(load_ds(str(resumed / "checkpoints" / "step_10")), ids)
+    torch.testing.assert_close(hf_logits(hf_dir, ids), ours, rtol=1e-5, atol=1e-5)
 
 
 def _free_port():
