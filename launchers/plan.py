@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        report = dict(report, stages=[dict(vars(s), total_bytes=s.total_bytes) for s in report["stages"]])
+        report = dict(report, stages=[dict(vars(s), total_bytes=s.total_bytes) for s in report["stages"]],
+                      layout=[list(stage) for stage in report["layout"].stages])
         print(json.dumps(report, indent=1))
         return 0
     p = report["params"]
@@ -45,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
           f"(ep {report['ep']} x edp {report['edp']}), ZeRO-{report['zero_stage']}, "
           f"{report['micro_batches']} micro-batches per step")
     print(f"pipeline: {report['schedule']}, bubble fraction {report['bubble_fraction']:.3f}")
-    print("stage  layers        params/rank  weights  grads    optim    activ    total  (GiB per rank)")
+    layout = report["layout"]
+    print(" rank  layers        params/rank  weights  grads    optim    activ    total  (GiB per rank)")
     for s in report["stages"]:
-        span = f"{s.layers[0]}-{s.layers[-1]}" if s.layers else "-"
+        spans = [layout.stages[k] for k in layout.stages_of(s.stage)]
+        span = ",".join(f"{ids[0]}-{ids[-1]}" if ids else "-" for ids in spans)
         print(f"{s.stage:5d}  {span:12s}  {s.params / 1e9:9.3f}B {_gib(s.weights_bytes)} {_gib(s.grads_bytes)} "
               f"{_gib(s.optimizer_bytes)} {_gib(s.activation_bytes)} {_gib(s.total_bytes)}")
     return 0

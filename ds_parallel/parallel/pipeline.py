@@ -17,7 +17,7 @@ What crosses stages. Each stage gets (h, aux): the residual stream (mb, T, D) an
 running sum of MoE balance losses (1,), which every stage adds its layers' terms to, so the
 aux losses of every stage reach the backward pass through the same send/recv as h. The last
 stage adds them to the LM loss (and MTP loss), and returns (4,) = [loss, lm, aux, mtp]
-per micro-batch; the loss function takes loss / n_micro, the same scaling as gradient
+per micro-batch; the loss function keeps them for the metrics and takes loss / n_micro, the same scaling as gradient
 accumulation over micro-batches without a pipeline. Token ids and labels are keyword
 inputs, which torch's schedules hand to every stage: the first stage embeds the ids, the
 last computes the losses, and with MTP embeds the ids again (MTP depth k reads
@@ -81,6 +81,7 @@ class PipelineRunner:
 
         self.engine, self.model, self.layout, self.ctx, self.n_micro = engine, model, layout, ctx, n_micro
         self.grad_clip = grad_clip
+        self._metrics: list[torch.Tensor] = []  # the last stage's (4,) per micro-batch, this step
         self.grad_norm = float("nan")  # global norm of the last step's gradients, before clipping
         rank = ctx.pp_rank
         self.chunks = [StageChunk(model, layout, s) for s in layout.stages_of(rank)]
@@ -107,6 +108,7 @@ class PipelineRunner:
             model.embed.weight.ds_pipe_replicated = True  # counted once (on the first rank) in norms
 
     def _loss(self, output: torch.Tensor, target) -> torch.Tensor:
+        self._metrics.append(output.detach())
         return output[0] / self.n_micro
 
     def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
@@ -117,10 +119,11 @@ class PipelineRunner:
         tokens = torch.cat([x for x, _ in micro])
         labels = torch.cat([y for _, y in micro])
         kwargs = {"tokens": tokens, "labels": labels}
-        if self.layout.stages_of(self.ctx.pp_rank)[0] == 0:
-            out = self.schedule.step(tokens, target=labels, **kwargs)
-        else:
-            out = self.schedule.step(target=labels, **kwargs)
+        # return_outputs=False: a kept output would keep its micro-batch's graph (retained by
+        # DualPipeV's split backward) alive to the end of the step; metrics come via _loss.
+        self._metrics = []
+        args = (tokens,) if self.layout.stages_of(self.ctx.pp_rank)[0] == 0 else ()
+        self.schedule.step(*args, target=labels, return_outputs=False, **kwargs)
         if self.layout.tied_embedding and self.ctx.embed_group is not None:
             grad = self.model.embed.weight.grad
             dist.all_reduce(grad, group=self.ctx.embed_group)
@@ -128,7 +131,7 @@ class PipelineRunner:
         self.grad_norm = clip_grad_norm_(self.model, self.ctx, self.grad_clip)
         if not self.holds_last:
             return dict.fromkeys(METRICS, 0.0)
-        sums = out.detach().view(self.n_micro, len(METRICS)).sum(0).tolist()
+        sums = torch.stack(self._metrics).sum(0).tolist()
         return dict(zip(METRICS, sums))
 
 

@@ -13,8 +13,9 @@ model). Memory per rank, in bytes, for mixed precision with an fp32 master:
                 34 d x width/2 (Korthikanti et al. 2022, no recompute), + 5 h s x width/2
                 where the attention probabilities are stored (fp32 math kernel, not flash),
                 + MLA latents and expanded heads, + k (3 i_moe + d) x width for MoE layers;
-                1F1B keeps pp - i micro-batches in flight on stage i, DualPipe(V) pp + 1
-                chunks of half a stage (V3 report Table 2)
+                1F1B keeps pp - i micro-batches in flight on stage i; DualPipeV's two
+                chunks on rank r keep 2 pp - r and about r + 2 (`in_flight`), about pp + 1
+                micro-batches of a whole rank's layers (V3 report Table 2: pp + 1)
 
 Bubble fractions (time idle / total), with F = forward, B = full backward = 2F and
 W = weight-gradient part of B = F, and F&B (an overlapped forward + backward pair) = F + B:
@@ -248,8 +249,29 @@ class StagePlan:
         return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
 
 
+def in_flight(layout: PipelineLayout, stage: int, n_micro: int) -> int:
+    """Micro-batches whose activations `stage` holds at its rank's peak.
+
+    1F1B: stage s warms up with pp - s forwards before its first backward. DualPipeV (DeepSeek's
+    dualpipev.py, which torch's ScheduleDualPipeV follows): rank r runs 2(pp - r - 1) forwards of
+    its first chunk, then r + 1 forward pairs of both chunks, then pp - r - 1 zero-bubble
+    triples on the second chunk (input backward, weight backward, forward), then steady
+    F/B pairs. The first chunk peaks at 2 pp - r micro-batches; the second at r + 1, plus one
+    on ranks that run the triples (the input backward retains its graph, and torch 2.13 frees
+    it only after the next forward: measured in tests/dist/test_pipeline_memory.py)."""
+    pp, rank = layout.pp, layout.rank_of(stage)
+    if pp == 1:
+        count = 1
+    elif layout.schedule == "dualpipev":
+        count = 2 * pp - rank if stage < pp else rank + 1 + (rank < pp - 1)
+    else:
+        count = pp - stage
+    return min(count, n_micro)
+
+
 def plan(cfg: Config, world_size: int) -> dict:
-    """The whole report for `cfg` on `world_size` ranks (validated first)."""
+    """The whole report for `cfg` on `world_size` ranks (validated first): one StagePlan per
+    pipeline rank (under DualPipeV a rank runs two stages of the V)."""
     from ds_parallel.config.validate import validate
 
     validate(cfg, world_size, purpose="plan")
@@ -260,19 +282,22 @@ def plan(cfg: Config, world_size: int) -> dict:
     width = 2 if cfg.precision.dtype == "bf16" else 4
     master = 4 if cfg.precision.dtype == "bf16" else 0
     n_micro = t.global_batch_size // (t.micro_batch_size * dp)
-    stages = split_layers(m, pp, p.pp_layers)
+    layout = pipeline_layout(m, pp, p.pp_schedule, p.pp_layers)
     tokens = t.micro_batch_size * t.seq_len
+    mtp_ids = [m.n_layers + k for k in range(m.mtp_depth)]
     out = []
-    for s, layer_ids in enumerate(stages):
+    for rank in range(pp):
+        layer_ids = layout.layers_of(rank)
         lps = [layer_params(m, i) for i in layer_ids]
         dense = sum(lp.total - lp.experts for lp in lps)
         experts = sum(lp.experts for lp in lps)
-        if s == 0:
+        if layout.has_embed(rank):
             dense += m.vocab_size * m.dim
-        if s == pp - 1:
-            dense += m.vocab_size * m.dim + m.dim + mtp_params(m)[0]  # head, norm, MTP (shared embed copy below)
-            if m.mtp_depth and pp > 1:
-                dense += m.vocab_size * m.dim  # MTP needs the embedding on the last stage too
+        if layout.has_head(rank):
+            mtp_total = mtp_params(m)[0]
+            mtp_experts = sum(layer_params(m, i).experts for i in mtp_ids)
+            dense += m.vocab_size * m.dim + m.dim + mtp_total - mtp_experts  # head, norm, MTP
+            experts += mtp_experts
         local_dense, local_experts = dense / tp, experts / ep
         local = local_dense + local_experts
         opt_div_dense = dp if p.zero_stage >= 1 else 1
@@ -282,23 +307,21 @@ def plan(cfg: Config, world_size: int) -> dict:
         weights = width * local
         if p.zero_stage == 3:
             weights = width * (local_dense / dp + local_experts / edp)
-        n_layers_here = len(layer_ids) + (m.mtp_depth if s == pp - 1 else 0)
-        ids = layer_ids + ([m.n_layers + k for k in range(m.mtp_depth)] if s == pp - 1 else [])
-        per_token = sum(activation_bytes_per_token(m, i, t.seq_len, tp, width) for i in ids)
-        # 1F1B: stage s holds pp - s micro-batches; DualPipe(V): pp + 1 chunks of half a stage.
-        in_flight = (pp - s) if p.pp_schedule == "1f1b" else (pp + 1) / 2
-        in_flight = min(in_flight, n_micro) if pp > 1 else 1
-        acts = per_token * tokens * in_flight / (tp if tp > 1 else 1)
-        if s == pp - 1:
-            acts += tokens * (m.vocab_size / tp) * 4 * (1 + m.mtp_depth)  # fp32 logits for the loss
-        if p.pp_schedule == "dualpipev" and pp > 1:
-            weights *= 2  # DualPipe keeps two copies of the parameters (V3 Table 2)
-        out.append(StagePlan(s, layer_ids, int(local), int(local_experts), weights, grads, optimizer, acts,
-                             [f"{n_layers_here} layers"]))
+        acts = 0.0
+        for stage in layout.stages_of(rank):
+            ids = list(layout.stages[stage]) + (mtp_ids if stage == layout.n_stages - 1 else [])
+            per_token = sum(activation_bytes_per_token(m, i, t.seq_len, tp, width) for i in ids)
+            stage_acts = per_token * tokens / (tp if tp > 1 else 1)
+            if stage == layout.n_stages - 1:
+                stage_acts += tokens * (m.vocab_size / tp) * 4 * (1 + m.mtp_depth)  # fp32 logits for the loss
+            acts += stage_acts * in_flight(layout, stage, n_micro)
+        n_layers_here = len(layer_ids) + (m.mtp_depth if layout.has_head(rank) else 0)
+        notes = [f"{n_layers_here} layers"] + (["embedding copy (tied)"] if layout.tied_embedding and rank == pp - 1 else [])
+        out.append(StagePlan(rank, layer_ids, int(local), int(local_experts), weights, grads, optimizer, acts, notes))
     counts = model_params(m)
     return {
         "world_size": world_size, "tp": tp, "pp": pp, "ep": ep, "dp": dp, "edp": edp,
         "zero_stage": p.zero_stage, "schedule": p.pp_schedule, "micro_batches": n_micro,
         "bubble_fraction": bubble_fraction(p.pp_schedule, pp, n_micro),
-        "params": counts, "stages": out,
+        "params": counts, "stages": out, "layout": layout,
     }
