@@ -55,6 +55,13 @@ BAD = [
     (["model.preset=debug_v3", "parallel.ep=2", "parallel.zero_stage=0"], "parallel.zero_stage=0 with parallel.ep>1"),
     (["model.preset=debug_v3", "model.n_activated_experts=7"], "exceeds the 2 x 2 experts reachable"),
     (["model.preset=debug_v3", "parallel.zero_stage=3"], "parallel.zero_stage=3 does not support MoE"),
+    (["parallel.pp=2", "parallel.ep=1", "parallel.zero_stage=2"], "parallel.zero_stage=2 with parallel.pp=2"),
+    (["parallel.pp=2", "parallel.ep=1", "parallel.pp_schedule=dualpipev"], "makes 4 stages for model.n_layers=2"),
+    (["parallel.pp=2", "parallel.ep=1", "parallel.pp_schedule=dualpipev", "parallel.pp_layers=1,0,0,1"],
+     "2 micro-batches per step"),
+    (["parallel.pp=2", "parallel.ep=1", "parallel.pp_layers=1,1,0"], "must list 2 layer counts"),
+    (["parallel.pp=2", "parallel.ep=1", "parallel.zero_stage=0", "precision.dtype=bf16"],
+     "needs parallel.zero_stage=1"),
 ]
 
 
