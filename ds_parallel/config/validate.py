@@ -220,7 +220,8 @@ def _validate_mla_moe(cfg: Config) -> None:
         raise ConfigError(f"model.capacity_factor={m.capacity_factor} must be >= 0 (0 = dropless)")
     if p.zero_stage == 3:
         raise ConfigError("parallel.zero_stage=3 does not support MoE experts (DeepSpeed refuses it): use 1 or 2")
-    if p.zero_stage == 0 and p.ep > 1 and cfg.train.grad_clip > 0:
+    # (Under pp > 1 the pipeline runner clips by the exact global norm, train/engine.py.)
+    if p.zero_stage == 0 and p.ep > 1 and cfg.train.grad_clip > 0 and p.pp == 1:
         raise ConfigError(
             "parallel.zero_stage=0 with parallel.ep>1 clips by DeepSpeed's average of per-rank norms, which is "
             "inexact for experts: use parallel.zero_stage=1 or 2, or train.grad_clip=0"

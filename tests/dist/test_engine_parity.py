@@ -202,6 +202,8 @@ def test_four_process_compositions_match_single_process():
                # Pipelines (tiny V3 with MTP): pp=2 x ep=2 (dp=2, experts reduced over edp=1
                # per stage) and pp=2 x tp=2 (DualPipeV), both ZeRO-1.
                PIPE_V3 + ["parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=1"],
+               # ZeRO-0 with experts and clipping: allowed under pp, whose clipping is exact.
+               PIPE_V3 + ["parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=0"],
                PIPE_V3 + ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=dualpipev", "parallel.zero_stage=1"]]
     run_dist(_check_layouts, 4, BASE, layouts)
 
