@@ -142,6 +142,8 @@ class FP8Config:
 @dataclass
 class PrecisionConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"
+    # AdamW exp_avg / exp_avg_sq storage (V3 §3.3: bf16); the update math stays fp32.
+    optimizer_moments: Literal["fp32", "bf16"] = "fp32"
     fp8: FP8Config = field(default_factory=FP8Config)
 
 

@@ -106,12 +106,13 @@ def _materialise_optimizer_state(engine, step: int) -> None:
     owned = [p for group in opt.param_groups for p in group["params"]]
     # ZeRO-3 swaps its flat fp32 sub-groups in and out of the base optimizer's groups.
     owned += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    dtype = getattr(opt, "moment_dtype", None)  # train/optim.py keeps moments in bf16
     for p in owned:
         if p not in opt.state or "exp_avg" not in opt.state[p]:
             opt.state[p] = {
                 "step": torch.tensor(float(step)),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
             }
 
 

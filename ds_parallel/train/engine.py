@@ -1,7 +1,8 @@
 """Config -> DeepSpeed engine.
 
 The optimizer is torch's AdamW handed to DeepSpeed (no JIT-compiled op, so a fresh CPU
-machine trains at once). Parameter groups: weights decay, norms (1-D) do not; routed-expert
+machine trains at once), or with `precision.optimizer_moments: bf16` the same rule with
+BF16 moments (train/optim.py). Parameter groups: weights decay, norms (1-D) do not; routed-expert
 parameters (tagged `allreduce = False` by moe/layer.py) go to DeepSpeed's MoE groups so
 ZeRO reduces their gradients over the expert-data-parallel group only. The learning rate
 is set by `train/schedule.py` before each optimizer step, so it is a pure function of the
@@ -16,6 +17,7 @@ import torch
 from ds_parallel.config.schema import Config
 from ds_parallel.fp8.recipe import apply_fp8
 from ds_parallel.parallel.groups import ParallelContext, apply_deepspeed_groups
+from ds_parallel.train.optim import LowPrecisionMomentAdamW
 
 
 def gradient_accumulation_steps(cfg: Config, dp: int) -> int:
@@ -106,10 +108,12 @@ def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext):
     t = cfg.train
     if cfg.precision.dtype == "bf16":
         model = model.to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, t.weight_decay, _expert_group_name(cfg, ctx)), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-        foreach=False,
-    )
+    groups = optimizer_param_groups(model, t.weight_decay, _expert_group_name(cfg, ctx))
+    if cfg.precision.optimizer_moments == "bf16":
+        optimizer = LowPrecisionMomentAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                            moment_dtype=torch.bfloat16)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx.dp), mpu=mpu,
         dist_init_required=False,

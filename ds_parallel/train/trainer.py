@@ -30,6 +30,7 @@ from ds_parallel.train import checkpoint as ckpt
 from ds_parallel.train.engine import (build_engine, global_grad_norm, gradient_accumulation_steps,
                                      reports_grad_norm, set_lr)
 from ds_parallel.train.evaluate import exact_match
+from ds_parallel.train.optim import moment_bytes_report
 from ds_parallel.train.metrics import MetricsLog, plot_run
 from ds_parallel.train.schedule import bias_update_speed_at, lr_at, mtp_lambda_at
 
@@ -96,6 +97,8 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         ckpt.load_model_weights(model, reader)
         start_step = meta["step"]
     engine = build_engine(model, cfg, ctx)
+    if is_rank0 and cfg.precision.optimizer_moments == "bf16":
+        print(moment_bytes_report(engine.basic_optimizer, torch.bfloat16), flush=True)
     runner = None
     if ctx.pp > 1:
         n_micro = gradient_accumulation_steps(cfg, ctx.dp)
