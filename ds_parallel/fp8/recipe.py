@@ -23,6 +23,7 @@ Engine via fp8/te.py, with the recipe objects mapped from the config by `te_reci
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from fnmatch import fnmatch
 from typing import Any
 
@@ -167,3 +168,62 @@ def apply_fp8(model: nn.Module, precision) -> list[str]:
             module.dispatch_fn = FP8Dispatch(fp8.block_size)
             changed.append(name)
     return changed
+
+
+@contextmanager
+def high_precision_gemms(model: nn.Module):
+    """Within the block, every GEMM and MoE dispatch `apply_fp8` swapped runs its default
+    high-precision code again (for side-by-side measurements); restored on exit."""
+    import torch.nn.functional as F
+
+    from ds_parallel.moe.dispatch import dispatch
+    from ds_parallel.moe.experts import GroupedExperts, grouped_linear
+    from ds_parallel.moe.layer import MoE
+
+    saved = []
+    for module in model.modules():
+        for attr, default, kind in (("gemm", F.linear, _PARALLEL_LINEARS), ("grouped_gemm", grouped_linear, GroupedExperts),
+                                    ("dispatch_fn", dispatch, MoE)):
+            if isinstance(module, kind):
+                saved.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, default)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+def saved_activation_bytes(model: nn.Module, input_ids, labels) -> int:
+    """Bytes autograd keeps for the backward of one forward (unique storages handed to the
+    pack hook, parameters excluded). Runs in eval mode: routers do not count the tokens."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids, labels=labels)
+    finally:
+        model.train(was_training)
+    return sum(storages.values())
+
+
+def fp8_memory_report(model: nn.Module, input_ids, labels) -> str:
+    """One line, measured on one micro-batch: activation bytes saved for backward with the
+    FP8 GEMMs (inputs kept in FP8 for Wgrad, plus the FP8 weight copies) against the same
+    forward with high-precision GEMMs. Collective where the forward is (MoE all-to-all)."""
+    fp8 = saved_activation_bytes(model, input_ids, labels)
+    with high_precision_gemms(model):
+        high = saved_activation_bytes(model, input_ids, labels)
+    return (f"FP8 activations for backward: {fp8 / 2**20:.1f} MiB per micro-batch vs {high / 2**20:.1f} MiB "
+            f"with high-precision GEMMs ({(high - fp8) / 2**20:+.1f} MiB saved)")

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ds_parallel.config.load import dump_yaml, to_dict
 from ds_parallel.config.schema import Config
 from ds_parallel.data import GlobalBatchLoader, build_datasets
+from ds_parallel.fp8.recipe import fp8_memory_report
 from ds_parallel.model import build_model
 from ds_parallel.moe import expert_load_imbalance, moe_layers, update_moe_biases
 from ds_parallel.parallel.groups import ParallelContext
@@ -113,6 +114,10 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
 
     data = build_datasets(cfg.data, t, cfg.model.vocab_size)
     loader = GlobalBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
+    if cfg.precision.fp8.enabled and runner is None:  # measured once, on the first micro-batch
+        report = fp8_memory_report(model, *loader.micro_batches(start_step)[0])
+        if is_rank0:
+            print(report, flush=True)
     metrics = MetricsLog(out_dir, is_rank0, t.steps, start_step)
     preempt = PreemptionFlag()
     moe_update = _moe_bias_updater(model, ctx)

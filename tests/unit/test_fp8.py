@@ -454,3 +454,27 @@ def test_te_recipe_objects_are_the_real_classes(recipe):
     obj = build_te_recipe(cfg.precision.fp8)
     assert isinstance(obj, getattr(te_recipe, TE_RECIPE_CLASSES[recipe]))
     assert obj.fp8_format == te_recipe.Format.E4M3
+
+
+def test_memory_report_measures_fp8_against_high_precision_gemms():
+    """The report's two numbers: FP8 saved activations (inputs kept in FP8 for Wgrad) below
+    the high-precision ones, and the high-precision ones exactly those of a model that never
+    had FP8 (high_precision_gemms restores every default GEMM and dispatch)."""
+    from ds_parallel.config.load import config_from_dict
+    from ds_parallel.fp8.recipe import fp8_memory_report, high_precision_gemms, saved_activation_bytes
+    from ds_parallel.model import build_model
+    from ds_parallel.parallel.groups import ParallelContext
+
+    cfg = config_from_dict({"model": {"preset": "debug_v3_fp8"}, "precision": {"fp8": {"enabled": True, "backend": "torch"}}})
+    plain = build_model(cfg.model, ParallelContext.single(), 1)
+    model = build_model(cfg.model, ParallelContext.single(), 1)
+    apply_fp8(model, cfg.precision)
+    ids = torch.randint(0, cfg.model.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
+    fp8 = saved_activation_bytes(model, ids, ids)
+    with high_precision_gemms(model):
+        high = saved_activation_bytes(model, ids, ids)
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    assert high == saved_activation_bytes(plain, ids, ids)
+    assert fp8 < 0.95 * high
+    assert not torch.equal(model(ids).logits, plain(ids).logits)  # FP8 is back after the block
+    assert f"({(high - fp8) / 2**20:+.1f} MiB saved)" in fp8_memory_report(model, ids, ids)
