@@ -204,7 +204,9 @@ def test_four_process_compositions_match_single_process():
                PIPE_V3 + ["parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=1"],
                # ZeRO-0 with experts and clipping: allowed under pp, whose clipping is exact.
                PIPE_V3 + ["parallel.pp=2", "parallel.ep=2", "parallel.zero_stage=0"],
-               PIPE_V3 + ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=dualpipev", "parallel.zero_stage=1"]]
+               PIPE_V3 + ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=dualpipev", "parallel.zero_stage=1"],
+               # 1F1B x tp=2: each tp rank's vocab shard of the embedding is tied to its copy.
+               PIPE_V3 + ["parallel.pp=2", "parallel.tp=2", "parallel.zero_stage=1"]]
     run_dist(_check_layouts, 4, BASE, layouts)
 
 
