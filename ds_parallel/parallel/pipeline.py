@@ -91,10 +91,17 @@ class PipelineRunner:
                 torch.empty(1, dtype=torch.float32, device="meta", requires_grad=True))
         metrics = torch.empty(len(METRICS), dtype=torch.float32, device="meta")
         device = next(model.parameters()).device
+        # DualPipeV splits backward into an input step and a weight step. torch 2.13's weight
+        # step cannot run the last stage once the head is reused by two or more MTP depths
+        # (its parameter groups then share graph nodes, and the second autograd.grad finds
+        # them freed), so that stage does its whole backward in the input step (a no-op
+        # weight runner, torch's `dw_builder` hook). Tested in tests/dist (mtp_depth=2).
+        whole = lambda: (lambda: None)  # noqa: E731
         self.stages = [
             PipelineStage(chunk, chunk.stage, layout.n_stages, device,
                           input_args=(ids,) if chunk.first else acts,
-                          output_args=metrics if chunk.last else acts, group=ctx.pp_group)
+                          output_args=metrics if chunk.last else acts, group=ctx.pp_group,
+                          dw_builder=whole if chunk.last and len(model.mtp) > 1 else None)
             for chunk in self.chunks
         ]
         loss_fn = self._loss

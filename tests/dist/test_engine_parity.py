@@ -213,10 +213,11 @@ def test_four_process_compositions_match_single_process():
 def test_pipeline_1f1b_and_dualpipev_match_single_process():
     """Tiny DeepSeek-V3 with MTP over pp=2: 1F1B (embedding copy on the last stage, tied
     gradients) and DualPipeV (4 stages in a V; rank 0 holds embedding, head and MTP), ZeRO-1;
-    DualPipeV under ZeRO-0 with an explicit uneven split that leaves one stage empty; and 1F1B
-    in bf16 (ZeRO-1), to bf16 precision of the fp32 reference."""
+    DualPipeV under ZeRO-0 with an explicit uneven split that leaves one stage empty; 1F1B
+    in bf16 (ZeRO-1), to bf16 precision of the fp32 reference; DualPipeV with 2 MTP depths."""
     layouts = [["parallel.pp=2", "parallel.zero_stage=1"],
                ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.zero_stage=1"],
                ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.zero_stage=0", "parallel.pp_layers=1,2,0,1"],
-               ["parallel.pp=2", "parallel.zero_stage=1", "precision.dtype=bf16"]]
+               ["parallel.pp=2", "parallel.zero_stage=1", "precision.dtype=bf16"],
+               ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.zero_stage=1", "model.mtp_depth=2"]]
     run_dist(_check_layouts, 2, BASE + PIPE_V3, layouts)
