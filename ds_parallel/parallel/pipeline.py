@@ -179,19 +179,16 @@ class PipelineForward(nn.Module):
         return ModelOutput(logits=logits)
 
 
-def gather_layer_tensors(values: dict[int, torch.Tensor], layer_ids: list[int], ctx) -> dict[int, torch.Tensor]:
-    """{layer: tensor} for every id in `layer_ids` on every rank, from each pp rank's own
-    layers (per-layer expert loads and router biases, for the metrics rank 0 writes)."""
+def gather_layer_tensors(values: dict[int, torch.Tensor], layer_ids: list[int], width: int,
+                         ctx) -> dict[int, torch.Tensor]:
+    """{layer: (width,) tensor} for every id in `layer_ids`, from each pp rank's own layers
+    (per-layer expert loads and router biases, for the metrics rank 0 writes). Collective
+    over the pp group; without a pipeline `values` already holds every layer."""
     if ctx.pp == 1:
         return values
-    like = next(iter(values.values())) if values else None
-    shape = like.shape if like is not None else None
-    sizes = torch.tensor([like.numel() if like is not None else 0])
-    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=ctx.pp_group)
-    n = int(sizes.item())
-    table = torch.zeros(len(layer_ids), n, dtype=torch.float64)
+    table = torch.zeros(len(layer_ids), width, dtype=torch.float64)
     for row, layer in enumerate(layer_ids):
         if layer in values:
-            table[row] = values[layer].double().flatten()
+            table[row] = values[layer].double()
     dist.all_reduce(table, group=ctx.pp_group)  # each layer lives on one pp rank: the sum assembles
-    return {layer: table[row].float().view(shape or (n,)) for row, layer in enumerate(layer_ids)}
+    return {layer: table[row].float() for row, layer in enumerate(layer_ids)}

@@ -40,7 +40,9 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # the trainer prints its own progress line
         "wall_clock_breakdown": False,
     }
-    if cfg.parallel.pp > 1:  # parallel/pipeline.py computes the norm and clips over every stage
+    # Under pp, parallel/pipeline.py computes the norm and clips over every stage: DeepSpeed
+    # reduces one norm per optimizer group over tp x pp, and stages hold different groups.
+    if cfg.parallel.pp > 1:
         ds["gradient_clipping"] = 0.0
         if cfg.parallel.zero_stage > 0:
             ds["zero_optimization"]["compute_grad_norm"] = False
@@ -52,17 +54,16 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     return ds
 
 
-def optimizer_param_groups(model: torch.nn.Module, weight_decay: float,
-                           expert_group: str | None = None) -> list[dict[str, Any]]:
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """decay / no_decay groups, each split into dense and routed-expert parameters.
 
     Routed-expert parameters (`allreduce = False`) go to groups marked `moe` and named by
     their DeepSpeed expert-data-parallel group (`ep_size_<ep>`), which is what makes ZeRO
-    reduce them over edp (DeepSpeed's `split_params_into_different_moe_groups_for_optimizer`
-    layout). `expert_group` forces the expert groups to exist even when this rank holds no
-    experts: DeepSpeed computes one gradient norm per group with a collective over the model-
-    parallel group (tp x pp), so every pipeline stage needs the same list of groups, including
-    a stage that holds only dense layers. Groups are never split by size, for the same reason.
+    reduce them over edp (the layout of DeepSpeed's
+    `split_params_into_different_moe_groups_for_optimizer`, without its size splitting).
+    Pipeline stages may hold different groups (a dense-only stage has no expert group):
+    DeepSpeed's per-group norm, the one collective that would need them equal, is off under
+    pp (see `deepspeed_config`).
     """
     dense_groups, expert_groups = [], []
     for name, decays in (("decay", True), ("no_decay", False)):
@@ -72,9 +73,8 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float,
         wd = weight_decay if decays else 0.0
         if dense:
             dense_groups.append({"params": dense, "weight_decay": wd, "name": name})
-        if experts or (expert_group and decays):  # expert weights are all matrices
-            label = experts[0].group_name if experts else expert_group
-            expert_groups.append({"params": experts, "weight_decay": wd, "name": label, "moe": True})
+        if experts:
+            expert_groups.append({"params": experts, "weight_decay": wd, "name": experts[0].group_name, "moe": True})
     return dense_groups + expert_groups
 
 
@@ -108,7 +108,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext):
     t = cfg.train
     if cfg.precision.dtype == "bf16":
         model = model.to(torch.bfloat16)
-    groups = optimizer_param_groups(model, t.weight_decay, _expert_group_name(cfg, ctx))
+    groups = optimizer_param_groups(model, t.weight_decay)
     if cfg.precision.optimizer_moments == "bf16":
         optimizer = LowPrecisionMomentAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                                             moment_dtype=torch.bfloat16)
@@ -119,14 +119,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext):
         dist_init_required=False,
     )
     return engine
-
-
-def _expert_group_name(cfg: Config, ctx: ParallelContext) -> str | None:
-    """Under pipeline parallelism with experts anywhere in the model, the name every stage
-    gives its (possibly empty) expert groups."""
-    m = cfg.model
-    has_experts = m.n_routed_experts and m.n_layers + m.mtp_depth > m.n_dense_layers
-    return f"ep_size_{ctx.ep}" if ctx.pp > 1 and has_experts else None
 
 
 def set_lr(engine, lr: float) -> None:

@@ -120,7 +120,8 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
             print(report, flush=True)
     metrics = MetricsLog(out_dir, is_rank0, t.steps, start_step)
     preempt = PreemptionFlag()
-    moe_update = _moe_bias_updater(model, ctx)
+    m = cfg.model
+    moe_ids = [i for i in range(m.n_layers + m.mtp_depth) if m.n_routed_experts and i >= m.n_dense_layers]
 
     own_norm = reports_grad_norm(engine)
     last = start_step
@@ -132,40 +133,43 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         _apply_moe_mtp_schedules(model, step, cfg)
         sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "mtp_loss": 0.0}
         micro = loader.micro_batches(step)
-        norm = None
         if runner is not None:
             sums = runner.forward_backward(micro)
             norm = runner.grad_norm
             engine.step()
-        for i, (input_ids, labels) in enumerate(micro if runner is None else []):
-            out = engine(input_ids, labels=labels)
-            engine.backward(out.loss)
-            if i == len(micro) - 1 and not own_norm:  # reduced, not yet clipped
-                norm = global_grad_norm(model, ctx)
-            engine.step()
-            for key in sums:
-                value = getattr(out, key, None)
-                if value is not None:
-                    sums[key] += float(value.detach())
-        loads = moe_update() if moe_update else None
+        else:
+            norm = None
+            for i, (input_ids, labels) in enumerate(micro):
+                out = engine(input_ids, labels=labels)
+                engine.backward(out.loss)
+                if i == len(micro) - 1 and not own_norm:  # reduced, not yet clipped
+                    norm = global_grad_norm(model, ctx)
+                engine.step()
+                for key in sums:
+                    value = getattr(out, key, None)
+                    if value is not None:
+                        sums[key] += float(value.detach())
+            norm = engine.get_global_grad_norm() if own_norm else norm
+        loads = update_moe_biases(model, ctx) if moe_ids else None  # this rank's layers
         n = len(micro) * ctx.dp
         record = {"step": step + 1, **_mean_over(sums, [ctx.dp_group, ctx.pp_group if runner else None], n)}
         record["lr"] = lr_at(step, t)
-        norm = engine.get_global_grad_norm() if own_norm and runner is None else norm
         record["grad_norm"] = float(norm) if norm is not None else float("nan")
         record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - tic)
-        if loads is not None:
-            record["expert_load_imbalance"] = expert_load_imbalance(loads)
-        else:
+        if not moe_ids:
             del record["aux_loss"]
         if not cfg.model.mtp_depth:
             del record["mtp_loss"]
         last = step + 1
         if last == 1 or last % t.log_every == 0 or last == t.steps:
-            metrics.log(record)
-            if loads is not None:
-                biases = {m.layer_id: m.gate.e_score_correction_bias for m in moe_layers(model)}
-                metrics.log_experts(last, loads, gather_layer_tensors(biases, sorted(loads), ctx))
+            if moe_ids:  # every layer's loads and biases, gathered over pipeline stages
+                loads = gather_layer_tensors(loads, moe_ids, m.n_routed_experts, ctx)
+                biases = {g.layer_id: g.gate.e_score_correction_bias for g in moe_layers(model)}
+                record["expert_load_imbalance"] = expert_load_imbalance(loads)
+                metrics.log(record)
+                metrics.log_experts(last, loads, gather_layer_tensors(biases, moe_ids, m.n_routed_experts, ctx))
+            else:
+                metrics.log(record)
         stop = preempt.agreed()
         if stop or last == stop_at or (t.save_every and last % t.save_every == 0):
             ckpt.save_checkpoint(out_dir, last, engine, ctx, to_dict(cfg))
@@ -197,15 +201,3 @@ def _apply_moe_mtp_schedules(model: torch.nn.Module, step: int, cfg: Config) -> 
     speed = bias_update_speed_at(step, cfg.model, cfg.train)
     for layer in moe_layers(model):
         layer.gate.bias_update_speed = speed
-
-
-def _moe_bias_updater(model: torch.nn.Module, ctx: ParallelContext):
-    """A callable that applies the aux-loss-free bias update once per optimizer step (from
-    the global batch's loads) and returns {layer: loads}, or None for dense models."""
-    if not moe_layers(model) and ctx.pp == 1:
-        return None
-    m = model.cfg
-    every_moe_layer = [i for i in range(m.n_layers + m.mtp_depth) if m.n_routed_experts and i >= m.n_dense_layers]
-    if not every_moe_layer:
-        return None
-    return lambda: gather_layer_tensors(update_moe_biases(model, ctx), every_moe_layer, ctx)
