@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,15 +48,19 @@ def smoke_config(steps: int | None, overrides: list[str]):
     return load_config(os.path.join(repo, "configs", "smoke_cpu.yaml"), args + overrides, world_size=1)
 
 
-def train_curve(cfg, fp8: bool, log=print, evaluate: bool = True) -> tuple[list[float], dict]:
-    """Global-batch loss of each step, and held-out exact match at the end (if `evaluate`)."""
+def train_curve(cfg, fp8: bool, log=print, evaluate: bool = True, heldout_every: int = 200,
+                n_heldout: int = 512) -> tuple[list[float], dict]:
+    """Global-batch loss of each step, and (if `evaluate`) at the end held-out exact match
+    (arithmetic data) or, for indexed data with `data.path` + "_heldout" beside it, the
+    held-out LM loss every `heldout_every` steps and at the end ({step: loss})."""
     from ds_parallel.data import GlobalBatchLoader, build_datasets
     from ds_parallel.fp8.recipe import apply_fp8
     from ds_parallel.model import build_model
     from ds_parallel.moe import moe_layers, update_moe_biases
     from ds_parallel.parallel.groups import ParallelContext
     from ds_parallel.train.engine import optimizer_param_groups
-    from ds_parallel.train.evaluate import exact_match
+    from ds_parallel.data import IndexedDataset, PackedSamples
+    from ds_parallel.train.evaluate import exact_match, heldout_lm_loss
     from ds_parallel.train.schedule import bias_update_speed_at, lr_at, mtp_lambda_at
 
     t, ctx = cfg.train, ParallelContext.single()
@@ -66,6 +72,9 @@ def train_curve(cfg, fp8: bool, log=print, evaluate: bool = True) -> tuple[list[
                             eps=t.eps, foreach=False)
     data = build_datasets(cfg.data, t, cfg.model.vocab_size)
     loader = GlobalBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, 0, 1, t.seed)
+    heldout, curve = None, {}
+    if evaluate and cfg.data.source == "indexed":
+        heldout = PackedSamples(IndexedDataset(cfg.data.path + "_heldout").tokens, t.seq_len)
     losses, tic = [], time.perf_counter()
     for step in range(t.steps):
         for g in opt.param_groups:
@@ -89,7 +98,38 @@ def train_curve(cfg, fp8: bool, log=print, evaluate: bool = True) -> tuple[list[
         if (step + 1) % t.log_every == 0:
             log(f"  {'fp8 ' if fp8 else 'fp32'} step {step + 1}/{t.steps} loss {total:.4f} "
                 f"({time.perf_counter() - tic:.0f}s)")
-    return losses, exact_match(model, ctx, data) if evaluate else {}
+        if heldout is not None and ((step + 1) % heldout_every == 0 or step + 1 == t.steps):
+            curve[step + 1] = heldout_lm_loss(model, heldout, n_heldout)
+    if not evaluate:
+        return losses, {}
+    return losses, {"heldout_loss": curve} if heldout is not None else exact_match(model, ctx, data)
+
+
+def stdlib_text(prefix: str, heldout_every: int = 20) -> tuple[int, int]:
+    """Natural text whose loss falls smoothly (no task to switch on): the `.py` files of the
+    running Python's standard library outside its tests, one token per ASCII byte (the
+    debug presets' 128-entry vocabulary; other bytes become '?', NUL ends a document), in
+    sorted order. Every `heldout_every`-th file by CRC32 of its path goes to
+    `<prefix>_heldout`, the rest to `<prefix>`. Returns the two token counts."""
+    import sysconfig
+    import zlib
+
+    import numpy as np
+
+    from ds_parallel.data import IndexedDataset, IndexedDatasetWriter
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages"}
+    files = [f for f in sorted(root.rglob("*.py")) if not skip & set(f.relative_to(root).parts)]
+    with IndexedDatasetWriter(prefix, np.uint8) as train, IndexedDatasetWriter(prefix + "_heldout", np.uint8) as held:
+        for f in files:
+            doc = np.frombuffer(f.read_bytes(), dtype=np.uint8).copy()
+            doc[(doc >= 128) | (doc == 0)] = ord("?")
+            out = held if zlib.crc32(str(f.relative_to(root)).encode()) % heldout_every == 0 else train
+            out.add_document(np.append(doc, 0))
+    counts = [len(IndexedDataset(p).tokens) for p in (prefix, prefix + "_heldout")]
+    print(f"text: {len(files)} files of {root} (no tests), {counts[0]:,} training / {counts[1]:,} held-out tokens")
+    return counts[0], counts[1]
 
 
 def window_mean(xs: list[float], end: int, width: int) -> float:
@@ -112,19 +152,33 @@ def _job(job: tuple) -> tuple:
 def main() -> int:
     parser = base_parser(__doc__, repeats=1, warmup=0)
     parser.add_argument("--steps", type=int, default=None, help="default: configs/smoke_cpu.yaml train.steps")
+    parser.add_argument("--data", choices=("arithmetic", "text"), default="arithmetic",
+                        help="arithmetic: the smoke job's sums; text: Python's standard library as ASCII")
     parser.add_argument("--window", type=int, default=50, help="steps averaged for the smoothed gap")
     parser.add_argument("--seeds", default=None, help="comma-separated train.seed values (default: the config's)")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel processes (1 thread each)")
+    parser.add_argument("--plot", default=None, help="PNG of the curves and gaps (default: runs/fp8_train_DATA.png)")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args()
+    args.plot = args.plot or os.path.join("runs", f"fp8_train_{args.data}.png")
     set_threads(args.threads)
-    cfg = smoke_config(args.steps, args.overrides)
+    with tempfile.TemporaryDirectory(prefix="fp8_train_") as tmp:
+        overrides = list(args.overrides)
+        if args.data == "text":
+            prefix = os.path.join(tmp, "stdlib")
+            stdlib_text(prefix)
+            overrides = ["data.source=indexed", f"data.path={prefix}", *overrides]
+        return report(args, smoke_config(args.steps, overrides), overrides)
+
+
+def report(args, cfg, overrides: list[str]) -> int:
     t, w = cfg.train, args.window
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [t.seed]
-    print(f"model {cfg.model.preset}, {t.steps} steps, global batch {t.global_batch_size} x {t.seq_len}, "
-          f"lr {t.lr}, fp8 block {cfg.precision.fp8.block_size}, power_of_two={cfg.precision.fp8.power_of_two_scales}, "
-          f"seeds {seeds}")
-    jobs = [(args.steps, args.overrides, seed, fp8, args.threads) for seed in seeds for fp8 in (True, False)]
+    text = cfg.data.source == "indexed"
+    print(f"model {cfg.model.preset}, data {cfg.data.source}, {t.steps} steps, global batch "
+          f"{t.global_batch_size} x {t.seq_len}, lr {t.lr}, fp8 block {cfg.precision.fp8.block_size}, "
+          f"power_of_two={cfg.precision.fp8.power_of_two_scales}, seeds {seeds}")
+    jobs = [(args.steps, overrides, seed, fp8, args.threads) for seed in seeds for fp8 in (True, False)]
     if args.workers > 1:
         import multiprocessing
 
@@ -132,36 +186,90 @@ def main() -> int:
             done = pool.map(_job, jobs, chunksize=1)
     else:
         done = [_job(job) for job in jobs]
-    runs = {(seed, fp8): (losses, em, secs) for seed, fp8, losses, em, secs in done}
+    runs = {(seed, fp8): (losses, ev, secs) for seed, fp8, losses, ev, secs in done}
+    gap = lambda ref, low: f"{(low - ref) / ref:+.2%}"  # noqa: E731
 
     marks = sorted({1, 10, 50, 100, *range(200, t.steps + 1, 200), t.steps} & set(range(1, t.steps + 1)))
     summary = []
     for seed in seeds:
-        ref, low = runs[(seed, False)][0], runs[(seed, True)][0]
+        (ref, ref_ev, ref_s), (low, low_ev, low_s) = runs[(seed, False)], runs[(seed, True)]
         rows = []
         for m in marks:
             rw, lw = window_mean(ref, m, w), window_mean(low, m, w)
-            rows.append([str(m), f"{ref[m - 1]:.4f}", f"{low[m - 1]:.4f}", f"{rw:.4f}", f"{lw:.4f}", f"{(lw - rw) / rw:+.2%}"])
-        print(f"\nseed {seed}: global-batch loss, and its mean over the last {w} steps")
-        print(table(["step", "fp32", "fp8", f"fp32 mean{w}", f"fp8 mean{w}", "gap"], rows))
+            row = [str(m), f"{ref[m - 1]:.4f}", f"{low[m - 1]:.4f}", f"{rw:.4f}", f"{lw:.4f}", gap(rw, lw)]
+            if text:
+                rh, lh = ref_ev["heldout_loss"].get(m), low_ev["heldout_loss"].get(m)
+                row += [f"{rh:.4f}", f"{lh:.4f}", gap(rh, lh)] if rh is not None else ["", "", ""]
+            rows.append(row)
+        head = ["step", "fp32", "fp8", f"fp32 mean{w}", f"fp8 mean{w}", "gap"]
+        head += ["held-out fp32", "held-out fp8", "held-out gap"] if text else []
+        print(f"\nseed {seed}: global-batch loss (LM + MTP + balance), its mean over the last {w} steps"
+              + (", and the held-out LM loss" if text else ""))
+        print(table(head, rows))
         rf, lf = window_mean(ref, t.steps, w), window_mean(low, t.steps, w)
-        summary.append([str(seed), f"{rf:.4f}", f"{lf:.4f}", f"{(lf - rf) / rf:+.2%}",
-                        f"{runs[(seed, False)][1]['exact_match']:.3f}", f"{runs[(seed, True)][1]['exact_match']:.3f}",
-                        f"{runs[(seed, False)][2]:.0f} / {runs[(seed, True)][2]:.0f}"])
+        row = [str(seed), f"{rf:.4f}", f"{lf:.4f}", gap(rf, lf)]
+        if text:
+            rh, lh = ref_ev["heldout_loss"][t.steps], low_ev["heldout_loss"][t.steps]
+            row += [f"{rh:.4f}", f"{lh:.4f}", gap(rh, lh)]
+        else:
+            row += [f"{ref_ev['exact_match']:.3f}", f"{low_ev['exact_match']:.3f}"]
+        summary.append(row + [f"{ref_s:.0f} / {low_s:.0f}"])
     finals = {fp8: [window_mean(runs[(s, fp8)][0], t.steps, w) for s in seeds] for fp8 in (False, True)}
     mean = {fp8: sum(v) / len(v) for fp8, v in finals.items()}
     if len(seeds) > 1:
-        summary.append(["mean", f"{mean[False]:.4f}", f"{mean[True]:.4f}", f"{(mean[True] - mean[False]) / mean[False]:+.2%}",
-                        "", "", ""])
-    print(f"\nfinal loss (mean of the last {w} steps) and held-out exact match "
-          f"(chance {runs[(seeds[0], False)][1]['chance']:.4f})")
-    print(table(["seed", "fp32", "fp8", "fp8 vs fp32", "exact fp32", "exact fp8", "seconds fp32 / fp8"], summary))
+        row = ["mean", f"{mean[False]:.4f}", f"{mean[True]:.4f}", gap(mean[False], mean[True])]
+        if text:
+            held = {fp8: sum(runs[(s, fp8)][1]["heldout_loss"][t.steps] for s in seeds) / len(seeds) for fp8 in (False, True)}
+            row += [f"{held[False]:.4f}", f"{held[True]:.4f}", gap(held[False], held[True])]
+        summary.append(row + ["", "", ""][: 1 if text else 3])
+    head = ["seed", "fp32", "fp8", "fp8 vs fp32"]
+    head += ["held-out fp32", "held-out fp8", "held-out gap"] if text else ["exact fp32", "exact fp8"]
+    what = "held-out LM loss" if text else f"held-out exact match (chance {runs[(seeds[0], False)][1]['chance']:.4f})"
+    print(f"\nfinal loss (mean of the last {w} steps) and {what}")
+    print(table(head + ["seconds fp32 / fp8"], summary))
     if len(seeds) > 1:
         spread = (max(finals[False]) - min(finals[False])) / mean[False]
         print(f"fp32 alone spreads by {spread:.1%} of its mean across these seeds: compare the fp8 gap with that")
+    plot(runs, seeds, w, text, args.plot)
     print("the emulation quantises in fp32 on the CPU, so the times say nothing about FP8 speed on a GPU; the "
           "reference is fp32, not bf16: bf16 matmuls are ~50x slower than fp32 on this CPU")
     return 0
+
+
+def plot(runs: dict, seeds: list[int], w: int, text: bool, path: str) -> None:
+    """Left: each seed's fp32 and fp8 curves (means of `w` steps). Right: FP8's relative
+    gap, of those means and (text data) of the held-out loss, over a +-1% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, seed in enumerate(seeds):
+        ref, low = runs[(seed, False)][0], runs[(seed, True)][0]
+        steps = list(range(w, len(ref) + 1))
+        rm, lm = [window_mean(ref, m, w) for m in steps], [window_mean(low, m, w) for m in steps]
+        color = f"C{i}"
+        ax.plot(steps, rm, color=color, lw=1, label=f"seed {seed} fp32")
+        ax.plot(steps, lm, color=color, lw=1, ls="--", label=f"seed {seed} fp8")
+        gx.plot(steps, [100 * (b - a) / a for a, b in zip(rm, lm)], color=color, lw=1, label=f"seed {seed}, train mean{w}")
+        if text:
+            held = sorted(runs[(seed, False)][1]["heldout_loss"])
+            gaps = [100 * (runs[(seed, True)][1]["heldout_loss"][m] / runs[(seed, False)][1]["heldout_loss"][m] - 1)
+                    for m in held]
+            gx.plot(held, gaps, color=color, marker="o", ls=":", label=f"seed {seed}, held-out")
+    ax.set(xlabel="step", ylabel=f"loss, mean of {w} steps", yscale="log", title="fp32 (solid) vs FP8 (dashed)")
+    gx.axhspan(-1, 1, color="0.9")
+    gx.axhline(0, color="0.5", lw=0.8)
+    gx.set(xlabel="step", ylabel="(fp8 - fp32) / fp32, %", title="relative gap (grey: +-1%)")
+    for a in (ax, gx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

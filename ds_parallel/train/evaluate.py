@@ -48,3 +48,21 @@ def exact_match(model, ctx, data) -> dict:
     out = {"exact_match": hits / len(problems), "n_eval": len(problems)}
     out["chance"] = data.chance_accuracy
     return out
+
+
+@torch.no_grad()
+def heldout_lm_loss(model, samples, n_samples: int, batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy of the first `n_samples` windows of `samples` (a
+    PackedSamples), every window weighted by its labelled tokens. Single pipeline stage
+    only (the model's own forward); under tp the loss is the vocab-parallel one."""
+    was_training = model.training
+    model.eval()
+    n = min(n_samples, len(samples))
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        inputs, labels = samples.inputs_and_labels(list(range(start, min(start + batch_size, n))))
+        labelled = int((labels != -100).sum())
+        total += float(model(inputs, labels=labels).lm_loss) * labelled
+        count += labelled
+    model.train(was_training)
+    return total / max(count, 1)

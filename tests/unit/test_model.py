@@ -200,3 +200,27 @@ def test_freqs_cis_per_attention_type_and_dtype_cast():
     model = build_model(model_cfg(n_layers=1), CTX, seed=0).to(torch.bfloat16)
     assert model.freqs_cis.dtype == torch.complex64
     assert model.head.weight.dtype == torch.bfloat16
+
+
+def test_heldout_lm_loss_is_the_token_weighted_cross_entropy():
+    """Batches of unequal size and windows with few labelled tokens: the held-out loss is the
+    mean over labelled tokens, computed independently with F.cross_entropy; MoE loads are
+    not counted (eval mode) and the model's training flag is restored."""
+    import numpy as np
+
+    from ds_parallel.data import PackedSamples
+    from ds_parallel.moe import moe_layers
+    from ds_parallel.train.evaluate import heldout_lm_loss
+
+    model = build_model(model_cfg(preset="debug_v3"), CTX, seed=0)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 100, 10 * 16 + 1)
+    supervised = rng.random(tokens.size) < 0.3
+    samples = PackedSamples(tokens, 16, supervised)
+    got = heldout_lm_loss(model, samples, n_samples=7, batch_size=3)
+    assert model.training and all(int(layer.gate.load.sum()) == 0 for layer in moe_layers(model))
+    inputs, labels = samples.inputs_and_labels(list(range(7)))
+    with torch.no_grad():
+        logits = model(inputs).logits
+    want = F.cross_entropy(logits.flatten(0, 1).double(), labels.flatten(), ignore_index=-100)
+    assert abs(got - want.item()) < 1e-5 * want.item(), (got, want.item())
