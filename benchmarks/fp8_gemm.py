@@ -14,9 +14,15 @@ For each input distribution this prints, side by side:
     1x128, 1x128 with power-of-two scales, and 128x128 blocks (what V3 warns against for
     activation gradients: a block spans 128 tokens, so one outlier token spoils 127 others);
   * Y = X W^T against fp32 for per-tensor X and W vs 1x128 X and 128x128 W (fp8/linear.py
-    `fp8_gemm`, fp32 accumulation): the median over tokens of each row's relative error.
+    `fp8_gemm`, fp32 accumulation): the median over tokens of each row's relative error;
+    for the blockwise GEMM also 1 - cos(Y_fp8, Y) over the whole output, the criterion
+    DeepSeek's DeepGEMM tests its FP8 GEMMs by (`calc_diff` < 1e-3 against the fp32 GEMM of
+    the unquantised inputs), and the error the accumulation itself adds: torch._scaled_mm
+    on each 128-wide K block, promoted into fp32 (what the GPU kernel does), against the
+    same FP8 operands dequantised and multiplied in one fp32 GEMM.
 Exits non-zero unless blockwise beats per-tensor on the round trip by >= 1.5x at 1e4x outliers
-and >= 5x at 1e5x, and on the GEMM with 1e5x outlier tokens by >= 5x.
+and >= 5x at 1e5x, and on the GEMM with 1e5x outlier tokens by >= 5x; and unless every
+blockwise GEMM passes DeepGEMM's 1 - cos < 1e-3 and its accumulation error stays < 1e-5.
 """
 from __future__ import annotations
 
@@ -62,6 +68,12 @@ def flushed(x_dq: torch.Tensor, x: torch.Tensor, bulk: torch.Tensor) -> float:
     return ((x_dq == 0) & nz).sum().item() / max(1, nz.sum().item())
 
 
+def one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """DeepGEMM's calc_diff: 1 - 2<a,b> / (|a|^2 + |b|^2), in float64."""
+    a, b = a.double(), b.double()
+    return (1 - 2 * (a * b).sum() / (a.pow(2).sum() + b.pow(2).sum())).item()
+
+
 def row_error(y_q: torch.Tensor, y: torch.Tensor) -> float:
     """Median over tokens of ||y_q[t] - y[t]|| / ||y[t]||."""
     return ((y_q - y).norm(dim=1) / y.norm(dim=1)).median().item()
@@ -98,8 +110,11 @@ def main() -> int:
         qx, sx = quantize(x, (1, b))
         qw, sw = quantize(w, (b, b))
         y_block = fp8_gemm(qx, sx, qw, expand_block_scales(sw, w.shape[0], b), b)
+        y_same = dequantize(qx, sx, (1, b)) @ dequantize(qw, sw, (b, b)).t()
+        y_kernel = fp8_gemm(qx, sx, qw, expand_block_scales(sw, w.shape[0], b), b, "scaled_mm")
         e_tensor, e_block = row_error(y_tensor, y), row_error(y_block, y)
-        gemm_rows.append([kind, f"{e_tensor:.2e}", f"{e_block:.2e}", f"{e_tensor / e_block:.1f}x"])
+        gemm_rows.append([kind, f"{e_tensor:.2e}", f"{e_block:.2e}", f"{e_tensor / e_block:.1f}x",
+                          f"{one_minus_cos(y_block, y):.1e}", f"{row_error(y_kernel, y_same):.1e}"])
         e_round_tensor, e_round_tile = bulk_error(dq["tensor"], x, bulk), bulk_error(dq["1x128"], x, bulk)
         # Blockwise must win clearly once outliers leave E4M3's range (>= 1e4x). On a GEMM with
         # outlier channels those channels' own products dominate every row, so the round trip
@@ -109,15 +124,20 @@ def main() -> int:
             ok = False
         if where == "tokens" and factor >= 1e5 and e_tensor < 5 * e_block:
             ok = False
+        if one_minus_cos(y_block, y) >= 1e-3 or row_error(y_kernel, y_same) > 1e-5:
+            ok = False
     print(f"\nRound trip of X ({args.tokens} tokens x {args.dim}, outliers in 2 channels or 1% of tokens): relative error of the "
           f"ordinary entries / share of them flushed to 0")
     print(table(["activations", "per-tensor", "1x128", "1x128 pow2", "128x128"], round_rows))
     print(f"\nY = X W^T ({args.tokens} x {args.dim} x {args.out}): median over tokens of the row's relative error vs fp32")
-    print(table(["activations", "per-tensor X, W", "1x128 X, 128x128 W", "per-tensor / blockwise"], gemm_rows))
+    print(table(["activations", "per-tensor X, W", "1x128 X, 128x128 W", "per-tensor / blockwise",
+                 "blockwise 1 - cos", "accumulation error"], gemm_rows))
     print("\nE4M3 keeps 3 mantissa bits: ~2.5% RMS relative rounding error per element even with a perfect "
-          "scale, so ~3.6% on a GEMM of two quantised operands is the floor of any FP8 recipe.")
+          "scale, so ~3.6% on a GEMM of two quantised operands is the floor of any FP8 recipe. In DeepGEMM's "
+          "measure, 1 - cos (about half the square of that), the blockwise GEMM stays under its 1e-3 bound; "
+          "the accumulation adds nothing measurable.")
     if not ok:
-        print("FAIL: blockwise scaling did not beat per-tensor scaling by the stated margins")
+        print("FAIL: blockwise scaling missed a stated margin or bound (see the module docstring)")
         return 1
     return 0
 

@@ -134,8 +134,10 @@ def test_gemm_accumulation_and_error_on_gaussian_data():
     """Several K blocks (K = 512, plus a ragged K = 200): the dequantise-then-fp32-GEMM path
     equals the kernel's per-K-block promotion loop and _scaled_mm per block to fp32 rounding.
     Against the fp32 GEMM of the *unquantised* data the error is E4M3's own: 3 mantissa bits
-    give ~2.5% RMS per operand, ~3.6% on the product; the DeepGEMM-style similarity
-    1 - 2<a,b>/(|a|^2+|b|^2) stays below 1e-3."""
+    give ~2.5% RMS per operand, ~3.6% on the product, for any FP8 implementation. DeepGEMM
+    tests its FP8 GEMMs by 1 - 2<a,b>/(|a|^2+|b|^2) < 1e-3 against the fp32 GEMM of the
+    unquantised inputs (`calc_diff`); this one meets that bound (about half the squared
+    relative error)."""
     gen = torch.Generator().manual_seed(2)
     for k in (512, 200):
         x, w = torch.randn(256, k, generator=gen), torch.randn(384, k, generator=gen) * k**-0.5
@@ -360,22 +362,22 @@ def test_fp8_model_gradients_reach_every_parameter():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-def test_fp8_training_tracks_fp32():
-    """Short version of benchmarks/fp8_train.py: debug_v3_fp8 on the smoke job's data, fp32
-    masters, FP8 GEMMs vs fp32 GEMMs from the same seed and batches. Measured at 40 steps
-    (global batch 16): loss 6.31 -> 2.77, mean of the last 10 steps 0.15% above fp32's.
-    Kept before the task's loss plateau (~1.5): when a run leaves it depends on small
-    perturbations, so later single-seed gaps are noise of tens of percent either way
-    (benchmarks/README.md has the 3-seed, 1200-step numbers)."""
+def test_fp8_training_tracks_bf16():
+    """Short version of benchmarks/fp8_train.py: debug_v3_fp8 on the smoke job's data, V3's
+    recipe (FP8 GEMMs, BF16 elsewhere, FP32 masters) against the BF16 run from the same seed
+    and batches. Measured at 40 steps (global batch 16): loss 6.31 -> 2.77, mean of the last
+    10 steps within 0.34% of BF16's. Kept before the arithmetic task's loss plateau (~1.5): when a
+    run leaves it depends on small perturbations (benchmarks/README.md)."""
     from benchmarks.fp8_train import smoke_config, train_curve
 
     cfg = smoke_config(40, ["train.global_batch_size=16", "train.micro_batch_size=16", "train.warmup_steps=10",
                             "train.log_every=1000"])
-    ref, _ = train_curve(cfg, fp8=False, evaluate=False)
-    low, _ = train_curve(cfg, fp8=True, evaluate=False)
+    ref, _ = train_curve(cfg, "bf16", evaluate=False)
+    low, _ = train_curve(cfg, "fp8", evaluate=False)
     assert ref[-1] < 0.6 * ref[0]  # it learns
     last = lambda xs: sum(xs[-10:]) / 10  # noqa: E731
     gap = abs(last(low) - last(ref)) / last(ref)
+    print(f"loss {ref[0]:.3f} -> {ref[-1]:.3f}; gap of the last 10 steps {gap:.3%}")
     assert gap < 0.01, (gap, last(low), last(ref))
     assert low != ref  # FP8 really ran
 
