@@ -76,7 +76,7 @@ def train_curve(cfg, precision: str, log=print, evaluate: bool = True, heldout_e
     from ds_parallel.data import GlobalBatchLoader, IndexedDataset, PackedSamples, build_datasets
     from ds_parallel.fp8.recipe import apply_fp8
     from ds_parallel.model import build_model
-    from ds_parallel.moe import moe_layers, update_moe_biases
+    from ds_parallel.moe import expert_load_imbalance, moe_layers, update_moe_biases
     from ds_parallel.parallel.groups import ParallelContext
     from ds_parallel.train.engine import optimizer_param_groups
     from ds_parallel.train.evaluate import exact_match, heldout_lm_loss
@@ -89,7 +89,8 @@ def train_curve(cfg, precision: str, log=print, evaluate: bool = True, heldout_e
     apply_fp8(model, cfg.precision)  # as train/engine.build_engine: swap, then cast
     model.to(dtype)
     groups = optimizer_param_groups(model, t.weight_decay)
-    if dtype != torch.float32:  # fp32 masters the optimizer updates; the model holds their rounding
+    low = dtype != torch.float32
+    if low:  # fp32 masters the optimizer updates; the model holds their rounding
         masters = {p: p.detach().float().requires_grad_() for g in groups for p in g["params"]}
         groups = [{**g, "params": [masters[p] for p in g["params"]]} for g in groups]
     else:
@@ -116,7 +117,7 @@ def train_curve(cfg, precision: str, log=print, evaluate: bool = True, heldout_e
             loss = model(input_ids, labels=labels).loss / len(micro)
             loss.backward()
             total += loss.item()
-            if dtype != torch.float32:  # accumulate in fp32, as DeepSpeed's bf16 optimizer does
+            if low:  # accumulate in fp32, as DeepSpeed's bf16 optimizer does
                 for p, master in masters.items():
                     if p.grad is not None:
                         master.grad = p.grad.float() if master.grad is None else master.grad + p.grad.float()
@@ -124,15 +125,15 @@ def train_curve(cfg, precision: str, log=print, evaluate: bool = True, heldout_e
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(list(masters.values()), t.grad_clip)
         opt.step()
-        if dtype != torch.float32:
+        if low:
             with torch.no_grad():
                 for p, master in masters.items():
                     p.copy_(master)
         loads = update_moe_biases(model, ctx)
         losses.append(total)
         if (step + 1) % t.log_every == 0:
-            imbalance = "/".join(f"{(v.max() / v.mean()).item():.2f}" for _, v in sorted(loads.items()))
-            log(f"  {precision} step {step + 1}/{t.steps} loss {total:.4f} max/mean expert load {imbalance} "
+            log(f"  {precision} step {step + 1}/{t.steps} loss {total:.4f} "
+                f"expert_load_imbalance {expert_load_imbalance(loads):.2f} "
                 f"({time.perf_counter() - tic:.0f}s)")
         if heldout is not None and ((step + 1) % heldout_every == 0 or step + 1 == end):
             curve[step + 1] = heldout_lm_loss(model, heldout, n_heldout)
