@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from ds_parallel.parallel.topology import Topology
@@ -39,6 +40,10 @@ class ParallelContext:
     # embedding group). None on the ranks in between.
     embed_group: Optional[ProcessGroup] = None
     ranks: dict[str, list[int]] = field(default_factory=dict)  # name -> members of my group
+    # The one home for "where this rank computes": every tensor the trainer, the pipeline
+    # runner, metrics, norms, checkpoints and evaluation create goes here, and collectives on
+    # the default group use tensors on it (NCCL reduces CUDA tensors only). CPU under gloo.
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def world_size(self) -> int:
@@ -78,20 +83,29 @@ _CONTEXT_GROUPS = {
 }
 
 
+def default_device() -> torch.device:
+    """The device of the default process group: this rank's current CUDA device under NCCL
+    (parallel/init.py selected it from the local rank), the CPU under gloo or without one."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def build_parallel_context(topo: Topology) -> ParallelContext:
     """Create every group of `topo` (collective: all ranks must call this)."""
+    device = default_device()
     if not dist.is_initialized():
         if topo.world_size != 1:
             raise RuntimeError("build_parallel_context needs an initialised process group for world_size > 1")
-        return ParallelContext(topo=topo)
+        return ParallelContext(topo=topo, device=device)
     rank = dist.get_rank()
     if topo.world_size == 1:
         world = dist.group.WORLD
         ranks = {a.removesuffix("_group"): [0] for a in _CONTEXT_GROUPS}
-        return ParallelContext(topo, 0, world, world, world, world, world, world, world, ranks)
+        return ParallelContext(topo, 0, world, world, world, world, world, world, world, ranks, device=device)
     if dist.get_world_size() != topo.world_size:
         raise RuntimeError(f"process group has {dist.get_world_size()} ranks, topology expects {topo.world_size}")
-    ctx = ParallelContext(topo=topo, rank=rank, world_group=dist.group.WORLD)
+    ctx = ParallelContext(topo=topo, rank=rank, world_group=dist.group.WORLD, device=device)
     for attr, dims in _CONTEXT_GROUPS.items():
         for members in topo.groups(dims):
             # new_group is collective over the whole world even for groups we are not in.
