@@ -104,7 +104,6 @@ class TrainConfig:
     out_dir: str = "runs/smoke"
     log_every: int = 10
     save_every: int = 100  # 0 = only at the end
-    eval_batches: int = 4
     max_steps_this_run: int = 0  # stop early after this many steps (tests, preemption drills)
 
 

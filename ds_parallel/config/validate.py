@@ -1,4 +1,5 @@
-"""Cross-field rules, checked before any process group starts (DESIGN invariant 5).
+"""Cross-field rules, checked before any process group starts (docs/architecture.md,
+invariant 5).
 
 Each failure is one `ConfigError` line naming the key, the value and the fix.
 """
@@ -12,7 +13,7 @@ from ds_parallel.config.schema import Config
 _POSITIVE = {
     "model": ["vocab_size", "dim", "n_layers", "n_heads", "inter_dim", "max_seq_len"],
     "parallel": ["tp", "pp", "ep", "cp"],
-    "train": ["steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every", "eval_batches"],
+    "train": ["steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"],
 }
 
 
@@ -116,25 +117,39 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
 
     _validate_mla_moe(cfg)
 
-    if cfg.data.source == "indexed":
-        if not cfg.data.path:
-            raise ConfigError("data.source=indexed needs data.path: the prefix of a .bin/.idx pair")
-        for ext in (".bin", ".idx"):
-            if purpose == "train" and not os.path.isfile(cfg.data.path + ext):
-                raise ConfigError(f"data.path={cfg.data.path!r}: {cfg.data.path + ext} does not exist")
-    elif cfg.data.path:
-        raise ConfigError(f"data.path is set but data.source={cfg.data.source!r}: set data.source=indexed")
-    if cfg.data.source == "arithmetic" and cfg.data.n_digits < 1:
-        raise ConfigError(f"data.n_digits={cfg.data.n_digits} must be >= 1")
+    _validate_data(cfg, purpose)
 
     if cfg.precision.fp8.enabled:
         _validate_fp8(cfg)
 
 
+def _validate_data(cfg: Config, purpose: str) -> None:
+    """Data rules, including those that read the data (data/loader.py `check_data`): the
+    tokenizer's vocabulary, the corpus size, the token ids of an indexed dataset. Planning
+    needs no data files."""
+    from ds_parallel.data.loader import check_data
+
+    d = cfg.data
+    if d.source == "indexed":
+        if not d.path:
+            raise ConfigError("data.source=indexed needs data.path: the prefix of a .bin/.idx pair")
+        if purpose != "train":
+            return
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(d.path + ext):
+                raise ConfigError(f"data.path={d.path!r}: {d.path + ext} does not exist")
+    elif d.path:
+        raise ConfigError(f"data.path is set but data.source={d.source!r}: set data.source=indexed")
+    try:
+        check_data(d, cfg.train.seq_len, cfg.model.vocab_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _validate_fp8(cfg: Config) -> None:
     """FP8 rules (fp8/recipe.py). The torch backend pads shapes that are not multiples of
     block_size with zeros (as DeepSeek's kernels do), so it needs no divisibility rule."""
-    from ds_parallel.fp8.recipe import TORCH_RECIPES, fp8_gemm_shapes, resolve_backend
+    from ds_parallel.fp8.recipe import TORCH_RECIPES, fp8_gemm_shapes, is_kept, keep_patterns, resolve_backend
     from ds_parallel.fp8.te import te_available
 
     fp8 = cfg.precision.fp8
@@ -157,8 +172,15 @@ def _validate_fp8(cfg: Config) -> None:
             raise ConfigError(f"precision.fp8.format={fp8.format} needs precision.fp8.backend=te (the torch "
                               f"backend is E4M3 throughout, as V3): set precision.fp8.format=e4m3")
         return
+    why = "" if fp8.backend == "te" else f" (chosen by backend=auto for recipe={fp8.recipe}, format={fp8.format})"
+    m = cfg.model  # the module names the model gives its routed experts (trunk, then MTP)
+    experts = [f"layers.{i}.ffn.experts" for i in range(m.n_dense_layers, m.n_layers)]
+    experts += [f"mtp.{k}.block.ffn.experts" for k in range(m.mtp_depth)]
+    if m.n_routed_experts > 0 and not all(is_kept(name, keep_patterns(fp8)) for name in experts):
+        raise ConfigError(f"precision.fp8.backend=te{why} keeps routed experts in high precision (TE's grouped GEMM "
+                          f"is not wired to our expert weights): add \"experts\" to "
+                          f"precision.fp8.keep_high_precision to accept that, or use precision.fp8.backend=torch")
     if not te_available():
-        why = "" if fp8.backend == "te" else f" (chosen by backend=auto for recipe={fp8.recipe}, format={fp8.format})"
         raise ConfigError(f"precision.fp8.backend=te{why}: transformer_engine is not importable here: install "
                           f"transformer-engine[pytorch] on a CUDA machine, or set precision.fp8.backend=torch "
                           f"with precision.fp8.recipe=blockwise and precision.fp8.format=e4m3")

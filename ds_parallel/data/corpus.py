@@ -53,16 +53,42 @@ def read_number(text: str) -> int:
     return int(text[::-1])
 
 
-def _check_ops(ops: str) -> str:
+def check_ops(ops: str) -> str:
+    """`data.ops` with duplicates dropped (they would silently reweight the mix)."""
     bad = sorted(set(ops) - set(OPS))
     if not ops or bad:
-        raise ValueError(f"data.ops={ops!r} must be a non-empty string of operators from {OPS!r}")
-    return "".join(dict.fromkeys(ops))  # duplicates would silently reweight the mix
+        raise ValueError(f"data.ops={ops!r} must be a non-empty string of operators from {OPS!r}, e.g. data.ops='+-'")
+    return "".join(dict.fromkeys(ops))
 
 
 def _space_size(op: str, n_digits: int) -> int:
     n = 10**n_digits
     return n * (n + 1) // 2 if op == "-" else n * n
+
+
+def problem_space(n_digits: int, ops: str) -> int:
+    """Distinct problems of the corpus (subtraction counts each a >= b pair once)."""
+    return sum(_space_size(op, n_digits) for op in check_ops(ops))
+
+
+def problem_chars(op: str, n_digits: int) -> int:
+    """Length of one problem's text, "21+93=150": two operands, the operator, '=', the answer."""
+    return 2 * n_digits + 2 + answer_width(op, n_digits)
+
+
+def check_split(n_digits: int, ops: str, n_train: int, n_eval: int) -> str:
+    """The data.* rules of the corpus (config/validate.py runs them before any process
+    starts); returns the operators as `check_ops` does."""
+    ops = check_ops(ops)
+    if n_digits < 1:
+        raise ValueError(f"data.n_digits={n_digits} must be >= 1")
+    if n_train < 1:
+        raise ValueError(f"data.n_train={n_train} must be >= 1: the training split needs problems")
+    space = problem_space(n_digits, ops)
+    if not 0 <= n_eval < space:
+        raise ValueError(f"data.n_eval={n_eval} must lie in [0, {space - 1}]: data.n_digits={n_digits} with "
+                         f"data.ops={ops!r} has {space} distinct problems and training needs some of them")
+    return ops
 
 
 def _draw(rng: random.Random, ops: str, n_digits: int) -> tuple[int, str, int]:
@@ -87,13 +113,7 @@ def build_corpus(n_digits: int, ops: str, n_train: int, n_eval: int, seed: int) 
     Training problems may repeat (2-digit addition has only 10^4 distinct problems and the
     default draws 20000); held-out problems are distinct and never appear in training.
     """
-    ops = _check_ops(ops)
-    if n_digits < 1:
-        raise ValueError(f"data.n_digits={n_digits} must be >= 1")
-    space = sum(_space_size(op, n_digits) for op in ops)
-    if not 0 <= n_eval < space:
-        raise ValueError(f"data.n_eval={n_eval} must be below the {space} distinct problems of "
-                         f"data.n_digits={n_digits}, data.ops={ops!r}, leaving some for training")
+    ops = check_split(n_digits, ops, n_train, n_eval)
     # A string seed keeps this stream independent of any other use of the run seed.
     rng = random.Random(f"ds_parallel.arithmetic.{seed}")
     heldout: dict[tuple[int, str, int], None] = {}
@@ -124,7 +144,7 @@ def chance_accuracy(n_digits: int, ops: str) -> float:
     Operators are drawn uniformly, so the chance level is the mean over operators.
     A uniformly random digit string of the right width would score far less (10^-width).
     """
-    ops = _check_ops(ops)
+    ops = check_ops(ops)
     n = 10**n_digits
     best = {"+": 1 / n, "-": 2 * (n - 1) / n**2, "*": (2 * n - 1) / n**2}
     return sum(best[op] for op in ops) / len(ops)

@@ -27,7 +27,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from ds_parallel.data.corpus import build_corpus, chance_accuracy
+from ds_parallel.data.corpus import build_corpus, chance_accuracy, check_split, problem_chars
 from ds_parallel.data.indexed import IndexedDataset
 from ds_parallel.data.tokenizer import CharTokenizer
 
@@ -36,6 +36,11 @@ def join_documents(documents: Iterable[Sequence[int]], eos_id: int) -> np.ndarra
     """One int64 stream: each document followed by `eos_id`."""
     parts = [np.append(np.asarray(doc, dtype=np.int64), eos_id) for doc in documents]
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def n_samples(n_tokens: int, seq_len: int) -> int:
+    """Windows of seq_len + 1 tokens, overlapping by one, in a stream of n_tokens."""
+    return max(0, (n_tokens - 1) // seq_len)
 
 
 class PackedSamples:
@@ -50,7 +55,7 @@ class PackedSamples:
         self.tokens, self.seq_len, self.supervised = tokens, seq_len, supervised
 
     def __len__(self) -> int:
-        return max(0, (len(self.tokens) - 1) // self.seq_len)
+        return n_samples(len(self.tokens), self.seq_len)
 
     def __getitem__(self, idx) -> np.ndarray:
         """Sample(s) as int64: (seq_len + 1,) for an int, (k, seq_len + 1) for k indices."""
@@ -151,33 +156,54 @@ def _arithmetic_stream(tok: CharTokenizer, problems: list[str], loss_on: str, se
     return tokens, seq_len, np.concatenate(parts)
 
 
+def check_data(data_cfg, seq_len: int, vocab_size: int) -> None:
+    """The rules that need the data itself: a ValueError of one line naming the key and the
+    fix. config/validate.py runs them before any process starts; build_datasets again (cheap:
+    the indexed token range is computed once, see data/indexed.py)."""
+    if data_cfg.source == "indexed":
+        path = data_cfg.path
+        try:
+            ds = IndexedDataset(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"data.path={path!r} is not a readable indexed dataset ({exc}): point it at the "
+                             f"prefix of a Megatron .bin/.idx pair") from None
+        if ds.dtype.kind not in "iu":
+            raise ValueError(f"data.path={path!r} holds {ds.dtype} values, not token ids: retokenize")
+        span = ds.token_range()
+        if span is not None and (span[0] < 0 or span[1] >= vocab_size):
+            fix = "retokenize" if span[0] < 0 else f"raise model.vocab_size to at least {span[1] + 1} or retokenize"
+            raise ValueError(f"data.path={path!r} holds token ids in [{span[0]}, {span[1]}], outside "
+                             f"model.vocab_size={vocab_size}: {fix}")
+        n_tokens, what, fix = ds.tokens.size, f"data.path={path!r} holds", "use more data or lower train.seq_len"
+    elif data_cfg.source == "arithmetic":
+        ops = check_split(data_cfg.n_digits, data_cfg.ops, data_cfg.n_train, data_cfg.n_eval)
+        if vocab_size < CharTokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size={vocab_size} is below the {CharTokenizer.vocab_size} ids of the "
+                             f"arithmetic tokenizer (data.source=arithmetic): raise model.vocab_size")
+        # Each problem and its EOS; the shortest operator bounds the stream from below.
+        n_tokens = data_cfg.n_train * min(problem_chars(op, data_cfg.n_digits) + 1 for op in ops)
+        what = f"data.n_train={data_cfg.n_train} problems make as few as"
+        fix = "raise data.n_train or lower train.seq_len"
+    else:
+        raise ValueError(f"data.source={data_cfg.source!r} must be 'arithmetic' or 'indexed'")
+    if n_samples(n_tokens, seq_len) < 1:
+        raise ValueError(f"{what} {n_tokens} tokens, too few for one training sample of "
+                         f"train.seq_len + 1 = {seq_len + 1}: {fix}")
+
+
 def build_datasets(data_cfg, train_cfg, vocab_size: int) -> Datasets:
     """Training samples (and held-out problems) for `data.source`; see module docstring."""
     seq_len = train_cfg.seq_len
+    check_data(data_cfg, seq_len, vocab_size)
     if data_cfg.source == "indexed":
-        ds = IndexedDataset(data_cfg.path)
-        tokens = ds.tokens
-        if tokens.dtype.kind not in "iu":
-            raise ValueError(f"data.path={data_cfg.path!r} holds {tokens.dtype} values, not token ids")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-            raise ValueError(f"data.path={data_cfg.path!r} has token ids in [{tokens.min()}, {tokens.max()}] "
-                             f"but model.vocab_size={vocab_size}: retokenize or raise the vocabulary")
         # Megatron's preprocessing appends EOD itself (--append-eod): the stream is the .bin.
-        out = Datasets(train=PackedSamples(tokens, seq_len), eval=None, tokenizer=None)
-    elif data_cfg.source == "arithmetic":
-        tok = CharTokenizer()
-        if tok.vocab_size > vocab_size:
-            raise ValueError(f"model.vocab_size={vocab_size} is below the arithmetic tokenizer's {tok.vocab_size}")
-        corpus = build_corpus(data_cfg.n_digits, data_cfg.ops, data_cfg.n_train, data_cfg.n_eval, train_cfg.seed)
-        out = Datasets(
-            train=PackedSamples(*_arithmetic_stream(tok, corpus.train, data_cfg.loss_on, seq_len)),
-            eval=PackedSamples(join_documents((tok.encode(p + a) for p, a in corpus.heldout), tok.eos_id), seq_len),
-            tokenizer=tok,
-            heldout=corpus.heldout,
-            chance_accuracy=chance_accuracy(data_cfg.n_digits, corpus.ops),
-        )
-    else:
-        raise ValueError(f"data.source={data_cfg.source!r} must be 'arithmetic' or 'indexed'")
-    if len(out.train) == 0:
-        raise ValueError(f"the training data holds fewer than train.seq_len + 1 = {seq_len + 1} tokens")
-    return out
+        return Datasets(train=PackedSamples(IndexedDataset(data_cfg.path).tokens, seq_len), eval=None, tokenizer=None)
+    tok = CharTokenizer()
+    corpus = build_corpus(data_cfg.n_digits, data_cfg.ops, data_cfg.n_train, data_cfg.n_eval, train_cfg.seed)
+    return Datasets(
+        train=PackedSamples(*_arithmetic_stream(tok, corpus.train, data_cfg.loss_on, seq_len)),
+        eval=PackedSamples(join_documents((tok.encode(p + a) for p, a in corpus.heldout), tok.eos_id), seq_len),
+        tokenizer=tok,
+        heldout=corpus.heldout,
+        chance_accuracy=chance_accuracy(data_cfg.n_digits, corpus.ops),
+    )

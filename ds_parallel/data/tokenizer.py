@@ -20,14 +20,11 @@ class CharTokenizer:
     pad_id = 0
     bos_id = 1
     eos_id = 2
+    vocab_size = len(SPECIALS) + len(CHARS)  # a class constant: validation needs no instance
 
     def __init__(self) -> None:
         self._id_of = {c: len(SPECIALS) + i for i, c in enumerate(CHARS)}
         self._char_of = {i: c for c, i in self._id_of.items()}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(SPECIALS) + len(CHARS)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         try:

@@ -1,12 +1,14 @@
 """Config loading and validation: typed tree, overrides, one-line errors before any start."""
 import os
-import subprocess
 import sys
+
+import numpy as np
 
 import pytest
 import yaml
 
 from ds_parallel.config import ConfigError, dump_yaml, load_config, parse_overrides
+from ds_parallel.data.indexed import IndexedDatasetWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = os.path.join(ROOT, "configs", "smoke_dense_cpu.yaml")
@@ -62,6 +64,11 @@ BAD = [
     (["parallel.pp=2", "parallel.ep=1", "parallel.pp_layers=1,1,0"], "must list 2 layer counts"),
     (["parallel.pp=2", "parallel.ep=1", "parallel.zero_stage=0", "precision.dtype=bf16"],
      "needs parallel.zero_stage=1"),
+    # Rules that read the data or its tokenizer (more cases in DATA_BAD below).
+    (["data.ops=/"], "data.ops='/' must be"),
+    (["data.n_eval=10000"], "data.n_eval=10000 must lie in"),
+    (["model.vocab_size=16"], "model.vocab_size=16 is below"),
+    (["data.n_train=0"], "data.n_train=0 must be >= 1"),
 ]
 
 
@@ -94,16 +101,87 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(str(bad))
 
 
-@pytest.mark.dist
-def test_bad_config_fails_on_every_rank_fast(tmp_path):
-    """Under the deepspeed launcher with 2 ranks: non-zero exit, both ranks say why."""
-    out_dir = tmp_path / "run"
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", os.path.join(ROOT, "launchers", "train.py"),
-         f"train.out_dir={out_dir}", "parallel.tp=3"],
-        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
-    )
-    assert proc.returncode != 0
-    assert (proc.stdout + proc.stderr).count("model.n_heads=4 is not divisible by parallel.tp=3") >= 2
-    assert not out_dir.exists()
+# Rules that read the data or its tokenizer (data/loader.py `check_data`), raised by
+# load_config before any process starts. smoke_dense_cpu: 2-digit "+", seq_len 64.
+DATA_BAD = [
+    (["data.ops=/"], "data.ops='/' must be a non-empty string of operators"),
+    (["data.ops="], "data.ops='' must be a non-empty string"),
+    (["data.n_eval=10000"], "data.n_eval=10000 must lie in [0, 9999]"),
+    (["data.n_digits=1", "data.ops=+-", "data.n_eval=155"], "data.n_eval=155 must lie in [0, 154]"),
+    (["data.n_eval=-1"], "data.n_eval=-1 must lie in"),
+    (["model.vocab_size=16"], "model.vocab_size=16 is below the 19 ids of the arithmetic tokenizer"),
+    (["data.n_train=0"], "data.n_train=0 must be >= 1"),
+    # 2-digit "+": 9 characters and an EOS per problem; 6 of them are 60 tokens < 65.
+    (["data.n_train=6"], "data.n_train=6 problems make as few as 60 tokens, too few for one training sample"),
+    (["data.n_digits=0"], "data.n_digits=0 must be >= 1"),
+    (["train.eval_batches=1"], "unknown key 'train.eval_batches'"),
+    (["model.preset=debug_v3", "precision.fp8.enabled=true", "precision.fp8.backend=te"],
+     "precision.fp8.backend=te keeps routed experts in high precision"),
+    # layers.* covers the trunk's experts but not the MTP module's (mtp.0.block.ffn.experts).
+    (["model.preset=debug_v3", "precision.fp8.enabled=true", "precision.fp8.backend=te",
+      "precision.fp8.keep_high_precision=layers.*"], "keeps routed experts in high precision"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", DATA_BAD, ids=["-".join(b[0]) for b in DATA_BAD])
+def test_data_rules_fail_in_validation(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, overrides, world_size=2)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_data_rules_admit_the_edges():
+    load_config(SMOKE, ["data.n_train=7", "data.n_eval=0"], world_size=2)  # 70 tokens: one sample
+    load_config(SMOKE, ["data.n_digits=1", "data.n_eval=99", "model.vocab_size=19"], world_size=2)
+    load_config(SMOKE, ["data.ops=+-*+"], world_size=2)  # duplicates are dropped, not an error
+
+
+def test_fp8_te_experts_need_the_opt_in():
+    from ds_parallel.fp8.te import te_available
+
+    fp8 = ["precision.fp8.enabled=true", "precision.fp8.backend=te"]
+    # A dense model has no routed experts: the rule does not apply.
+    dense = ["model.preset=debug_dense", *fp8]
+    opted = ["model.preset=debug_v3", *fp8, "precision.fp8.keep_high_precision=mtp.*,experts"]
+    for overrides in (dense, opted):
+        if te_available():
+            load_config(SMOKE, overrides, world_size=2)
+        else:  # the rule passed; the next one (TE importable) is what stops it here
+            with pytest.raises(ConfigError, match="transformer_engine is not importable"):
+                load_config(SMOKE, overrides, world_size=2)
+
+
+def _indexed(prefix, docs, dtype=np.uint16):
+    with IndexedDatasetWriter(prefix, dtype=dtype) as writer:
+        for doc in docs:
+            writer.add_document(doc)
+    return prefix
+
+
+def test_indexed_data_is_checked_before_any_process(tmp_path):
+    ok = _indexed(str(tmp_path / "ok"), [np.arange(3, 103)] * 2)
+    base = ["data.source=indexed", "train.seq_len=64"]
+    load_config(SMOKE, [*base, f"data.path={ok}"], world_size=2)
+    cases = [
+        (_indexed(str(tmp_path / "high"), [np.arange(3, 103), [7, 200, 9]]), [],
+         "holds token ids in [3, 200], outside model.vocab_size=128: raise model.vocab_size to at least 201"),
+        (_indexed(str(tmp_path / "edge"), [np.arange(0, 129)]), [], "[0, 128], outside model.vocab_size=128"),
+        (_indexed(str(tmp_path / "neg"), [np.arange(3, 103), [-1]], np.int32), [],
+         "holds token ids in [-1, 102], outside model.vocab_size=128: retokenize"),
+        (_indexed(str(tmp_path / "short"), [np.arange(3, 60)]), [],
+         "holds 57 tokens, too few for one training sample of train.seq_len + 1 = 65"),
+        (_indexed(str(tmp_path / "float"), [np.ones(100)], np.float32), [], "holds float32 values, not token ids"),
+        (ok, ["model.vocab_size=64"], "outside model.vocab_size=64"),
+    ]
+    for prefix, extra, message in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(SMOKE, [*base, f"data.path={prefix}", *extra], world_size=2)
+        assert f"data.path={prefix!r}" in str(err.value) and message in str(err.value), str(err.value)
+    bad = _indexed(str(tmp_path / "bad"), [np.arange(100)])
+    with open(bad + ".idx", "r+b") as fh:
+        fh.write(b"NOTMEGA")
+    with pytest.raises(ConfigError, match=f"data.path='{bad}' is not a readable indexed dataset"):
+        load_config(SMOKE, [*base, f"data.path={bad}"], world_size=2)
+    # Planning reads no data: a missing or out-of-range file is not its business.
+    for prefix in (str(tmp_path / "missing"), str(tmp_path / "high")):
+        load_config(SMOKE, [*base, f"data.path={prefix}"], world_size=2, purpose="plan")

@@ -224,6 +224,41 @@ def test_reader_refuses_mismatched_or_foreign_files(tmp_path):
         IndexedDataset(prefix)
 
 
+def test_token_range_is_computed_once_and_stored(tmp_path):
+    import json
+
+    from ds_parallel.data import indexed
+
+    def stored(**change):
+        with open(side) as fh:
+            rec = json.load(fh)
+        if change:
+            with open(side, "w") as fh:
+                json.dump(dict(rec, **change), fh)
+        return rec
+
+    prefix = str(tmp_path / "data")
+    _write(prefix, [[5, 9, 3], [], [70000, 4]])  # int32
+    side = prefix + indexed.RANGE_SUFFIX
+    assert (stored()["min"], stored()["max"]) == (3, 70000)  # the writer's
+    indexed._RANGES.clear()
+    os.remove(side)  # as for a pair from Megatron's preprocessing: one pass, then stored
+    assert IndexedDataset(prefix).token_range() == (3, 70000)
+    assert stored()["max"] == 70000
+    # The stored value is what later readers use: a planted one stamped for this .bin wins...
+    indexed._RANGES.clear()
+    stored(max=123)
+    assert IndexedDataset(prefix).token_range() == (3, 123)
+    # ... and one stamped for another .bin is ignored (a rewrite changes size or mtime).
+    indexed._RANGES.clear()
+    stored(bin_bytes=4)
+    assert IndexedDataset(prefix).token_range() == (3, 70000)
+    _write(prefix, [[1, 2]])
+    assert IndexedDataset(prefix).token_range() == (1, 2)
+    _write(prefix, [[]])
+    assert IndexedDataset(prefix).token_range() is None
+
+
 def test_build_datasets_arithmetic_and_indexed(tmp_path):
     train_cfg = TrainConfig(seq_len=16, seed=5)
     data = build_datasets(DataConfig(n_train=500, n_eval=20), train_cfg, vocab_size=128)

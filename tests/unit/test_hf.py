@@ -153,7 +153,7 @@ def test_convert_cli_round_trip(tmp_path):
     train_env = dict(env, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     proc = subprocess.run(
         [sys.executable, str(REPO / "launchers" / "train.py"), "--config", str(run / "config.yaml"), "train.steps=2",
-         "train.global_batch_size=2", "train.micro_batch_size=2", "train.seq_len=16", "train.eval_batches=1"],
+         "train.global_batch_size=2", "train.micro_batch_size=2", "train.seq_len=16"],
         capture_output=True, text=True, env=train_env, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
