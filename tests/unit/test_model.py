@@ -125,14 +125,43 @@ def test_causal_future_token_does_not_change_earlier_logits():
     assert (a[:, 15:] - b[:, 15:]).abs().amax(-1).min() > 1e-4  # every later position sees it
 
 
-def test_loss_at_init_is_log_vocab():
-    cfg = model_cfg()
-    model = build_model(cfg, CTX, seed=0)
-    ids = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(6))
-    out = model(ids, labels=ids.roll(-1, dims=1))
-    assert isinstance(out, ModelOutput) and out.logits.shape == (4, 64, cfg.vocab_size)
-    # Logits are ~N(0, 0.006^2 * dim) at init: loss = ln V + var/2 + noise.
-    assert abs(out.loss.item() - math.log(cfg.vocab_size)) < 0.02
+def test_dense_model_matches_transformers_llama():
+    """The dense model (GQA, split-half RoPE, SwiGLU, pre-norm RMSNorm; DeepSeek-V1's
+    architecture, which is Llama's) against transformers' LlamaForCausalLM with the same
+    weights, randomised well above the init scale so every part shows in the logits: logits
+    and the loss (ours takes labels already shifted, transformers shifts them itself)."""
+    import transformers
+
+    cfg = model_cfg(n_kv_heads=2)
+    model = randomise(build_model(cfg, CTX, seed=0), std=0.1)
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, RMSNorm)):
+            norm.weight.add_(1.0)  # gains around 1, not around 0
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.inter_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attn_implementation="eager"))
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "head.weight": "lm_head.weight"}
+    parts = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+             "attn.wo": "self_attn.o_proj", "ffn.w1": "mlp.gate_proj", "ffn.w3": "mlp.up_proj",
+             "ffn.w2": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for i in range(cfg.n_layers):
+        names |= {f"layers.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight" for ours, theirs in parts.items()}
+    ours = model.state_dict()
+    assert set(names) == set(ours) and set(names.values()) == set(hf.state_dict())
+    hf.load_state_dict({theirs: ours[name] for name, theirs in names.items()})
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    out = model(ids, labels=labels)
+    with torch.no_grad():
+        want = hf.eval()(ids, labels=ids)
+    assert isinstance(out, ModelOutput) and out.logits.shape == (2, 40, cfg.vocab_size)
+    assert want.logits.std() > 1.0  # far from the near-uniform logits of init
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-5)
     assert out.aux_loss.item() == 0.0 and out.loss.item() == out.lm_loss.item()
     no_labels = model(ids)
     assert no_labels.loss is None and no_labels.lm_loss is None
