@@ -9,6 +9,7 @@ ranks show every rank's line. tests/unit/test_config.py runs every kind of rule 
 the launcher's main() in-process.
 """
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TRAIN = os.path.join(ROOT, "launchers", "train.py")
 DENSE = os.path.join(ROOT, "configs", "smoke_dense_cpu.yaml")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+SHORT = ["train.steps=2", "train.warmup_steps=1"]  # should a rule be missing, the run ends soon
 
 
 def _free_port():
@@ -58,8 +60,8 @@ def test_bad_configs_exit_2_naming_the_key(tmp_path):
     ds_out = tmp_path / "run_deepspeed"
     launcher = subprocess.Popen(
         [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(_free_port()), "--num_gpus", "2",
-         TRAIN, "--config", DENSE, f"train.out_dir={ds_out}", "data.source=indexed", f"data.path={high}"],
-        env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         TRAIN, "--config", DENSE, f"train.out_dir={ds_out}", "data.source=indexed", f"data.path={high}", *SHORT],
+        env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     procs = {}
     for name, (overrides, _, ranks) in bare.items():
         port = _free_port()
@@ -67,14 +69,19 @@ def test_bad_configs_exit_2_naming_the_key(tmp_path):
             env = dict(ENV, RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port)) if ranks > 1 else ENV
             procs[name, rank] = subprocess.Popen(
-                [sys.executable, TRAIN, "--config", DENSE, f"train.out_dir={tmp_path / ('run_' + name)}", *overrides],
+                [sys.executable, TRAIN, "--config", DENSE, f"train.out_dir={tmp_path / ('run_' + name)}", *overrides,
+                 *SHORT],
                 env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = launcher.communicate(timeout=120)
         results = {key: (p.communicate(timeout=120), p.returncode) for key, p in procs.items()}
         elapsed = time.time() - t0
     finally:
-        for p in [launcher, *procs.values()]:
+        try:  # the launcher's ranks too, should a missing rule have let them start training
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in procs.values():
             if p.poll() is None:
                 p.kill()
 
