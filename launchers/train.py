@@ -2,7 +2,8 @@
 
 Also runs under torchrun, srun and mpirun (rank and world from the environment). Without
 --config it trains the embedded default, configs/smoke_cpu.yaml. Exit status: 0 done,
-1 failed, 2 bad config, 75 (EX_TEMPFAIL) preempted after checkpointing: rerun to resume.
+1 failed, 2 bad config or a checkpoint that fails verification (nothing loaded),
+75 (EX_TEMPFAIL) preempted after checkpointing: rerun to resume.
 """
 from __future__ import annotations
 
@@ -26,19 +27,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from ds_parallel.config import ConfigError, load_config
     from ds_parallel.parallel.init import detect_env
+    from ds_parallel.parallel.plan import check_memory
 
     env = detect_env()
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, world_size=env.world_size)
+        check_memory(cfg, env.world_size, env.local_rank)  # a layout that cannot fit fails here, not in an OOM
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr, flush=True)
         return 2
 
+    from ds_parallel.train.checkpoint import CheckpointError
     from ds_parallel.train.run import run
     from ds_parallel.train.trainer import EXIT_PREEMPTED
 
     try:
         summary = run(cfg, env)
+    except CheckpointError as exc:  # refused before loading anything: like a bad config
+        print(f"checkpoint error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except Exception as exc:  # one line on every rank; the traceback above it for debugging
         traceback.print_exc()
         print(f"rank {env.rank} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",

@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 from dataclasses import replace
 from typing import Any, Iterator, Optional
 
@@ -393,9 +392,7 @@ def save_ds(model: Transformer, out_dir: str, config: Optional[Config] = None) -
     config = config or Config(model=model.cfg, train=TrainConfig(
         out_dir=out_dir, seq_len=min(TrainConfig.seq_len, model.cfg.max_seq_len)))
     root = os.path.join(out_dir, "checkpoints")
-    final, tmp = os.path.join(root, "step_0"), os.path.join(root, ".tmp_step_0")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = ckpt.begin_checkpoint(root, 0)
     items, specs = [], {}
     for name, t in named_tensors(model):
         shape = tuple(t.shape)
@@ -414,12 +411,7 @@ def save_ds(model: Transformer, out_dir: str, config: Optional[Config] = None) -
         "format_version": ckpt.FORMAT_VERSION, "step": 0, "optimizer_step": 0,
         "layout": {"world_size": 1, "tp": 1, "pp": 1, "ep": 1, "dp": 1}, "config": to_dict(config),
     }
-    _write_json(os.path.join(tmp, "meta.json"), meta)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(root, "latest.tmp"), "w") as fh:
-        fh.write("step_0\n")
-    os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+    final = ckpt.publish_checkpoint(root, 0, meta)  # meta.json with the file list, fsyncs, renames, latest
     with open(os.path.join(out_dir, "config.yaml.tmp"), "w") as fh:
         fh.write(dump_yaml(config))
     os.replace(os.path.join(out_dir, "config.yaml.tmp"), os.path.join(out_dir, "config.yaml"))
