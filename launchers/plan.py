@@ -2,6 +2,8 @@
 
 Validates the config for `--world` ranks and prints parameter counts, per-stage memory
 estimates per rank and the pipeline bubble of the chosen schedule (ds_parallel/parallel/plan.py).
+With `--gpu-mem-gib G` (or parallel.memory_budget_gib) it also says whether the plan fits, by
+the same check launchers/train.py runs before training, and which layout would if it does not.
 """
 from __future__ import annotations
 
@@ -22,19 +24,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--world", type=int, required=True, help="number of ranks (GPUs)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--gpu-mem-gib", type=float, default=None,
+                        help="device memory per GPU in GiB: check the plan against it less the trainer's headroom")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
     from ds_parallel.config import ConfigError, load_config
-    from ds_parallel.parallel.plan import plan
+    from ds_parallel.parallel.plan import GPU_HEADROOM, device_budget, memory_budget, memory_verdict, plan
 
     try:
         cfg = load_config(args.config, args.overrides, world_size=args.world, purpose="plan")
         report = plan(cfg, args.world)
+        verdict = None
+        if args.gpu_mem_gib is not None:
+            budget = (device_budget(args.gpu_mem_gib * 2**30),
+                      f"--gpu-mem-gib {args.gpu_mem_gib:g} less {GPU_HEADROOM:.0%} headroom")
+            verdict = memory_verdict(cfg, args.world, *budget)
+        elif cfg.parallel.memory_budget_gib is not None:
+            verdict = memory_verdict(cfg, args.world, *memory_budget(cfg))
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.json:
+        if verdict is not None:
+            report["fits"], report["memory"] = verdict
         report = dict(report, stages=[dict(vars(s), total_bytes=s.total_bytes) for s in report["stages"]],
                       layout=[list(stage) for stage in report["layout"].stages])
         print(json.dumps(report, indent=1))
@@ -53,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         span = ",".join(f"{ids[0]}-{ids[-1]}" if ids else "-" for ids in spans)
         print(f"{s.stage:5d}  {span:12s}  {s.params / 1e9:9.3f}B {_gib(s.weights_bytes)} {_gib(s.grads_bytes)} "
               f"{_gib(s.optimizer_bytes)} {_gib(s.activation_bytes)} {_gib(s.total_bytes)}")
+    if verdict is not None:
+        print(f"memory: {verdict[1]}")
     return 0
 
 

@@ -15,9 +15,10 @@
 # HOSTFILE (where to write it). The profile's variables reach the remote ranks through a
 # DeepSpeed environment file (DS_ENV_FILE), since pdsh passes on only NCCL_*/PYTHON*.
 # Preemption works as in v3_pretrain.sh: SIGUSR1 is relayed to the ranks on every node,
-# they checkpoint and exit 75, and the job requeues itself.
+# they checkpoint and exit 75, and the job requeues itself. --nodes=256: the default config's
+# layout, as in v3_pretrain.sh (which says why).
 #SBATCH --job-name=ds-multinode
-#SBATCH --nodes=8
+#SBATCH --nodes=256
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive

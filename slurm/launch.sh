@@ -5,7 +5,8 @@
 # preemption forwarding, then requeue the job if the ranks stopped for preemption.
 #
 # Inputs, all from the environment (the job inherits the submitter's), all optional:
-#   CLUSTER            h800 (default) | h100 | cpu: which slurm/env/<cluster>.sh to source
+#   CLUSTER            h800 (default) | h100 | cpu: which slurm/env/<cluster>.sh to source; a GPU
+#                      profile with no GPU visible exits 1 (only cpu trains on CPU)
 #   CONFIG             config for the entry point (default: the job script's; smoke_cpu on cpu)
 #   OVERRIDES          space-separated key=value config overrides ("train.steps=100 train.lr=1e-4")
 #   ENTRY              training entry point (default launchers/train.py)
@@ -111,10 +112,10 @@ dsp_init() {
             RANKS_PER_NODE=$NODE_GPUS
             dsp_log "dry run: no GPU visible here; rendering $RANKS_PER_NODE ranks per node as on $CLUSTER nodes"
         elif ((RANKS_PER_NODE == 0)); then
-            dsp_log "no GPU visible on $(hostname -s): falling back to CLUSTER=cpu (gloo, one rank per task)"
-            CLUSTER=cpu
-            # shellcheck source=env/cpu.sh
-            source slurm/env/cpu.sh
+            # Never a silent CPU run: a GPU job on a broken node would train the CPU smoke
+            # model and end COMPLETED.
+            dsp_log "no GPU visible on $(hostname -s) for CLUSTER=$CLUSTER: not starting (set CLUSTER=cpu to train on CPU)"
+            exit 1
         fi
     fi
     if [[ $CLUSTER == cpu ]]; then
@@ -143,7 +144,6 @@ dsp_init() {
     ENTRY=${ENTRY:-launchers/train.py}
     read -r -a DSP_OVERRIDES <<<"${OVERRIDES:-}"
 
-    # After the profile: a GPU job that fell back to cpu trains the CPU config.
     if [[ $CLUSTER == cpu ]]; then
         CONFIG=${CONFIG:-configs/smoke_cpu.yaml}
     else

@@ -2,20 +2,28 @@
 pipeline bubbles, from the config alone (torchtitan's and Megatron's "fake process group"
 planning, as pure arithmetic).
 
-Parameter counts follow the model code exactly (a test checks them against a built
-model). Memory per rank, in bytes, for mixed precision with an fp32 master:
+Parameter counts follow the model code exactly: one table of parameters (`Param`), each
+with its full size and the group that splits it (tp, ep or none: replicated), from which
+totals, activated counts and each rank's local count are derived (a test checks the names
+and local sizes against every rank's built shard under tp, ep and pp). Memory per rank, in
+bytes, for mixed precision with an fp32 master:
 
-    weights     2 (bf16) or 4 (fp32) per local parameter
-    grads       same width as the weights; divided over dp by ZeRO-2
-    optimizer   fp32 master (4, bf16 runs only) + AdamW m and v (8) per parameter;
+    weights     2 (bf16) or 4 (fp32) per local parameter; divided over dp / edp by ZeRO-3
+    grads       same width as the weights; divided over dp / edp by ZeRO-2
+    optimizer   fp32 master (4, bf16 runs only) + AdamW m and v (8, or 4 with
+                precision.optimizer_moments=bf16) per parameter;
                 divided over dp (dense) / edp (experts) by ZeRO-1 and up
     activations saved for backward, per micro-batch and layer (bytes per token):
-                34 d x width/2 (Korthikanti et al. 2022, no recompute), + 5 h s x width/2
+                34 d x width/2 (Korthikanti et al. 2022, no recompute; the per-head and
+                dense-MLP parts divided by tp), + 5 h s x width/2
                 where the attention probabilities are stored (fp32 math kernel, not flash),
                 + MLA latents and expanded heads, + k (3 i_moe + d) x width for MoE layers;
                 1F1B keeps pp - i micro-batches in flight on stage i; DualPipeV's two
                 chunks on rank r keep 2 pp - r and about r + 2 (`in_flight`), about pp + 1
                 micro-batches of a whole rank's layers (V3 report Table 2: pp + 1)
+
+`check_memory` compares the busiest rank's total with the device's memory (less
+GPU_HEADROOM) before training starts, and `suggest_layout` finds the closest layout that fits.
 
 Bubble fractions (time idle / total), with F = forward, B = full backward = 2F and
 W = weight-gradient part of B = F, and F&B (an overlapped forward + backward pair) = F + B:
@@ -26,79 +34,112 @@ W = weight-gradient part of B = F, and F&B (an overlapped forward + backward pai
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
+from ds_parallel.config.load import ConfigError
 from ds_parallel.config.schema import Config, ModelConfig
 
-
-@dataclass
-class LayerParams:
-    attention: int
-    ffn_total: int  # dense MLP, or router + all routed experts + shared experts
-    ffn_active: int  # what one token touches
-    experts: int  # routed-expert parameters (sharded over ep)
-    norms: int
-
-    @property
-    def total(self) -> int:
-        return self.attention + self.ffn_total + self.norms
-
-    @property
-    def active(self) -> int:
-        return self.attention + self.ffn_active + self.norms
+# Device memory left outside the estimate: CUDA context and kernels, NCCL buffers, the
+# caching allocator's fragmentation and temporaries the estimate does not count.
+GPU_HEADROOM = 0.10
+GIB = 2**30
 
 
-def attention_params(m: ModelConfig) -> int:
+@dataclass(frozen=True)
+class Param:
+    """One parameter as the model code builds it: `name` relative to the model (as in
+    `named_parameters()`), its full size, and how it is split over ranks: "tp" (the
+    column/row/vocab-parallel layers of parallel/tensor_parallel.py), "ep" (the routed
+    experts, moe/experts.py) or None (replicated: norms, MLA's down-projections, the router,
+    the shared experts, MTP's eh_proj)."""
+
+    name: str
+    numel: int
+    shard: Optional[str] = None
+
+    def local(self, tp: int, ep: int) -> int:
+        return self.numel // {"tp": tp, "ep": ep}.get(self.shard, 1)
+
+
+def attention_params(m: ModelConfig, prefix: str) -> list[Param]:
     d, h = m.dim, m.n_heads
     if m.attention == "mla":
         qk = m.qk_nope_head_dim + m.qk_rope_head_dim
-        q = d * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * h * qk if m.q_lora_rank else d * h * qk
-        kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank + m.kv_lora_rank * h * (
-            m.qk_nope_head_dim + m.v_head_dim)
-        return q + kv + h * m.v_head_dim * d
+        if m.q_lora_rank:
+            q = [Param(f"{prefix}wq_a.weight", m.q_lora_rank * d), Param(f"{prefix}q_norm.weight", m.q_lora_rank),
+                 Param(f"{prefix}wq_b.weight", h * qk * m.q_lora_rank, "tp")]
+        else:
+            q = [Param(f"{prefix}wq.weight", h * qk * d, "tp")]
+        return q + [
+            Param(f"{prefix}wkv_a.weight", (m.kv_lora_rank + m.qk_rope_head_dim) * d),
+            Param(f"{prefix}kv_norm.weight", m.kv_lora_rank),
+            Param(f"{prefix}wkv_b.weight", h * (m.qk_nope_head_dim + m.v_head_dim) * m.kv_lora_rank, "tp"),
+            Param(f"{prefix}wo.weight", d * h * m.v_head_dim, "tp"),
+        ]
     hd = m.head_dim or d // h
     kv = m.n_kv_heads or h
-    return d * h * hd + 2 * d * kv * hd + h * hd * d
+    return [Param(f"{prefix}wq.weight", h * hd * d, "tp"), Param(f"{prefix}wk.weight", kv * hd * d, "tp"),
+            Param(f"{prefix}wv.weight", kv * hd * d, "tp"), Param(f"{prefix}wo.weight", d * h * hd, "tp")]
 
 
-def layer_params(m: ModelConfig, layer_id: int) -> LayerParams:
+def is_moe_layer(m: ModelConfig, layer_id: int) -> bool:
+    return m.n_routed_experts > 0 and layer_id >= m.n_dense_layers
+
+
+def ffn_params(m: ModelConfig, layer_id: int, prefix: str) -> list[Param]:
     d = m.dim
-    attn = attention_params(m)
-    if m.n_routed_experts and layer_id >= m.n_dense_layers:
-        expert = 3 * d * m.moe_inter_dim
-        shared = 3 * d * m.moe_inter_dim * m.n_shared_experts
-        router = m.n_routed_experts * d
-        experts = m.n_routed_experts * expert
-        return LayerParams(attn, router + experts + shared, router + m.n_activated_experts * expert + shared,
-                           experts, 2 * d)
-    mlp = 3 * d * m.inter_dim
-    return LayerParams(attn, mlp, mlp, 0, 2 * d)
+    if not is_moe_layer(m, layer_id):
+        return [Param(f"{prefix}{w}.weight", d * m.inter_dim, "tp") for w in ("w1", "w2", "w3")]
+    out = [Param(f"{prefix}gate.weight", m.n_routed_experts * d)]
+    out += [Param(f"{prefix}experts.{w}", m.n_routed_experts * m.moe_inter_dim * d, "ep") for w in ("w1", "w2", "w3")]
+    if m.n_shared_experts:
+        out += [Param(f"{prefix}shared_experts.{w}.weight", m.n_shared_experts * m.moe_inter_dim * d)
+                for w in ("w1", "w2", "w3")]
+    return out
 
 
-def mtp_params(m: ModelConfig) -> tuple[int, int]:
-    """(total, active) of the MTP modules, excluding the shared embedding and head."""
-    total = active = 0
-    for k in range(m.mtp_depth):
-        block = layer_params(m, m.n_layers + k)
-        extra = 2 * m.dim + 2 * m.dim * m.dim + m.dim  # enorm, hnorm, eh_proj, norm
-        total += block.total + extra
-        active += block.active + extra
-    return total, active
+def block_params(m: ModelConfig, layer_id: int, prefix: str) -> list[Param]:
+    return ([Param(f"{prefix}attn_norm.weight", m.dim)] + attention_params(m, f"{prefix}attn.")
+            + [Param(f"{prefix}ffn_norm.weight", m.dim)] + ffn_params(m, layer_id, f"{prefix}ffn."))
+
+
+def mtp_module_params(m: ModelConfig, k: int) -> list[Param]:
+    p, d = f"mtp.{k}.", m.dim
+    return ([Param(f"{p}enorm.weight", d), Param(f"{p}hnorm.weight", d), Param(f"{p}eh_proj.weight", 2 * d * d)]
+            + block_params(m, m.n_layers + k, f"{p}block.") + [Param(f"{p}norm.weight", d)])
+
+
+def stage_params(m: ModelConfig, layer_ids, has_embed: bool, has_head: bool) -> list[Param]:
+    """What `Transformer(m, ctx, layer_ids, has_embed, has_head)` builds, full sizes."""
+    out = [Param("embed.weight", m.vocab_size * m.dim, "tp")] if has_embed else []
+    for i in layer_ids:
+        out += block_params(m, i, f"layers.{i}.")
+    if has_head:
+        out += [Param("norm.weight", m.dim), Param("head.weight", m.vocab_size * m.dim, "tp")]
+        for k in range(m.mtp_depth):
+            out += mtp_module_params(m, k)
+    return out
+
+
+def active_numel(m: ModelConfig, params: list[Param]) -> int:
+    """Parameters one token touches: the routed experts count K of E."""
+    experts = sum(p.numel for p in params if p.shard == "ep")
+    routed = experts // m.n_routed_experts * m.n_activated_experts if experts else 0
+    return sum(p.numel for p in params) - experts + routed
 
 
 def model_params(m: ModelConfig) -> dict[str, int]:
     """Parameter counts of the main model (embedding + layers + norm + head) and MTP."""
-    layers = [layer_params(m, i) for i in range(m.n_layers)]
-    embed_head = 2 * m.vocab_size * m.dim
-    total = embed_head + m.dim + sum(lp.total for lp in layers)
-    active = embed_head + m.dim + sum(lp.active for lp in layers)
-    mtp_total, mtp_active = mtp_params(m)
-    return {"total": total, "active": active, "mtp_total": mtp_total, "mtp_active": mtp_active,
-            "embed_head": embed_head}
+    mtp = [q for k in range(m.mtp_depth) for q in mtp_module_params(m, k)]
+    main = [q for q in stage_params(m, range(m.n_layers), True, True) if not q.name.startswith("mtp.")]
+    return {"total": sum(q.numel for q in main), "active": active_numel(m, main),
+            "mtp_total": sum(q.numel for q in mtp), "mtp_active": active_numel(m, mtp),
+            "embed_head": 2 * m.vocab_size * m.dim}
 
 
 def layer_cost(m: ModelConfig, layer_id: int) -> float:
     """Relative compute of a layer per token: activated parameters (2 FLOPs each forward)."""
-    return float(layer_params(m, layer_id).active)
+    return float(active_numel(m, block_params(m, layer_id, "")))
 
 
 def split_layers(m: ModelConfig, n_stages: int, explicit: str | None = None) -> list[list[int]]:
@@ -112,7 +153,7 @@ def split_layers(m: ModelConfig, n_stages: int, explicit: str | None = None) -> 
     else:
         costs = [layer_cost(m, i) for i in range(m.n_layers)]
         edge = m.vocab_size * m.dim
-        head = edge + mtp_params(m)[1]
+        head = edge + model_params(m)["mtp_active"]
         counts = _balanced_counts(costs, n_stages, first_extra=edge * 0.1, last_extra=float(head))
     stages, start = [], 0
     for c in counts:
@@ -206,17 +247,22 @@ def _balanced_counts(costs: list[float], pp: int, first_extra: float, last_extra
 
 
 def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: int, width: int) -> float:
-    """Bytes saved for backward per token by one layer (no recompute). fp32 runs (CPU) use
-    the math attention kernel, which saves the (h, s, s) probabilities; bf16 runs assume
-    flash attention, which does not."""
-    out = 34 * m.dim * width / 2  # Korthikanti et al. 2022: norms, projections, MLP, residuals
+    """Bytes saved for backward per token by one layer on one tp rank (no recompute, no
+    sequence parallel). fp32 runs (CPU) use the math attention kernel, which saves the
+    (h, s, s) probabilities; bf16 runs assume flash attention, which does not. Of Korthikanti
+    et al.'s 34 d per token, 10 (block input, norms, residuals) stay replicated under tp, 8
+    (per-head q, k, v, attention output) split, and the 16 of the MLP hidden split in a dense
+    layer only: MoE layers run their experts (routed and shared, whose weights are not
+    tp-split) on every tp rank's full token set, and MLA's latents are replicated too."""
+    mlp_split = 1 if is_moe_layer(m, layer_id) else tp
+    out = (10 + 8 / tp + 16 / mlp_split) * m.dim * width / 2  # Korthikanti et al. 2022 (no recompute)
     if width == 4:
         out += 5 * (m.n_heads / tp) * seqlen * width / 2
     if m.attention == "mla":  # latents, expanded per-head q/k (nope + rope) and v
         qk = m.qk_nope_head_dim + m.qk_rope_head_dim
         out += (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
                 + m.n_heads / tp * (2 * qk + m.v_head_dim)) * width
-    if m.n_routed_experts and layer_id >= m.n_dense_layers:
+    if is_moe_layer(m, layer_id):
         out += m.n_activated_experts * (3 * m.moe_inter_dim + m.dim) * width
     return out
 
@@ -269,6 +315,11 @@ def in_flight(layout: PipelineLayout, stage: int, n_micro: int) -> int:
     return min(count, n_micro)
 
 
+def rank_params(m: ModelConfig, layout: PipelineLayout, rank: int) -> list[Param]:
+    """The parameters pipeline rank `rank` builds (model/__init__.py `build_model`)."""
+    return stage_params(m, layout.layers_of(rank), layout.has_embed(rank), layout.has_head(rank))
+
+
 def plan(cfg: Config, world_size: int) -> dict:
     """The whole report for `cfg` on `world_size` ranks (validated first): one StagePlan per
     pipeline rank (under DualPipeV a rank runs two stages of the V)."""
@@ -281,43 +332,34 @@ def plan(cfg: Config, world_size: int) -> dict:
     edp = dp // ep
     width = 2 if cfg.precision.dtype == "bf16" else 4
     master = 4 if cfg.precision.dtype == "bf16" else 0
+    moments = 2 * (2 if cfg.precision.optimizer_moments == "bf16" else 4)  # AdamW m and v
     n_micro = t.global_batch_size // (t.micro_batch_size * dp)
     layout = pipeline_layout(m, pp, p.pp_schedule, p.pp_layers)
     tokens = t.micro_batch_size * t.seq_len
     mtp_ids = [m.n_layers + k for k in range(m.mtp_depth)]
+    # ZeRO-1 and up split the optimizer over dp (dense) / edp (experts), ZeRO-2 also the
+    # gradients, ZeRO-3 also the weights.
+    div = {z: (dp if p.zero_stage >= z else 1, edp if p.zero_stage >= z else 1) for z in (1, 2, 3)}
     out = []
     for rank in range(pp):
-        layer_ids = layout.layers_of(rank)
-        lps = [layer_params(m, i) for i in layer_ids]
-        dense = sum(lp.total - lp.experts for lp in lps)
-        experts = sum(lp.experts for lp in lps)
-        if layout.has_embed(rank):
-            dense += m.vocab_size * m.dim
-        if layout.has_head(rank):
-            mtp_total = mtp_params(m)[0]
-            mtp_experts = sum(layer_params(m, i).experts for i in mtp_ids)
-            dense += m.vocab_size * m.dim + m.dim + mtp_total - mtp_experts  # head, norm, MTP
-            experts += mtp_experts
-        local_dense, local_experts = dense / tp, experts / ep
-        local = local_dense + local_experts
-        opt_div_dense = dp if p.zero_stage >= 1 else 1
-        opt_div_exp = edp if p.zero_stage >= 1 else 1
-        optimizer = (master + 8) * (local_dense / opt_div_dense + local_experts / opt_div_exp)
-        grads = width * (local_dense / (dp if p.zero_stage >= 2 else 1) + local_experts / (edp if p.zero_stage >= 2 else 1))
-        weights = width * local
-        if p.zero_stage == 3:
-            weights = width * (local_dense / dp + local_experts / edp)
+        params = rank_params(m, layout, rank)
+        local_experts = sum(q.local(tp, ep) for q in params if q.shard == "ep")
+        local_dense = sum(q.local(tp, ep) for q in params) - local_experts
+
+        def per_rank(bytes_per_param, z):
+            return bytes_per_param * (local_dense / div[z][0] + local_experts / div[z][1])
+
         acts = 0.0
         for stage in layout.stages_of(rank):
             ids = list(layout.stages[stage]) + (mtp_ids if stage == layout.n_stages - 1 else [])
-            per_token = sum(activation_bytes_per_token(m, i, t.seq_len, tp, width) for i in ids)
-            stage_acts = per_token * tokens / (tp if tp > 1 else 1)
+            stage_acts = tokens * sum(activation_bytes_per_token(m, i, t.seq_len, tp, width) for i in ids)
             if stage == layout.n_stages - 1:
                 stage_acts += tokens * (m.vocab_size / tp) * 4 * (1 + m.mtp_depth)  # fp32 logits for the loss
             acts += stage_acts * in_flight(layout, stage, n_micro)
-        n_layers_here = len(layer_ids) + (m.mtp_depth if layout.has_head(rank) else 0)
+        n_layers_here = len(layout.layers_of(rank)) + (m.mtp_depth if layout.has_head(rank) else 0)
         notes = [f"{n_layers_here} layers"] + (["embedding copy (tied)"] if layout.tied_embedding and rank == pp - 1 else [])
-        out.append(StagePlan(rank, layer_ids, int(local), int(local_experts), weights, grads, optimizer, acts, notes))
+        out.append(StagePlan(rank, layout.layers_of(rank), local_dense + local_experts, local_experts,
+                             per_rank(width, 3), per_rank(width, 2), per_rank(master + moments, 1), acts, notes))
     counts = model_params(m)
     return {
         "world_size": world_size, "tp": tp, "pp": pp, "ep": ep, "dp": dp, "edp": edp,
@@ -325,3 +367,101 @@ def plan(cfg: Config, world_size: int) -> dict:
         "bubble_fraction": bubble_fraction(p.pp_schedule, pp, n_micro),
         "params": counts, "stages": out, "layout": layout,
     }
+
+
+def peak_bytes(report: dict) -> float:
+    return max(s.total_bytes for s in report["stages"])
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _layout_str(p) -> str:
+    return f"tp={p.tp} pp={p.pp} ep={p.ep} zero_stage={p.zero_stage}"
+
+
+def suggest_layout(cfg: Config, world_size: int, budget_bytes: float, max_tp: int = 8) -> Optional[tuple[dict, float]]:
+    """The valid layout of `world_size` ranks closest to cfg's whose peak estimate fits
+    `budget_bytes`: ({key: value} of the changed parallel.* keys, peak bytes), or None.
+    Searches tp (up to a node's max_tp GPUs), pp, ep and zero_stage; closest = fewest keys
+    changed, then tp kept (it costs the most communication), then the smallest peak."""
+    import dataclasses
+
+    p, m = cfg.parallel, cfg.model
+    divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+    best = None
+    for tp in (d for d in divisors if d <= max(max_tp, p.tp)):
+        for pp in (d for d in divisors if (world_size // tp) % d == 0 and d <= m.n_layers):
+            dp = world_size // (tp * pp)
+            for ep in (d for d in divisors if dp % d == 0 and (m.n_routed_experts or 1) % d == 0):
+                for zero in (0, 1, 2, 3):
+                    changed = {k: v for k, v in (("tp", tp), ("pp", pp), ("ep", ep), ("zero_stage", zero))
+                               if getattr(p, k) != v}
+                    if not changed:
+                        continue
+                    schedule = p.pp_schedule if pp > 1 and (pp % 2 == 0 or p.pp_schedule == "1f1b") else "1f1b"
+                    trial = dataclasses.replace(cfg, parallel=dataclasses.replace(
+                        p, tp=tp, pp=pp, ep=ep, zero_stage=zero, dp=None, pp_schedule=schedule,
+                        pp_layers=p.pp_layers if pp == p.pp else None))
+                    try:
+                        peak = peak_bytes(plan(trial, world_size))
+                    except (ConfigError, ValueError):
+                        continue
+                    key = (len(changed), tp != p.tp, peak)
+                    if peak <= budget_bytes and (best is None or key < best[0]):
+                        best = (key, changed, peak)
+    return None if best is None else (best[1], best[2])
+
+
+def memory_verdict(cfg: Config, world_size: int, budget_bytes: float, budget_source: str) -> tuple[bool, str]:
+    """(fits, one line): the peak per-rank estimate of `cfg` against `budget_bytes` and, when
+    it does not fit, the closest layout that does (`suggest_layout`)."""
+    report = plan(cfg, world_size)
+    worst = max(report["stages"], key=lambda s: s.total_bytes)
+    where = (f"pipeline rank {worst.stage}: weights {_size(worst.weights_bytes)}, grads {_size(worst.grads_bytes)}, "
+             f"optimizer {_size(worst.optimizer_bytes)}, activations {_size(worst.activation_bytes)}")
+    head = (f"parallel layout {_layout_str(cfg.parallel)} on {world_size} ranks needs an estimated "
+            f"{_size(worst.total_bytes)} per rank ({where}); budget {_size(budget_bytes)} ({budget_source})")
+    if worst.total_bytes <= budget_bytes:
+        return True, f"fits: {head}"
+    found = suggest_layout(cfg, world_size, budget_bytes)
+    if found is None:
+        fix = (f"no tp/pp/ep/zero_stage layout of {world_size} ranks fits: launch more ranks, or lower "
+               f"train.micro_batch_size or train.seq_len")
+    else:
+        changed, peak = found
+        fix = "set " + " ".join(f"parallel.{k}={v}" for k, v in changed.items()) + f" ({_size(peak)} per rank)"
+    return False, f"does not fit: {head}: {fix}"
+
+
+def memory_budget(cfg: Config, local_rank: int = 0) -> Optional[tuple[float, str]]:
+    """(bytes, where from) the per-rank estimate must fit in: parallel.memory_budget_gib, else
+    the CUDA device's memory less GPU_HEADROOM; None on CPU without a configured budget."""
+    if cfg.parallel.memory_budget_gib is not None:
+        if cfg.parallel.memory_budget_gib <= 0:
+            raise ConfigError(f"parallel.memory_budget_gib={cfg.parallel.memory_budget_gib} must be > 0 "
+                              f"(or null: the device's memory)")
+        return cfg.parallel.memory_budget_gib * GIB, "parallel.memory_budget_gib"
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(local_rank % torch.cuda.device_count())
+    return device_budget(props.total_memory), (f"{props.name} {props.total_memory / GIB:.1f} GiB less "
+                                                f"{GPU_HEADROOM:.0%} headroom; parallel.memory_budget_gib overrides")
+
+
+def device_budget(total_bytes: float) -> float:
+    return total_bytes * (1 - GPU_HEADROOM)
+
+
+def check_memory(cfg: Config, world_size: int, local_rank: int = 0) -> None:
+    """Pre-flight, before any process group: raise ConfigError (one line naming the estimate
+    and a layout that fits) when the planner's peak per-rank memory exceeds the budget."""
+    budget = memory_budget(cfg, local_rank)
+    if budget is None:
+        return
+    fits, line = memory_verdict(cfg, world_size, *budget)
+    if not fits:
+        raise ConfigError(line)

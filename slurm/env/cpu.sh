@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# CPU-only fallback: gloo collectives, one training rank per Slurm task (CLUSTER=cpu, or a
-# GPU profile on nodes where no GPU is visible). For CI and functional checks, not speed.
+# CPU-only profile: gloo collectives, one training rank per Slurm task. Only CLUSTER=cpu
+# selects it (a GPU profile on a node without GPUs exits instead). For CI and functional
+# checks, not speed.
 
 # No GPUs per node: the job scripts launch one rank per task instead.
 # shellcheck disable=SC2034  # read by slurm/launch.sh

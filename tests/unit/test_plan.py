@@ -10,7 +10,10 @@ import torch
 from ds_parallel.config.load import config_from_dict
 from ds_parallel.model import build_model
 from ds_parallel.parallel.groups import ParallelContext
-from ds_parallel.parallel.plan import bubble_fraction, model_params, plan, split_layers
+from ds_parallel.config import ConfigError, load_config
+from ds_parallel.parallel.plan import (GIB, bubble_fraction, check_memory, model_params, peak_bytes, pipeline_layout,
+                                       plan, rank_params, split_layers, suggest_layout)
+from ds_parallel.parallel.topology import Topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,6 +28,37 @@ def test_parameter_counts_match_built_models(preset):
     assert (main, mtp) == (counts["total"], counts["mtp_total"])
 
 
+# (preset, tp, pp, ep, pp_schedule, pp_layers): every rank of each layout is built in this
+# process (construction only reads ctx.tp_rank, ctx.ep_rank, ctx.pp_rank).
+LAYOUTS = [
+    ("debug_v3", 2, 1, 1, "1f1b", None),
+    ("debug_v3", 1, 1, 2, "1f1b", None),
+    ("debug_v3", 1, 2, 1, "1f1b", None),  # MTP on the last rank with a tied embedding copy
+    ("debug_v3", 1, 2, 1, "dualpipev", "1,0,0,1"),
+    ("debug_v3", 2, 2, 2, "1f1b", None),
+    ("debug_dense", 2, 1, 1, "1f1b", None),
+    ("debug_dense", 2, 2, 1, "1f1b", None),
+]
+
+
+@pytest.mark.parametrize("preset, tp, pp, ep, schedule, pp_layers", LAYOUTS)
+def test_per_rank_counts_match_each_built_shard(preset, tp, pp, ep, schedule, pp_layers):
+    world = tp * pp * 2
+    cfg = config_from_dict({"model": {"preset": preset},
+                            "parallel": {"tp": tp, "pp": pp, "ep": ep, "pp_schedule": schedule, "pp_layers": pp_layers,
+                                         "zero_stage": 1},
+                            "train": {"global_batch_size": 8, "micro_batch_size": 1}})
+    stages = plan(cfg, world)["stages"]
+    layout = pipeline_layout(cfg.model, pp, schedule, pp_layers)
+    for rank in range(world):
+        ctx = ParallelContext(topo=Topology(world, tp=tp, pp=pp, ep=ep), rank=rank)
+        built = {n: q.numel() for n, q in build_model(cfg.model, ctx, 1, layout).named_parameters()}
+        planned = {q.name: q.local(tp, ep) for q in rank_params(cfg.model, layout, ctx.pp_rank)}
+        assert planned == built, (rank, set(planned.items()) ^ set(built.items()))
+        assert stages[ctx.pp_rank].params == sum(built.values()), rank
+        assert stages[ctx.pp_rank].expert_params == sum(n for k, n in built.items() if ".experts." in k), rank
+
+
 def test_deepseek_v3_counts_match_the_paper():
     # V3 report / README_WEIGHTS: 671B total, ~37B activated; MTP module ~11.5-11.6B unique.
     counts = model_params(config_from_dict({"model": {"preset": "deepseek_v3"}}).model)
@@ -33,10 +67,12 @@ def test_deepseek_v3_counts_match_the_paper():
     assert counts["mtp_total"] / 1e9 == pytest.approx(11.6, abs=0.1)
 
 
-def _measured_bytes(cfg):
+def _measured_bytes(cfg, ctx):
     """Tensor bytes of one fp32 training step on one process: saved activations (unique
-    storages seen by autograd's pack hook, parameters excluded), weights, grads, AdamW."""
-    model = build_model(cfg.model, ParallelContext.single(), 1)
+    storages seen by autograd's pack hook, parameters excluded), weights, grads, AdamW.
+    A tp=2 shard runs alone (its groups are None, so collectives are identities): the values
+    are not the model's, the shapes and so the bytes are tp rank 0's."""
+    model = build_model(cfg.model, ctx, 1)
     storages = {}
 
     def pack(t):
@@ -58,12 +94,12 @@ def _measured_bytes(cfg):
     return activations, weights, grads, optim
 
 
-@pytest.mark.parametrize("preset", ["debug_dense", "debug_v3"])
-def test_memory_estimate_within_20_percent_of_measured(preset):
-    cfg = config_from_dict({"model": {"preset": preset},
+@pytest.mark.parametrize("preset, tp", [("debug_dense", 1), ("debug_v3", 1), ("debug_dense", 2), ("debug_v3", 2)])
+def test_memory_estimate_within_20_percent_of_measured(preset, tp):
+    cfg = config_from_dict({"model": {"preset": preset}, "parallel": {"tp": tp},
                             "train": {"global_batch_size": 8, "micro_batch_size": 8, "seq_len": 64}})
-    stage = plan(cfg, 1)["stages"][0]
-    activations, weights, grads, optim = _measured_bytes(cfg)
+    stage = plan(cfg, tp)["stages"][0]
+    activations, weights, grads, optim = _measured_bytes(cfg, ParallelContext(topo=Topology(tp, tp=tp), rank=0))
     assert stage.activation_bytes == pytest.approx(activations, rel=0.2)
     assert stage.weights_bytes == weights and stage.grads_bytes == grads and stage.optimizer_bytes == optim
     total = activations + weights + grads + optim
@@ -89,13 +125,51 @@ def test_stage_splits():
 
 def test_plan_cli_on_the_v3_layout():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "plan.py"), "--config",
-                          os.path.join(ROOT, "configs", "v3_671b.yaml"), "--world", "2048"],
+                          os.path.join(ROOT, "configs", "v3_671b.yaml"), "--world", "2048", "--gpu-mem-gib", "80"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "671.03B parameters, 37.55B activated" in out.stdout
     assert "tp 1 x pp 16 x dp 128 (ep 64 x edp 2)" in out.stdout and "dualpipev" in out.stdout
     assert len([line for line in out.stdout.splitlines() if line.strip()[:2].strip().isdigit()]) == 16
+    assert "memory: fits: parallel layout tp=1 pp=16 ep=64 zero_stage=1 on 2048 ranks needs an estimated" in out.stdout
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "plan.py"), "--config",
                           os.path.join(ROOT, "configs", "v3_671b.yaml"), "--world", "1000"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "world size 1000 is not divisible" in bad.stderr
+
+
+SMOKE = os.path.join(ROOT, "configs", "smoke_dense_cpu.yaml")
+
+
+def test_memory_check_refuses_a_layout_over_budget_and_names_one_that_fits():
+    cfg = load_config(SMOKE, [], world_size=2)
+    peak = peak_bytes(plan(cfg, 2))  # 27.4 MiB, 22.5 of them activations
+    if not torch.cuda.is_available():
+        check_memory(cfg, 2)  # no budget on CPU: no check
+    cfg.parallel.memory_budget_gib = peak / GIB
+    check_memory(cfg, 2)  # exactly the estimate fits
+    cfg.parallel.memory_budget_gib = 0.8 * peak / GIB
+    with pytest.raises(ConfigError, match=r"needs an estimated 27.4 MiB per rank .*budget 21.9 MiB "
+                                          r"\(parallel.memory_budget_gib\): set parallel.tp=2 \(17.0 MiB per rank\)"):
+        check_memory(cfg, 2)
+    assert suggest_layout(cfg, 2, 0.8 * peak) == ({"tp": 2}, pytest.approx(17.0 * 2**20, rel=0.01))
+    cfg.parallel.tp = 2
+    check_memory(cfg, 2)  # the suggestion passes the same check
+    cfg.parallel.memory_budget_gib = 0.5 * peak / GIB
+    with pytest.raises(ConfigError, match="no tp/pp/ep/zero_stage layout of 2 ranks fits"):
+        check_memory(cfg, 2)
+
+
+def test_train_refuses_an_over_budget_layout_before_starting(tmp_path):
+    # One process told it is rank 0 of 2: the check runs before any process group, so it
+    # exits without waiting for the peer.
+    out_dir = tmp_path / "run"
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", SMOKE,
+                           f"parallel.memory_budget_gib={0.8 * 27.4 / 1024}", f"train.out_dir={out_dir}"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: does not fit: parallel layout tp=1 pp=1"), lines
+    assert "needs an estimated 27.4 MiB per rank" in lines[0] and "set parallel.tp=2" in lines[0]
+    assert not out_dir.exists()

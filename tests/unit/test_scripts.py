@@ -1,10 +1,11 @@
 """The shell scripts in slurm/ and launchers/: syntax, shellcheck, and the launch logic of
 slurm/launch.sh without a cluster (DRY_RUN renders the srun command; stub srun/scontrol/
-nvidia-smi on PATH exercise the CPU fallback, exit codes and requeue). The real-cluster
-runs are in tests/slurm.
+nvidia-smi on PATH exercise the no-GPU refusal, exit codes and requeue); the default job's
+layout against the trainer's memory check. The real-cluster runs are in tests/slurm.
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,7 +138,7 @@ def test_dry_run_renders_the_h100_srun_command_with_site_flags(stubs):
 def test_dry_run_outside_an_allocation_uses_the_sbatch_defaults(stubs):
     proc = run_script("slurm/v3_pretrain.sh", stubs, DRY_RUN="1")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("srun --nodes=8 --ntasks=64 --ntasks-per-node=8 ")
+    assert proc.stdout.startswith("srun --nodes=256 --ntasks=2048 --ntasks-per-node=8 ")
     assert "cluster=h800" in proc.stderr
 
 
@@ -158,11 +159,22 @@ def test_dry_run_of_the_other_job_scripts(stubs):
     assert "gpu1 slots=8" in ds.stderr and "gpu2 slots=8" in ds.stderr
 
 
-def test_no_visible_gpu_falls_back_to_gloo_with_one_rank_per_task(stubs):
-    proc = run_script("slurm/v3_pretrain.sh", stubs, CLUSTER="h800", SLURM_JOB_ID="5", SLURM_JOB_NUM_NODES="1",
+def test_no_visible_gpu_on_a_gpu_profile_fails_without_training(stubs):
+    # A broken GPU node must not end a V3 job COMPLETED after training the CPU smoke model.
+    for script in JOB_SCRIPTS:
+        proc = run_script(script, stubs, CLUSTER="h800", CONFIG="configs/v3_671b_cluster.yaml", SLURM_JOB_ID="5",
+                          SLURM_JOB_NUM_NODES="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="vm")
+        assert proc.returncode == 1, (script, proc.stderr)
+        assert proc.stderr.strip().splitlines()[-1].endswith(
+            "no GPU visible on " + os.uname().nodename.split(".")[0] + " for CLUSTER=h800: not starting "
+            "(set CLUSTER=cpu to train on CPU)"), (script, proc.stderr)
+        assert not stubs[1].exists(), script  # nothing launched
+
+
+def test_cluster_cpu_runs_gloo_with_one_rank_per_task(stubs):
+    proc = run_script("slurm/v3_pretrain.sh", stubs, CLUSTER="cpu", SLURM_JOB_ID="5", SLURM_JOB_NUM_NODES="1",
                       SLURM_NTASKS="2", SLURM_JOB_NODELIST="vm")
     assert proc.returncode == 0, proc.stderr
-    assert "falling back to CLUSTER=cpu" in proc.stderr
     assert stubs[1].read_text() == (
         f"srun --nodes=1 --ntasks=2 {COMMON_FLAGS} env CUDA_VISIBLE_DEVICES= "
         "python3 -u launchers/train.py --config configs/smoke_cpu.yaml\n"
@@ -190,8 +202,8 @@ def test_exit_75_requeues_the_job_and_other_codes_pass_through(stubs, rc, requeu
     ("configs/smoke_1gpu.yaml", 1),
     ("configs/v2_lite_16b.yaml", 8),
     ("configs/v2_lite_16b.yaml", 64),
-    ("configs/v3_671b_cluster.yaml", 64),
     ("configs/v3_671b_cluster.yaml", 1024),
+    ("configs/v3_671b_cluster.yaml", 2048),
 ])
 def test_cluster_configs_validate_at_their_world_sizes(path, world):
     from ds_parallel.config import load_config
@@ -201,8 +213,37 @@ def test_cluster_configs_validate_at_their_world_sizes(path, world):
     cfg = load_config(os.path.join(ROOT, path), overrides, world_size=world)
     if "v3_671b" in path:
         assert (cfg.model.dim, cfg.model.n_routed_experts, cfg.parallel.ep, cfg.parallel.zero_stage) == (7168, 256, 64, 1)
-        assert (cfg.parallel.tp, cfg.parallel.pp, cfg.precision.dtype) == (1, 1, "bf16")
+        assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.pp_schedule, cfg.precision.dtype) == (1, 16, "dualpipev", "bf16")
     elif "v2_lite" in path:
         assert (cfg.model.dim, cfg.model.n_routed_experts, cfg.parallel.ep) == (2048, 64, 8)
     else:
         assert (cfg.model.attention, cfg.parallel.ep, cfg.precision.dtype) == ("mla", 1, "bf16")
+
+
+def _sbatch_default(script, name):
+    return int(re.search(rf"^#SBATCH --{name}=(\d+)", open(os.path.join(ROOT, script)).read(), re.M).group(1))
+
+
+def test_default_v3_jobs_fit_an_80gb_gpu_by_the_trainers_own_check():
+    """`sbatch slurm/v3_pretrain.sh` as it stands (its #SBATCH nodes x tasks per node, the
+    config it passes to dsp_srun_job) and `launchers/plan.py --config configs/v3_671b.yaml
+    --world 2048` both pass check_memory, the pre-flight launchers/train.py runs, on an
+    80 GB H800 (80e9 bytes less the trainer's headroom)."""
+    from ds_parallel.config import load_config
+    from ds_parallel.parallel.plan import GIB, check_memory, device_budget, peak_bytes, plan
+
+    text = open(os.path.join(ROOT, "slurm", "v3_pretrain.sh")).read()
+    default_config = re.search(r"^dsp_srun_job (\S+)$", text, re.M).group(1)
+    world = _sbatch_default("slurm/v3_pretrain.sh", "nodes") * _sbatch_default("slurm/v3_pretrain.sh", "ntasks-per-node")
+    assert (default_config, world) == ("configs/v3_671b_cluster.yaml", 2048)
+    # deepspeed_multinode.sh launches the same config: the same node count.
+    assert _sbatch_default("slurm/deepspeed_multinode.sh", "nodes") * 8 == world
+    budget = [f"parallel.memory_budget_gib={device_budget(80e9) / GIB}"]
+    peaks = {}
+    for path, ranks in ((default_config, world), ("configs/v3_671b.yaml", 2048)):
+        cfg = load_config(os.path.join(ROOT, path), budget, world_size=ranks, purpose="plan")
+        check_memory(cfg, ranks)
+        peaks[path] = peak_bytes(plan(cfg, ranks)) / GIB
+    # The numbers the script header and the configs state.
+    assert peaks == {default_config: pytest.approx(56.7, abs=0.05), "configs/v3_671b.yaml": pytest.approx(56.7, abs=0.05)}
+    assert "Planned 56.7 GiB per GPU" in text
