@@ -88,18 +88,17 @@ def test_latest_step_directory_may_not_be_a_symlink(tmp_path):
 
 
 def test_a_crash_while_resaving_a_step_keeps_the_old_copy(tmp_path, monkeypatch):
-    """Re-saving step 2 (latest) dies right after the old copy is set aside: the reader
-    falls back to the aside; the next save restores it and drops the stale temp dir."""
+    """Re-saving step 2 (latest) dies just before the new copy is renamed into place: the
+    reader falls back to the old copy; the next save restores it and drops the temp dir."""
     _write(tmp_path, 2)
-    real_replace, calls = os.replace, []
+    real_replace = os.replace
 
-    def dies_after_first_rename(src, dst):
-        if calls:
+    def dies_moving_the_new_copy_in(src, dst):
+        if os.path.basename(src) == ".tmp_step_2":
             raise SystemExit("killed")  # stands for SIGKILL: nothing after it runs
-        calls.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", dies_after_first_rename)
+    monkeypatch.setattr(ckpt.os, "replace", dies_moving_the_new_copy_in)
     with pytest.raises(SystemExit):
         _write(tmp_path, 2, value=-FULL)
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
