@@ -1,5 +1,5 @@
-"""MLA decode cache per token per layer vs a naive per-head K/V cache (reference/deepseek.md
-§1.2; V2 §2.1.4).
+"""MLA decode cache per token per layer vs a naive per-head K/V cache (V2 §2.1.4, Table 1;
+V3 §2.1).
 
   MLA (ours)  `MLACache`: kv_norm(latent) and the roped shared k^R per token,
               kv_lora_rank + qk_rope_head_dim values (V3: 512 + 64 = 576).

@@ -49,7 +49,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         score_func="softmax", n_expert_groups=2, n_limited_groups=1, route_scale=1.0, norm_topk_prob=False,
         expert_aux_alpha=3e-3,
     ),
-    # DeepSeek-V2-Lite (16B), inference/configs/config_16B.json (reference/deepseek.md §1.1).
+    # DeepSeek-V2-Lite (16B), deepseek-ai/DeepSeek-V3 inference/configs/config_16B.json.
     "deepseek_v2_lite": dict(
         vocab_size=102400, dim=2048, n_layers=27, n_heads=16, inter_dim=10944, max_seq_len=4096,
         attention="mla", q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,

@@ -1,4 +1,4 @@
-"""MoE dispatch with FP8 payloads (V3 §3.3.3; DESIGN invariant 8).
+"""MoE dispatch with FP8 payloads (V3 §3.3.3; docs/architecture.md, invariant 8).
 
 V3 quantises the activations before the MoE up-projection to FP8 *before* the dispatch,
 with power-of-two scales, so each token crosses the wire in about a quarter of its fp32

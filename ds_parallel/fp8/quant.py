@@ -1,4 +1,4 @@
-"""Blockwise FP8 (E4M3) quantisation in plain torch (DeepSeek-V3 §3.3; reference/deepseek.md §3).
+"""Blockwise FP8 (E4M3) quantisation in plain torch (DeepSeek-V3 §3.3, App. B).
 
 One rule, applied to tiles of different shapes over the last two dims of a tensor:
 

@@ -1,4 +1,5 @@
-"""Hugging Face DeepSeek-V2 / V3 checkpoints <-> ds_parallel models (DESIGN §3, "HF interop").
+"""Hugging Face DeepSeek-V2 / V3 checkpoints <-> ds_parallel models (README.md, "Hugging Face
+checkpoints").
 
 Weights map 1:1 by name, with no reshuffling (established against transformers 5.24's
 modeling_deepseek_v2 / _v3 and tested in tests/unit/test_hf.py):

@@ -1,4 +1,4 @@
-"""Layout-independent initialisation (DESIGN invariant 3).
+"""Layout-independent initialisation (docs/architecture.md, invariant 3).
 
 Every parameter is drawn as its FULL tensor from generators seeded by (seed, name), then
 this rank keeps its piece (`shard.local_slice`). A tp=1 and a tp=8 run with the same seed

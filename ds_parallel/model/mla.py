@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1; reference/deepseek.md §1.2).
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1).
 
 Keys and values of all heads come from one small latent per token, c = kv_norm(W^DKV h)
 (kv_lora_rank wide), plus one RoPE key k^R = RoPE(W^KR h) shared by every head:

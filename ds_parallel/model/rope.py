@@ -5,8 +5,8 @@ RoPE rotates pairs of channels by position-dependent angles. DeepSeek rotates
 LLaMA/HF-LLaMA rotate split halves (i, i + d/2). Both layouts are here; a model picks one
 and stays with it.
 
-YaRN (V3 §4.3, reference/deepseek.md §1.2): with factor s > 1, low-frequency channels are
-divided by s, high-frequency ones kept, and a linear ramp between the channels that turn
+YaRN (V3 §4.3; DeepSeek-V3 inference/model.py `precompute_freqs_cis`): with factor s > 1,
+low-frequency channels are divided by s, high-frequency ones kept, and a linear ramp between the channels that turn
 `beta_slow` and `beta_fast` times over the original context:
 
     corr_dim(r) = d * ln(L0 / (2*pi*r)) / (2 * ln base)

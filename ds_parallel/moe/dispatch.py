@@ -5,7 +5,7 @@ dispatch: the send rows of `permute.plan_dispatch` (grouped by destination rank)
 combine:  the rows come back, each already the gate-weighted sum of its local experts.
 
 Both ride on `torch.distributed.all_to_all_single` with split sizes: the only form gloo
-supports with unequal splits (shared/notes/environment.md). The backward of an
+supports with unequal splits (its list-form `all_to_all` rejects them). The backward of an
 all-to-all is the same all-to-all with the splits swapped, so gradients retrace the
 tokens' path. Receive counts come from a small split-size exchange first. With ep == 1
 (or no group) every call returns its input: the single-process model is the same code.

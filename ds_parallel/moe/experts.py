@@ -1,4 +1,5 @@
-"""Experts: SwiGLU MLPs, w2(silu(w1 x) * w3 x) (reference §1.4).
+"""Experts: SwiGLU MLPs, w2(silu(w1 x) * w3 x) (V3 §2.1.2; DeepSeek-V3 inference/model.py
+`Expert`).
 
 `GroupedExperts` holds this rank's routed experts as stacked weights, w1/w3
 (n_local_experts, moe_inter_dim, dim) and w2 (n_local_experts, dim, moe_inter_dim), and

@@ -1,4 +1,4 @@
-"""The DeepSeekMoE layer with expert parallelism (V3 §2.1.2; DESIGN invariant 8):
+"""The DeepSeekMoE layer with expert parallelism (V3 §2.1.2; docs/architecture.md, invariant 8):
 
     h'_t = sum_{shared} FFN_s(u_t) + sum_{i in topK} g_{i,t} FFN_i(u_t)
 

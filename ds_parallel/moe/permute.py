@@ -1,4 +1,5 @@
-"""Index math of the MoE dispatch (DESIGN invariant 8): pure tensor ops, no processes.
+"""Index math of the MoE dispatch (docs/architecture.md, invariant 8): pure tensor ops, no
+processes.
 
 Sender side: N tokens, each with K (token, slot) pairs naming a global expert; expert e
 lives on rank e // n_local.

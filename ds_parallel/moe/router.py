@@ -1,6 +1,6 @@
 """The DeepSeekMoE gate: affinities, group-limited top-k, balance losses, bias balancing.
 
-Per token t (reference §1.3; V3 §2.1.2):
+Per token t (V3 §2.1.2, V2 §2.2; DeepSeek-V3 inference/model.py `Gate`):
 
     s_t   = softmax(W u_t)  (V2)   or   sigmoid(W u_t)  (V3)        fp32, (E,)
     sel_t = s_t + b                     b: fp32 bias, selection only

@@ -14,8 +14,8 @@ replicated on every rank of the group, so each rank's gradient of a replicated t
 already the full gradient.
 
 A group of size 1 (or None, the single-process context) makes every function the identity,
-so the single-process model is the same code (DESIGN invariant 1). These functions only
-*use* groups; creating them is parallel/groups.py's job.
+so the single-process model is the same code (docs/architecture.md, invariant 1). These
+functions only *use* groups; creating them is parallel/groups.py's job.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ each entry says "dimension `dim` of the full tensor is cut into `count` equal pi
 the `group` axis and this rank holds piece `index`". Replicated parameters carry none.
 Initialisation (`model/init.py`), checkpoints (`train/checkpoint.py`) and parity tests
 all go through this one description, which is what makes them layout-independent
-(DESIGN invariants 3 and 7).
+(docs/architecture.md, invariants 3 and 7).
 
 Tensor-parallel shards also get Megatron's `tensor_model_parallel = True` so DeepSpeed's
 gradient-norm code counts them once per shard rather than once per rank.

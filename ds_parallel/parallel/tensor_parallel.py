@@ -12,7 +12,8 @@ all-reduce forward and one backward. The output head is column parallel over the
 and `vocab_parallel_cross_entropy` takes its sharded logits without ever gathering them.
 
 Every linear does its matmul through `gemm(x, weight)` (default `F.linear`), so an FP8
-linear is injected from outside (DESIGN invariant 6) rather than switched on inside.
+linear is injected from outside (docs/architecture.md, invariant 6) rather than switched on
+inside.
 No biases: DeepSeek's linears have none.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """metrics.jsonl, the progress line and the plots of a run directory (rank 0 only).
 
 Each logged step is one JSON object with at least step, loss, lm_loss, lr, grad_norm and
-tokens_per_s (DESIGN §3). On resume the file is cut back to the checkpoint's step so that
-steps are never logged twice.
+tokens_per_s (docs/architecture.md, "Metrics and the run directory"). On resume the file
+is cut back to the checkpoint's step so that steps are never logged twice.
 """
 from __future__ import annotations
 

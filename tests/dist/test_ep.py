@@ -1,5 +1,5 @@
-"""Expert parallelism changes no number (DESIGN invariant 2): an ep=2 MoE over 2 gloo
-processes, each with its own tokens, equals one process running the concatenated batch:
+"""Expert parallelism changes no number (docs/architecture.md, invariant 2): an ep=2 MoE over
+2 gloo processes, each with its own tokens, equals one process running the concatenated batch:
 outputs, balance loss, gradients of every parameter and the bias update, to 1e-5."""
 import pytest
 import torch

@@ -1,5 +1,5 @@
-"""MLA split over heads on 2 gloo ranks equals the single-process module (DESIGN invariant 2):
-outputs, input gradients and every parameter gradient (gathered to full shape), for both
+"""MLA split over heads on 2 gloo ranks equals the single-process module (docs/architecture.md,
+invariant 2): outputs, input gradients and every parameter gradient (gathered to full shape), for both
 query paths, plus the absorbed decode path."""
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Tensor parallelism does not change the math (DESIGN invariant 2), 2 gloo processes.
+"""Tensor parallelism does not change the math (docs/architecture.md, invariant 2), 2 gloo
+processes.
 
 One spawn runs every check: the tp=2 model against the single-process reference built from
 the same seed (weights exactly, loss/gradients/logits to 1e-5 relative) for MHA and GQA, and

@@ -8,7 +8,7 @@ starts munged, slurmctld and slurmd in the foreground as children of pytest, wai
 node to go idle, and stops exactly those daemons when the session ends.
 
 Without systemd nothing starts the daemons for us; the settings below are the ones that
-work on a 2-core container (shared/notes/environment.md, "A real Slurm cluster"):
+work on a 2-core container (Slurm 22.05, as Debian ships it):
 - MinJobAge=4: the default 300 makes `sbatch --wait` poll at 2, 10, 42, 74 s.
 - task/none, proctrack/linuxproc, no accounting: no cgroups or database needed.
 - SlurmdParameters=config_overrides: CPUs=2 is taken as given, so a smaller or larger

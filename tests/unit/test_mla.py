@@ -99,7 +99,7 @@ def test_matches_transformers(module_name, q_lora_rank, yarn):
 
 
 def test_yarn_softmax_scale_is_v3_value():
-    # reference §1.2: V3 (factor 40, mscale_all_dim 1): mscale^2 = 1.87385, scale 0.13523.
+    # V3 (factor 40, mscale_all_dim 1; V3 §4.3, inference/model.py): mscale^2 = 1.87385, scale 0.13523.
     cfg = ModelConfig(attention="mla", qk_nope_head_dim=128, qk_rope_head_dim=64, rope_factor=40.0)
     assert MLA(0, cfg, ParallelContext.single()).softmax_scale == pytest.approx(0.13523, abs=1e-5)
 
@@ -133,7 +133,7 @@ def test_absorbed_decode_equals_training_path(q_lora_rank, yarn):
 
 
 def test_cache_per_layer_size_v3():
-    # 671B: 512 + 64 = 576 values per token per layer (reference §1.2, ISCA Table 1).
+    # 671B: 512 + 64 = 576 values per token per layer (V2 §2.1.4; DeepSeek's ISCA 2025 paper, Table 1).
     cfg = ModelConfig(attention="mla", kv_lora_rank=512, qk_rope_head_dim=64)
     caches = MLACache.for_layers(cfg, n_layers=2, max_batch=1, max_seq_len=1)
     assert len(caches) == 2 and all(c.values_per_token == 576 for c in caches)
