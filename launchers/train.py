@@ -27,10 +27,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from ds_parallel.config import ConfigError, load_config
     from ds_parallel.parallel.init import detect_env
+    from ds_parallel.parallel.plan import check_memory
 
     env = detect_env()
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, world_size=env.world_size)
+        check_memory(cfg, env.world_size, env.local_rank)  # a layout that cannot fit fails here, not in an OOM
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr, flush=True)
         return 2
