@@ -62,11 +62,6 @@ class CheckpointError(RuntimeError):
     bad `latest` pointer. The message is one line naming the file or tensor."""
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _spec_json(specs: tuple[ShardSpec, ...]) -> list[list]:
     return [[s.dim, s.index, s.count, s.group] for s in specs]
 
@@ -180,7 +175,8 @@ def save_checkpoint(run_dir: str, step: int, engine, ctx, config_dict: dict[str,
     tmp = os.path.join(ckpt_root, f".tmp_step_{step}")
     if ctx.rank == 0:
         begin_checkpoint(ckpt_root, step)
-    _barrier()
+    if dist.is_initialized():
+        dist.barrier()
 
     module = engine.module
     tensors: dict[str, torch.Tensor] = {}
@@ -212,13 +208,9 @@ def save_checkpoint(run_dir: str, step: int, engine, ctx, config_dict: dict[str,
 
     error = [None]
     if ctx.rank == 0:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "optimizer_step": _optimizer_step_count(engine),
-            "layout": {"world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp, "ep": ctx.ep, "dp": ctx.dp},
-            "config": config_dict,
-        }
+        layout = {"world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp, "ep": ctx.ep, "dp": ctx.dp}
+        meta = {"format_version": FORMAT_VERSION, "step": step, "optimizer_step": _optimizer_step_count(engine),
+                "layout": layout, "config": config_dict}
         try:
             publish_checkpoint(ckpt_root, step, meta, files)
         except CheckpointError as exc:  # every rank raises it, none waits on a barrier
@@ -358,8 +350,9 @@ def read_meta(ckpt_dir: str) -> dict[str, Any]:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{ckpt_dir}: checkpoint format {version} != {FORMAT_VERSION}")
     files = meta.get("files")
-    if not isinstance(files, dict) or not all(isinstance(f, str) and _FILE_NAME.fullmatch(f) for f in files):
-        raise CheckpointError(f"{path}: no valid file list")
+    if not isinstance(files, dict) or not all(_FILE_NAME.fullmatch(f) and isinstance(d, dict) and isinstance(
+            d.get("bytes"), int) and isinstance(d.get("sha256"), str) for f, d in files.items()):
+        raise CheckpointError(f"{path}: no valid file list (name -> bytes, sha256)")
     return meta
 
 
@@ -425,7 +418,8 @@ def _check_coverage(ckpt_dir: str, shard_files: list[str]) -> None:
             pieces = {key: (tuple(spec["full_shape"]), tuple(ShardSpec(*s) for s in spec["shards"]))
                       for key, spec in header.items()}
         except Exception as exc:  # safetensors' own error types differ across versions
-            raise CheckpointError(f"{path}: unreadable shard header ({type(exc).__name__}: {exc})"[:300]) from None
+            why = (str(exc).splitlines() or [""])[0][:200]
+            raise CheckpointError(f"{path}: unreadable shard header ({type(exc).__name__}: {why})") from None
         for key, (shape, specs) in pieces.items():
             index = tuple(slice(s.start or 0, n if s.stop is None else s.stop)
                           for s, n in zip(local_index(specs, shape), shape))
