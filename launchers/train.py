@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
 
+# Seconds a rank with a bad config waits before exiting in a multi-rank job: ranks reach the
+# check a few seconds apart (importing torch dominates), and launchers stop the rest at once.
+PEER_GRACE_S = 5.0
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smoke_cpu.yaml")
 
 
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         check_memory(cfg, env.world_size, env.local_rank)  # a layout that cannot fit fails here, not in an OOM
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr, flush=True)
+        if env.world_size > 1:  # the deepspeed launcher kills every rank at the first exit: let peers print theirs
+            time.sleep(PEER_GRACE_S)
         return 2
 
     from ds_parallel.train.checkpoint import CheckpointError

@@ -70,6 +70,15 @@ class ModelConfig:
     mtp_lambda_late: Optional[float] = None  # V3: 0.1 after the first 10T of 14.8T tokens
     mtp_lambda_switch: float = 0.676  # fraction of train.steps where mtp_lambda_late starts
 
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """DeepSeekMoE keeps the first n_dense_layers dense (first_k_dense_replace); MTP
+        blocks (ids n_layers...) follow the same rule. The one home of this rule."""
+        return self.n_routed_experts > 0 and layer_id >= self.n_dense_layers
+
+    def moe_layer_ids(self) -> list[int]:
+        """MoE layers of the trunk, then of the MTP blocks."""
+        return [i for i in range(self.n_layers + self.mtp_depth) if self.is_moe_layer(i)]
+
 
 @dataclass
 class ParallelConfig:

@@ -149,7 +149,8 @@ def _validate_data(cfg: Config, purpose: str) -> None:
 def _validate_fp8(cfg: Config) -> None:
     """FP8 rules (fp8/recipe.py). The torch backend pads shapes that are not multiples of
     block_size with zeros (as DeepSeek's kernels do), so it needs no divisibility rule."""
-    from ds_parallel.fp8.recipe import TORCH_RECIPES, fp8_gemm_shapes, is_kept, keep_patterns, resolve_backend
+    from ds_parallel.fp8.recipe import (TE_EXPERTS_RULE, TORCH_RECIPES, fp8_gemm_shapes, is_kept, keep_patterns,
+                                        resolve_backend)
     from ds_parallel.fp8.te import te_available
 
     fp8 = cfg.precision.fp8
@@ -174,12 +175,10 @@ def _validate_fp8(cfg: Config) -> None:
         return
     why = "" if fp8.backend == "te" else f" (chosen by backend=auto for recipe={fp8.recipe}, format={fp8.format})"
     m = cfg.model  # the module names the model gives its routed experts (trunk, then MTP)
-    experts = [f"layers.{i}.ffn.experts" for i in range(m.n_dense_layers, m.n_layers)]
-    experts += [f"mtp.{k}.block.ffn.experts" for k in range(m.mtp_depth)]
-    if m.n_routed_experts > 0 and not all(is_kept(name, keep_patterns(fp8)) for name in experts):
-        raise ConfigError(f"precision.fp8.backend=te{why} keeps routed experts in high precision (TE's grouped GEMM "
-                          f"is not wired to our expert weights): add \"experts\" to "
-                          f"precision.fp8.keep_high_precision to accept that, or use precision.fp8.backend=torch")
+    experts = [f"layers.{i}.ffn.experts" if i < m.n_layers else f"mtp.{i - m.n_layers}.block.ffn.experts"
+               for i in m.moe_layer_ids()]
+    if not all(is_kept(name, keep_patterns(fp8)) for name in experts):
+        raise ConfigError(TE_EXPERTS_RULE + why)
     if not te_available():
         raise ConfigError(f"precision.fp8.backend=te{why}: transformer_engine is not importable here: install "
                           f"transformer-engine[pytorch] on a CUDA machine, or set precision.fp8.backend=torch "

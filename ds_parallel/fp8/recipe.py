@@ -1,7 +1,8 @@
 """Config -> FP8 backend, and `apply_fp8`: the one place a model gets its FP8 GEMMs.
 
 The model is built in high precision; `apply_fp8(model, cfg.precision)` then swaps the
-GEMM hooks of the eligible layers (DESIGN invariant 6: no `if fp8` in model code):
+GEMM hooks of the eligible layers (docs/architecture.md, invariant 6: no `if fp8` in model
+code):
 
     parallel linears (Linear / ColumnParallelLinear / RowParallelLinear)  .gemm
         attention wq/wk/wv/wo; MLA wq|wq_a, wq_b, wkv_a, wkv_b, wo; dense MLP w1/w2/w3;
@@ -42,7 +43,11 @@ TE_RECIPE_CLASSES = {
 }
 TE_FORMATS = {"e4m3": "E4M3", "hybrid": "HYBRID"}
 TORCH_RECIPES = ("blockwise",)  # what fp8/linear.py implements
-ALWAYS_HIGH_PRECISION = ("head",)  # the output head (V3 §3.3); embedding and router are not linears
+ALWAYS_HIGH_PRECISION = ("head",)
+# Checked by config validation, and again by apply_fp8 for models built outside the trainer.
+TE_EXPERTS_RULE = ("precision.fp8.backend=te keeps routed experts in high precision (TE's grouped GEMM owns its "
+                   "weights; ours are stored by global expert id): add \"experts\" to "
+                   "precision.fp8.keep_high_precision to accept that, or use precision.fp8.backend=torch")  # the output head (V3 §3.3); embedding and router are not linears
 
 _PARALLEL_LINEARS = (Linear, ColumnParallelLinear, RowParallelLinear)
 
@@ -121,10 +126,11 @@ def fp8_gemm_shapes(model_cfg, tp: int = 1) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def apply_fp8(model: nn.Module, precision) -> list[str]:
+def apply_fp8(model: nn.Module, precision, ctx=None) -> list[str]:
     """Swap in FP8 GEMMs (in place) per `precision.fp8`; returns the qualified names of the
     modules changed (empty when precision.fp8.enabled is false). Call once, after the model
-    is built and loaded and before the optimizer / DeepSpeed wrap it."""
+    is built, loaded, cast and moved to its device, and before the optimizer / DeepSpeed wrap
+    it. `ctx` (a ParallelContext) gives TE its amax reduction group."""
     fp8 = precision.fp8
     if not fp8.enabled:
         return []
@@ -151,17 +157,20 @@ def apply_fp8(model: nn.Module, precision) -> list[str]:
         from ds_parallel.fp8.te import TEGemm
 
         te_recipe = build_te_recipe(fp8)
-        make_gemm = lambda module: TEGemm(module.weight, te_recipe)  # noqa: E731
-        grouped = None  # TE's GroupedLinear owns its weights: experts keep the high-precision GEMM
+        amax_group = getattr(ctx, "amax_group", None)
+        make_gemm = lambda module: TEGemm(module.weight, te_recipe, amax_group)  # noqa: E731
+        grouped = None  # TE's GroupedLinear owns its weights: validation made the user keep experts
 
     changed = []
-    for name, module in model.named_modules():
+    for name, module in list(model.named_modules()):  # TEGemm submodules are added on the way
         if is_kept(name, keep):
             continue
         if isinstance(module, _PARALLEL_LINEARS):
             module.gemm = make_gemm(module)
             changed.append(name)
-        elif isinstance(module, GroupedExperts) and grouped is not None:
+        elif isinstance(module, GroupedExperts):
+            if grouped is None:
+                raise ValueError(f"{name}: {TE_EXPERTS_RULE}")
             module.grouped_gemm = grouped
             changed.append(name)
         elif isinstance(module, MoE) and fp8.dispatch:
@@ -181,11 +190,12 @@ def high_precision_gemms(model: nn.Module):
     from ds_parallel.moe.layer import MoE
 
     saved = []
-    for module in model.modules():
+    for module in list(model.modules()):
         for attr, default, kind in (("gemm", F.linear, _PARALLEL_LINEARS), ("grouped_gemm", grouped_linear, GroupedExperts),
                                     ("dispatch_fn", dispatch, MoE)):
             if isinstance(module, kind):
                 saved.append((module, attr, getattr(module, attr)))
+                module._modules.pop(attr, None)  # a TEGemm is a submodule; setattr restores it
                 setattr(module, attr, default)
     try:
         yield

@@ -426,6 +426,8 @@ def load_ds(path: str, dtype: torch.dtype = torch.float32, ctx: Optional[Paralle
     if step_dir is None:
         raise FileNotFoundError(f"{path}: neither a checkpoint (meta.json) nor a run directory with checkpoints/latest")
     meta = ckpt.read_meta(step_dir)
-    model = _build(config_from_dict(meta["config"]).model, ctx or ParallelContext.single(), dtype)
+    # Only the model section: runs saved by older versions may hold since-removed train keys.
+    model_cfg = config_from_dict({"model": meta["config"]["model"]}).model
+    model = _build(model_cfg, ctx or ParallelContext.single(), dtype)
     ckpt.load_model_weights(model, ckpt.CheckpointReader(step_dir))
     return model.eval()

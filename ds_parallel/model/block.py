@@ -30,7 +30,7 @@ def build_attention(layer_id: int, cfg, ctx) -> nn.Module:
 def build_ffn(layer_id: int, cfg, ctx) -> nn.Module:
     """Module with forward(x (B, T, D)) -> (B, T, D) or ((B, T, D), aux_loss).
     DeepSeekMoE keeps the first `n_dense_layers` layers dense (first_k_dense_replace)."""
-    if cfg.n_routed_experts > 0 and layer_id >= cfg.n_dense_layers:
+    if cfg.is_moe_layer(layer_id):
         return MoE(layer_id, cfg, ctx)
     return MLP(cfg.dim, cfg.inter_dim, ctx)
 

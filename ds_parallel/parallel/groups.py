@@ -1,4 +1,4 @@
-"""The only place that creates process groups (DESIGN invariant 1).
+"""The only place that creates process groups (docs/architecture.md, invariant 1).
 
 `build_parallel_context` turns a `Topology` into a `ParallelContext`: every group of the
 layout is created once, in the same order on every rank (as `new_group` requires), and
@@ -35,6 +35,9 @@ class ParallelContext:
     ep_group: Optional[ProcessGroup] = None
     edp_group: Optional[ProcessGroup] = None  # expert data parallel
     world_group: Optional[ProcessGroup] = None
+    # Every rank of my pipeline stage (tp x cp x dp): where FP8 amax values must agree
+    # (Transformer Engine's amax reduction group, as megatron-core's).
+    amax_group: Optional[ProcessGroup] = None
     # First and last pipeline rank of my pp group (pp > 1 only): where a 1F1B pipeline with
     # MTP holds two copies of the embedding whose gradients are summed (Megatron's
     # embedding group). None on the ranks in between.
@@ -80,6 +83,7 @@ _CONTEXT_GROUPS = {
     "mp_group": "tp-pp",
     "ep_group": "ep",
     "edp_group": "edp",
+    "amax_group": "tp-cp-dp",
 }
 
 
@@ -102,7 +106,8 @@ def build_parallel_context(topo: Topology) -> ParallelContext:
     if topo.world_size == 1:
         world = dist.group.WORLD
         ranks = {a.removesuffix("_group"): [0] for a in _CONTEXT_GROUPS}
-        return ParallelContext(topo, 0, world, world, world, world, world, world, world, ranks, device=device)
+        groups = dict.fromkeys(_CONTEXT_GROUPS, world)
+        return ParallelContext(topo, 0, world_group=world, ranks=ranks, device=device, **groups)
     if dist.get_world_size() != topo.world_size:
         raise RuntimeError(f"process group has {dist.get_world_size()} ranks, topology expects {topo.world_size}")
     ctx = ParallelContext(topo=topo, rank=rank, world_group=dist.group.WORLD, device=device)

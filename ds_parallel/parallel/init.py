@@ -96,18 +96,25 @@ def _disable_deepspeed_cpu_shm() -> None:
     ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def use_cuda() -> bool:
+    """Train on CUDA where it exists, unless DeepSpeed's accelerator is set to the CPU
+    (DS_ACCELERATOR=cpu, as `make smoke` does): the engine and our tensors must agree."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
 def init_distributed(env: DistEnv, timeout_s: float, backend: str | None = None) -> None:
     """Start the default process group. A single process gets a world of one, so DeepSpeed
-    and the collectives see the same code path at every scale."""
+    and the collectives see the same code path at every scale. NCCL (one CUDA device per
+    local rank) or gloo (CPU) decides `ParallelContext.device`."""
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if use_cuda() else "gloo"
     if backend == "gloo":
         _disable_deepspeed_cpu_shm()
     if dist.is_initialized():
         return
     if env.launcher == "single":
         env = DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
-    if torch.cuda.is_available():
+    if backend == "nccl":
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))

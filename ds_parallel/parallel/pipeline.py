@@ -90,7 +90,7 @@ class PipelineRunner:
         acts = (torch.empty(micro_batch, seq_len, model.cfg.dim, dtype=dtype, device="meta", requires_grad=True),
                 torch.empty(1, dtype=torch.float32, device="meta", requires_grad=True))
         metrics = torch.empty(len(METRICS), dtype=torch.float32, device="meta")
-        device = next(model.parameters()).device
+        device = ctx.device
         # DualPipeV splits backward into an input step and a weight step. torch 2.13's weight
         # step cannot run the last stage once the head is reused by two or more MTP depths
         # (its parameter groups then share graph nodes, and the second autograd.grad finds
@@ -159,8 +159,9 @@ class PipelineForward(nn.Module):
         me, peers = ctx.pp_rank, ctx.ranks["pp"]
         freqs_cis = model.rope(input_ids.shape[1])
         dtype = next(model.parameters()).dtype
-        h = torch.empty(*input_ids.shape, model.cfg.dim, dtype=dtype)
-        logits = torch.empty(*input_ids.shape, model.cfg.vocab_size // ctx.tp, dtype=dtype)
+        input_ids = input_ids.to(ctx.device)
+        h = torch.empty(*input_ids.shape, model.cfg.dim, dtype=dtype, device=ctx.device)
+        logits = torch.empty(*input_ids.shape, model.cfg.vocab_size // ctx.tp, dtype=dtype, device=ctx.device)
         last = layout.n_stages - 1
         for stage in range(layout.n_stages):
             owner = layout.rank_of(stage)
@@ -186,9 +187,9 @@ def gather_layer_tensors(values: dict[int, torch.Tensor], layer_ids: list[int], 
     over the pp group; without a pipeline `values` already holds every layer."""
     if ctx.pp == 1:
         return values
-    table = torch.zeros(len(layer_ids), width, dtype=torch.float64)
+    table = torch.zeros(len(layer_ids), width, dtype=torch.float64, device=ctx.device)
     for row, layer in enumerate(layer_ids):
         if layer in values:
             table[row] = values[layer].double()
     dist.all_reduce(table, group=ctx.pp_group)  # each layer lives on one pp rank: the sum assembles
-    return {layer: table[row].float() for row, layer in enumerate(layer_ids)}
+    return {layer: table[row].float().cpu() for row, layer in enumerate(layer_ids)}

@@ -82,13 +82,9 @@ def attention_params(m: ModelConfig, prefix: str) -> list[Param]:
             Param(f"{prefix}wv.weight", kv * hd * d, "tp"), Param(f"{prefix}wo.weight", d * h * hd, "tp")]
 
 
-def is_moe_layer(m: ModelConfig, layer_id: int) -> bool:
-    return m.n_routed_experts > 0 and layer_id >= m.n_dense_layers
-
-
 def ffn_params(m: ModelConfig, layer_id: int, prefix: str) -> list[Param]:
     d = m.dim
-    if not is_moe_layer(m, layer_id):
+    if not m.is_moe_layer(layer_id):
         return [Param(f"{prefix}{w}.weight", d * m.inter_dim, "tp") for w in ("w1", "w2", "w3")]
     out = [Param(f"{prefix}gate.weight", m.n_routed_experts * d)]
     out += [Param(f"{prefix}experts.{w}", m.n_routed_experts * m.moe_inter_dim * d, "ep") for w in ("w1", "w2", "w3")]
@@ -254,7 +250,7 @@ def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: i
     (per-head q, k, v, attention output) split, and the 16 of the MLP hidden split in a dense
     layer only: MoE layers run their experts (routed and shared, whose weights are not
     tp-split) on every tp rank's full token set, and MLA's latents are replicated too."""
-    mlp_split = 1 if is_moe_layer(m, layer_id) else tp
+    mlp_split = 1 if m.is_moe_layer(layer_id) else tp
     out = (10 + 8 / tp + 16 / mlp_split) * m.dim * width / 2  # Korthikanti et al. 2022 (no recompute)
     if width == 4:
         out += 5 * (m.n_heads / tp) * seqlen * width / 2
@@ -262,7 +258,7 @@ def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: i
         qk = m.qk_nope_head_dim + m.qk_rope_head_dim
         out += (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
                 + m.n_heads / tp * (2 * qk + m.v_head_dim)) * width
-    if is_moe_layer(m, layer_id):
+    if m.is_moe_layer(layer_id):
         out += m.n_activated_experts * (3 * m.moe_inter_dim + m.dim) * width
     return out
 

@@ -99,15 +99,20 @@ def _register_moe_layers(model: torch.nn.Module) -> None:
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext):
-    """Wrap `model` in a DeepSpeed engine whose groups are ours (see parallel/groups.py)."""
+    """Wrap `model` in a DeepSpeed engine whose groups are ours (see parallel/groups.py).
+
+    What is applied to the built (and loaded) model, in this order (docs/architecture.md):
+    DeepSpeed's expert groups from our context; the cast to the training dtype and the move
+    to `ctx.device`; the FP8 swap (Transformer Engine builds its layers from the final
+    dtype and device); MoE registration with DeepSpeed; the optimizer and the engine."""
     import deepspeed
 
     mpu = apply_deepspeed_groups(ctx)
-    apply_fp8(model, cfg.precision)  # FP8 GEMMs swapped in, if precision.fp8.enabled
-    _register_moe_layers(model)
     t = cfg.train
-    if cfg.precision.dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
+    model = model.to(device=ctx.device, dtype=dtype)
+    apply_fp8(model, cfg.precision, ctx)  # FP8 GEMMs swapped in, if precision.fp8.enabled
+    _register_moe_layers(model)
     groups = optimizer_param_groups(model, t.weight_decay)
     if cfg.precision.optimizer_moments == "bf16":
         optimizer = LowPrecisionMomentAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
@@ -156,7 +161,7 @@ def global_grad_norm(model: torch.nn.Module, ctx: ParallelContext) -> float:
     from ds_parallel.parallel.shard import shards_of
 
     keys = list(itertools.product((False, True), repeat=3))  # (partitioned, tp-split, expert)
-    sq = {k: torch.zeros((), dtype=torch.float64) for k in keys}
+    sq = {k: torch.zeros((), dtype=torch.float64, device=ctx.device) for k in keys}
     for param in model.parameters():
         if getattr(param, "ds_pipe_replicated", False):
             continue
@@ -164,7 +169,7 @@ def global_grad_norm(model: torch.nn.Module, ctx: ParallelContext) -> float:
         if grad is not None:
             groups = {s.group for s in shards_of(param)}
             sq[(partitioned, "tp" in groups, "ep" in groups)] += grad.double().pow(2).sum()
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for (partitioned, tp_split, expert), value in sq.items():
         reductions = [(partitioned, ctx.edp_group if expert else ctx.dp_group, ctx.edp if expert else ctx.dp),
                       (tp_split, ctx.tp_group, ctx.tp), (expert, ctx.ep_group, ctx.ep)]

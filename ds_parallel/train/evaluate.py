@@ -25,7 +25,7 @@ def greedy_answers(model, ctx, data, prompts: list[str], max_new_tokens: int) ->
         by_len[len(ids)].append(i)
     answers = [""] * len(prompts)
     for _, idx in sorted(by_len.items()):
-        ids = torch.tensor([encoded[i] for i in idx], dtype=torch.long)
+        ids = torch.tensor([encoded[i] for i in idx], dtype=torch.long, device=ctx.device)
         for _ in range(max_new_tokens):
             logits = gather_logits(model(ids).logits[:, -1:], ctx)
             # The model's vocabulary may be padded past the tokenizer's: never emit those ids.
@@ -58,11 +58,12 @@ def heldout_lm_loss(model, samples, n_samples: int, batch_size: int = 32) -> flo
     was_training = model.training
     model.eval()
     n = min(n_samples, len(samples))
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, n, batch_size):
         inputs, labels = samples.inputs_and_labels(list(range(start, min(start + batch_size, n))))
         labelled = int((labels != -100).sum())
-        total += float(model(inputs, labels=labels).lm_loss) * labelled
+        total += float(model(inputs.to(device), labels=labels.to(device)).lm_loss) * labelled
         count += labelled
     model.train(was_training)
     return total / max(count, 1)

@@ -47,8 +47,8 @@ class PreemptionFlag:
     The flag is agreed across ranks each step, so every rank saves together, and every
     rank then exits with EXIT_PREEMPTED."""
 
-    def __init__(self):
-        self.raised = False
+    def __init__(self, device: torch.device):
+        self.raised, self.device = False, device
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -56,7 +56,7 @@ class PreemptionFlag:
         self.raised = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0])
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -69,10 +69,10 @@ def _write_config(cfg: Config, out_dir: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _mean_over(sums: dict[str, float], groups, count: int) -> dict[str, float]:
+def _mean_over(sums: dict[str, float], groups, count: int, device: torch.device) -> dict[str, float]:
     """Global-batch means of per-rank sums: one all-reduce per group for every metric (dp,
     then pp, where only the last stage's ranks hold nonzero sums)."""
-    t = torch.tensor(list(sums.values()), dtype=torch.float64)
+    t = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
     for group in groups:
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(t, group=group)
@@ -83,6 +83,8 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
     t = cfg.train
     out_dir = t.out_dir
     is_rank0 = ctx.rank == 0
+    # Verified before anything is written: a damaged checkpoint leaves the run directory as it was.
+    resume_dir = ckpt.latest_checkpoint(out_dir, group=dist.group.WORLD if dist.is_initialized() else None)
     if is_rank0:
         os.makedirs(out_dir, exist_ok=True)
         _write_config(cfg, out_dir)
@@ -90,7 +92,6 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
     torch.manual_seed(t.seed)
     layout = pipeline_layout(cfg.model, ctx.pp, cfg.parallel.pp_schedule, cfg.parallel.pp_layers)
     model = build_model(cfg.model, ctx, seed=t.seed, layout=layout)
-    resume_dir = ckpt.latest_checkpoint(out_dir)
     start_step = 0
     if resume_dir:
         reader = ckpt.CheckpointReader(resume_dir)
@@ -115,13 +116,13 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
     data = build_datasets(cfg.data, t, cfg.model.vocab_size)
     loader = GlobalBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
     if cfg.precision.fp8.enabled and runner is None:  # measured once, on the first micro-batch
-        report = fp8_memory_report(model, *loader.micro_batches(start_step)[0])
+        report = fp8_memory_report(model, *_on(ctx.device, loader.micro_batches(start_step))[0])
         if is_rank0:
             print(report, flush=True)
     metrics = MetricsLog(out_dir, is_rank0, t.steps, start_step)
-    preempt = PreemptionFlag()
+    preempt = PreemptionFlag(ctx.device)
     m = cfg.model
-    moe_ids = [i for i in range(m.n_layers + m.mtp_depth) if m.n_routed_experts and i >= m.n_dense_layers]
+    moe_ids = m.moe_layer_ids()
 
     own_norm = reports_grad_norm(engine)
     last = start_step
@@ -132,7 +133,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         set_lr(engine, lr_at(step, t))
         _apply_moe_mtp_schedules(model, step, cfg)
         sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "mtp_loss": 0.0}
-        micro = loader.micro_batches(step)
+        micro = _on(ctx.device, loader.micro_batches(step))
         if runner is not None:
             sums = runner.forward_backward(micro)
             norm = runner.grad_norm
@@ -152,7 +153,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
             norm = engine.get_global_grad_norm() if own_norm else norm
         loads = update_moe_biases(model, ctx) if moe_ids else None  # this rank's layers
         n = len(micro) * ctx.dp
-        record = {"step": step + 1, **_mean_over(sums, [ctx.dp_group, ctx.pp_group if runner else None], n)}
+        record = {"step": step + 1, **_mean_over(sums, [ctx.dp_group, ctx.pp_group if runner else None], n, ctx.device)}
         record["lr"] = lr_at(step, t)
         record["grad_norm"] = float(norm) if norm is not None else float("nan")
         record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - tic)
@@ -193,6 +194,13 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
             json.dump(summary, fh, indent=1)
         plot_run(out_dir)
     return summary
+
+
+def _on(device: torch.device, micro: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The loader yields CPU tensors; the engine does not move its inputs."""
+    if device.type == "cpu":
+        return micro
+    return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro]
 
 
 def _apply_moe_mtp_schedules(model: torch.nn.Module, step: int, cfg: Config) -> None:

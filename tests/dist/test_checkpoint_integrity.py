@@ -70,14 +70,14 @@ def _losses(run_dir):
 
 
 def _snapshot(run_dir):
-    """Every file's bytes, by path. config.yaml aside: the trainer rewrites it (same
-    bytes for the same config) before it looks for a checkpoint."""
+    """Every file's bytes and modification time, by path: a refused resume writes nothing,
+    not even the same config.yaml again."""
     out = {}
     for dirpath, _, files in os.walk(run_dir):
         for f in files:
             path = os.path.join(dirpath, f)
-            if f != "config.yaml":
-                out[os.path.relpath(path, run_dir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+            digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+            out[os.path.relpath(path, run_dir)] = (digest, os.stat(path).st_mtime_ns)
     return out
 
 
