@@ -441,7 +441,9 @@ def memory_budget(cfg: Config, local_rank: int = 0) -> Optional[tuple[float, str
         return cfg.parallel.memory_budget_gib * GIB, "parallel.memory_budget_gib"
     import torch
 
-    if not torch.cuda.is_available():
+    from ds_parallel.parallel.init import use_cuda
+
+    if not use_cuda():
         return None
     props = torch.cuda.get_device_properties(local_rank % torch.cuda.device_count())
     return device_budget(props.total_memory), (f"{props.name} {props.total_memory / GIB:.1f} GiB less "
