@@ -23,23 +23,29 @@ WHEELS="deepspeed==0.19.8 megatron-core==0.16.1 safetensors pyyaml"
 if [[ ${1:-} == --prepare-wheels ]]; then
     mkdir -p .whl
     # deepspeed ships as an sdist: build its pure-Python wheel here (ops compile on first use).
-    DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8 || exit 1
-    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8 || exit 1
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
         megatron-core==0.16.1 safetensors pyyaml hjson ninja py-cpuinfo msgpack || exit 1
     ls -la .whl
     exit 0
 fi
 
-mkdir -p "$OUT"
 if [[ -d .whl ]]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
+case $? in
+    0) ;;
+    3) echo "gpu_suite: no CUDA device here: skipped (nothing run, nothing written)"; exit 0 ;;
+    *) echo "gpu_suite: $PY cannot import torch" >&2; exit 1 ;;
+esac
 export PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
+mkdir -p "$OUT"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
     echo "wheels wanted: $WHEELS"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
@@ -47,17 +53,17 @@ rc=0
 start=$(date +%s)
 
 echo "== tests/gpu"
-timeout 300 $PY -m pytest -q -m gpu tests/gpu --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
+timeout 300 "$PY" -m pytest -q -m gpu tests/gpu --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log"
 test_rc=${PIPESTATUS[0]}
 [[ $test_rc == 0 ]] || rc=1
 
 echo "== configs/smoke_1gpu.yaml (loss curve)"
 rm -rf "$OUT/smoke_1gpu"
-timeout 150 $PY launchers/train.py --config configs/smoke_1gpu.yaml train.out_dir="$OUT/smoke_1gpu" \
+timeout 150 "$PY" launchers/train.py --config configs/smoke_1gpu.yaml train.out_dir="$OUT/smoke_1gpu" \
     train.save_every=0 2>&1 | tail -n 20 || rc=1
 
 echo "== throughput and MFU"
-timeout 200 $PY benchmarks/gpu_throughput.py --out "$OUT/throughput" 2>&1 | tee "$OUT/throughput.log" || rc=1
+timeout 200 "$PY" benchmarks/gpu_throughput.py --out "$OUT/throughput" 2>&1 | tee "$OUT/throughput.log" || rc=1
 cp "$OUT/throughput/throughput.json" "$OUT/" 2>/dev/null
 
 echo "gpu_suite finished in $(($(date +%s) - start)) s with exit code $rc (tests: $test_rc)"

@@ -15,7 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = sorted(
     os.path.relpath(p, ROOT)
-    for pattern in ("slurm/**/*.sh", "launchers/**/*.sh")
+    for pattern in ("slurm/**/*.sh", "launchers/**/*.sh", "benchmarks/**/*.sh")
     for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)
 )
 JOB_SCRIPTS = ["slurm/v3_pretrain.sh", "slurm/post_train.sh", "slurm/deepspeed_multinode.sh"]
@@ -24,6 +24,16 @@ JOB_SCRIPTS = ["slurm/v3_pretrain.sh", "slurm/post_train.sh", "slurm/deepspeed_m
 def test_the_scripts_are_found():
     assert set(JOB_SCRIPTS) | {"slurm/launch.sh", "slurm/env/h800.sh", "slurm/env/h100.sh",
                                "slurm/env/cpu.sh"} <= set(SCRIPTS)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: the suite would run")
+def test_gpu_suite_skips_cleanly_without_cuda(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out))
+    proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device here: skipped" in proc.stdout and not out.exists()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
