@@ -27,7 +27,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd, timeout=300) -> str:
+def _run(cmd, timeout=600) -> str:  # generous: a loaded 2-core machine runs it 5x slower
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
