@@ -37,14 +37,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ds_parallel.interop.hf import load_ds, load_hf, save_ds, save_hf
+    from ds_parallel.checkpoint import load_model, save_model
+    from ds_parallel.interop.hf import load_hf, save_hf
 
     try:
         if args.direction == "hf-to-ds":
             model = load_hf(args.hf, dtype=getattr(torch, DTYPES[args.dtype]))
-            where = save_ds(model, args.out)
+            where = save_model(model, args.out)
         else:
-            model = load_ds(args.ckpt)
+            model = load_model(args.ckpt)
             dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
             save_hf(model, args.out, dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
             where = args.out

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(PEER_GRACE_S)
         return 2
 
-    from ds_parallel.train.checkpoint import CheckpointError
+    from ds_parallel.checkpoint import CheckpointError
     from ds_parallel.train.run import run
     from ds_parallel.train.trainer import EXIT_PREEMPTED
 

@@ -31,6 +31,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from ds_parallel.atomic import fsync_dir, fsync_file, write_atomic
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document-index count
@@ -49,11 +51,7 @@ def _bin_stamp(bin_path: str) -> dict:
 
 
 def _write_range(prefix: str, lo: int, hi: int) -> None:
-    path = prefix + RANGE_SUFFIX
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump({**_bin_stamp(prefix + ".bin"), "min": int(lo), "max": int(hi)}, fh)
-    os.replace(tmp, path)
+    write_atomic(prefix + RANGE_SUFFIX, json.dumps({**_bin_stamp(prefix + ".bin"), "min": int(lo), "max": int(hi)}))
 
 
 def _read_range(prefix: str, stamp: dict) -> Optional[tuple[int, int]]:
@@ -125,11 +123,12 @@ class IndexedDatasetWriter:
                 idx.write(pointers.tobytes())
                 idx.write(np.asarray(self._doc_starts, dtype=np.int64).tobytes())
             for path in (self._tmp_bin, self._tmp_idx):
-                _fsync(path)
+                fsync_file(path)
             if os.path.exists(self.prefix + ".idx"):
                 os.remove(self.prefix + ".idx")
             os.replace(self._tmp_bin, self.prefix + ".bin")
             os.replace(self._tmp_idx, self.prefix + ".idx")
+            fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
             if self._range is not None:  # after the rename: it is stamped with the final .bin
                 _write_range(self.prefix, *self._range)
         except BaseException:
@@ -151,14 +150,6 @@ class IndexedDatasetWriter:
             self.finalize()
         else:
             self.abort()
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class IndexedDataset:

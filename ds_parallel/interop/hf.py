@@ -42,14 +42,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ds_parallel.config.load import config_from_dict, dump_yaml, to_dict
-from ds_parallel.config.schema import Config, ModelConfig, TrainConfig
+from ds_parallel.atomic import write_atomic
+from ds_parallel.checkpoint.stream import TensorItem, split_by_size, write_safetensors
+from ds_parallel.checkpoint.weights import build_uninitialised, persistent_buffers
+from ds_parallel.config.schema import ModelConfig
 from ds_parallel.interop.hf_config import V2, V3, config_from_hf, hf_config_from_model
-from ds_parallel.interop.stream import TensorItem, split_by_size, write_safetensors
 from ds_parallel.model.transformer import Transformer
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.parallel.shard import ShardSpec, full_shape, gather_full, local_index, shards_of
-from ds_parallel.train import checkpoint as ckpt
 
 # -------------------------------------------------------------------------- name map
 _TOP_NAMES = {
@@ -105,10 +105,7 @@ def hf_name(name: str, n_layers: int) -> str:
 def named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters, then persistent buffers (the router bias): everything a checkpoint holds."""
     yield from model.named_parameters()
-    for name, buf in model.named_buffers():
-        owner_name, _, leaf = name.rpartition(".")
-        if leaf not in model.get_submodule(owner_name)._non_persistent_buffers_set:
-            yield name, buf
+    yield from persistent_buffers(model)
 
 
 def _rope_perm(rope_dim: int) -> torch.Tensor:
@@ -199,24 +196,6 @@ class HFCheckpoint:
         return out
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def _build(cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype) -> Transformer:
-    # Allocated directly in `dtype` (no fp32 copy of a bf16 model); the router bias and the
-    # RoPE table pick their own dtypes. Every weight is overwritten by the loader.
-    with _default_dtype(dtype):
-        model = Transformer(cfg, ctx)
-    return model.to(dtype)
-
-
 def _mtp_layers_present(hf: HFCheckpoint, cfg: ModelConfig) -> int:
     depth = 0
     while depth < cfg.mtp_depth and any(k.startswith(f"model.layers.{cfg.n_layers + depth}.") for k in hf.weight_map):
@@ -281,7 +260,7 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, ctx: Optional[Paralle
     with HFCheckpoint(path) as hf:
         cfg = config_from_hf(hf.config)
         cfg = replace(cfg, mtp_depth=_mtp_layers_present(hf, cfg))
-        model = _build(cfg, ctx, dtype)
+        model = build_uninitialised(cfg, ctx, dtype)
         load_hf_weights(model, hf)
     return model.eval()
 
@@ -377,57 +356,4 @@ def save_hf(
 
 
 def _write_json(path: str, obj: Any) -> None:
-    with open(path + ".tmp", "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-# ----------------------------------------------- our format: a single-process run checkpoint
-def save_ds(model: Transformer, out_dir: str, config: Optional[Config] = None) -> str:
-    """Write `model` as step 0 of run directory `out_dir` (train/checkpoint.py layout: fp32
-    `<name>::master` weights, zero AdamW moments, persistent buffers, meta.json, `latest`,
-    config.yaml), so `launchers/train.py` with train.out_dir=out_dir resumes from it.
-    Single process. Returns the checkpoint directory."""
-    if model.ctx.world_size != 1:
-        raise ValueError("save_ds writes single-process checkpoints; parallel runs save with train.checkpoint")
-    config = config or Config(model=model.cfg, train=TrainConfig(
-        out_dir=out_dir, seq_len=min(TrainConfig.seq_len, model.cfg.max_seq_len)))
-    root = os.path.join(out_dir, "checkpoints")
-    tmp = ckpt.begin_checkpoint(root, 0)
-    items, specs = [], {}
-    for name, t in named_tensors(model):
-        shape = tuple(t.shape)
-        spec = {"full_shape": list(shape), "shards": []}
-        if isinstance(t, nn.Parameter):
-            items.append(TensorItem(f"{name}::master", shape, torch.float32, lambda t=t: t.detach().float()))
-            for key in ckpt.ADAM_KEYS:
-                items.append(TensorItem(f"{name}::{key}", shape, torch.float32, lambda s=shape: torch.zeros(s)))
-            keys = ("master", *ckpt.ADAM_KEYS)
-        else:
-            items.append(TensorItem(f"{name}::buffer", shape, t.dtype, lambda t=t: t.detach()))
-            keys = ("buffer",)
-        specs.update({f"{name}::{key}": spec for key in keys})
-    write_safetensors(os.path.join(tmp, "shard-00000.safetensors"), items, {"specs": json.dumps(specs)})
-    meta = {
-        "format_version": ckpt.FORMAT_VERSION, "step": 0, "optimizer_step": 0,
-        "layout": {"world_size": 1, "tp": 1, "pp": 1, "ep": 1, "dp": 1}, "config": to_dict(config),
-    }
-    final = ckpt.publish_checkpoint(root, 0, meta)  # meta.json with the file list, fsyncs, renames, latest
-    with open(os.path.join(out_dir, "config.yaml.tmp"), "w") as fh:
-        fh.write(dump_yaml(config))
-    os.replace(os.path.join(out_dir, "config.yaml.tmp"), os.path.join(out_dir, "config.yaml"))
-    return final
-
-
-def load_ds(path: str, dtype: torch.dtype = torch.float32, ctx: Optional[ParallelContext] = None) -> Transformer:
-    """A model from one of our checkpoints: a `step_<N>` directory, or a run directory
-    (its `latest`), saved under any layout (eval mode)."""
-    step_dir = path if os.path.isfile(os.path.join(path, "meta.json")) else ckpt.latest_checkpoint(path)
-    if step_dir is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (meta.json) nor a run directory with checkpoints/latest")
-    meta = ckpt.read_meta(step_dir)
-    # Only the model section: runs saved by older versions may hold since-removed train keys.
-    model_cfg = config_from_dict({"model": meta["config"]["model"]}).model
-    model = _build(model_cfg, ctx or ParallelContext.single(), dtype)
-    ckpt.load_model_weights(model, ckpt.CheckpointReader(step_dir))
-    return model.eval()
+    write_atomic(path, json.dumps(obj, indent=2))

@@ -3,7 +3,7 @@
 Every parameter that is split across ranks carries a `ShardSpec` list in `param.shards`:
 each entry says "dimension `dim` of the full tensor is cut into `count` equal pieces along
 the `group` axis and this rank holds piece `index`". Replicated parameters carry none.
-Initialisation (`model/init.py`), checkpoints (`train/checkpoint.py`) and parity tests
+Initialisation (`model/init.py`), checkpoints (`checkpoint/`) and parity tests
 all go through this one description, which is what makes them layout-independent
 (docs/architecture.md, invariants 3 and 7).
 

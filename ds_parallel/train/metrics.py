@@ -10,6 +10,8 @@ import json
 import os
 import time
 
+from ds_parallel.atomic import write_atomic
+
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -70,9 +72,7 @@ def _truncate_after(path: str, step: int) -> None:
         return
     with open(path) as fh:
         keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as fh:
-        fh.writelines(keep)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, "".join(keep))
 
 
 def read_metrics(out_dir: str, name: str = "metrics.jsonl") -> list[dict]:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ds_parallel import checkpoint as ckpt
+from ds_parallel.atomic import write_atomic
 from ds_parallel.config.load import dump_yaml, to_dict
 from ds_parallel.config.schema import Config
 from ds_parallel.data import GlobalBatchLoader, build_datasets
@@ -27,7 +29,6 @@ from ds_parallel.moe import expert_load_imbalance, moe_layers, update_moe_biases
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.parallel.pipeline import PipelineForward, PipelineRunner, gather_layer_tensors
 from ds_parallel.parallel.plan import pipeline_layout
-from ds_parallel.train import checkpoint as ckpt
 from ds_parallel.train.engine import (build_engine, global_grad_norm, gradient_accumulation_steps,
                                      reports_grad_norm, set_lr)
 from ds_parallel.train.evaluate import exact_match
@@ -63,10 +64,7 @@ class PreemptionFlag:
 
 
 def _write_config(cfg: Config, out_dir: str) -> None:
-    path = os.path.join(out_dir, "config.yaml")
-    with open(path + ".tmp", "w") as fh:
-        fh.write(dump_yaml(cfg))
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(out_dir, "config.yaml"), dump_yaml(cfg))
 
 
 def _mean_over(sums: dict[str, float], groups, count: int, device: torch.device) -> dict[str, float]:
@@ -190,8 +188,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
                 flush=True,
             )
     if is_rank0:
-        with open(os.path.join(out_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=1)
+        write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
         plot_run(out_dir)
     return summary
 

@@ -39,7 +39,7 @@ def _train(run_dir, *extra):
 
 
 def _die_writing_step_3(rank, world, run_dir):
-    from ds_parallel.train import checkpoint as ckpt
+    from ds_parallel.checkpoint import writer as ckpt
 
     real_save = ckpt.save_file
 
@@ -103,7 +103,7 @@ DAMAGE = {  # how -> what the one-line error must say
 def _refuse_then_resume(rank, world, run_dir, scratch):
     import torch.distributed as dist
 
-    from ds_parallel.train.checkpoint import CheckpointError
+    from ds_parallel.checkpoint import CheckpointError
 
     for i, (how, message) in enumerate(DAMAGE.items()):
         copy = os.path.join(scratch, f"damaged_{i}")

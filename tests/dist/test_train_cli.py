@@ -72,8 +72,8 @@ def test_resume_continues_the_exact_loss_curve(tmp_path):
             assert c[step] == pytest.approx(a[step], rel=1e-5), (layout, step, c[step], a[step])
 
     # launchers/convert.py exports the pipeline checkpoint to the HF layout; transformers'
-    # DeepseekV3ForCausalLM on it gives our logits (load_ds rebuilds the one-process model).
-    from ds_parallel.interop.hf import load_ds
+    # DeepseekV3ForCausalLM on it gives our logits (load_model rebuilds the one-process model).
+    from ds_parallel.checkpoint import load_model
     from tests.unit.test_hf import hf_logits, input_ids, our_logits
 
     hf_dir = tmp_path / "hf"
@@ -82,7 +82,7 @@ def test_resume_continues_the_exact_loss_curve(tmp_path):
                           capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = input_ids(vocab=128)
-    ours = our_logits(load_ds(str(resumed / "checkpoints" / "step_10")), ids)
+    ours = our_logits(load_model(str(resumed / "checkpoints" / "step_10")), ids)
     torch.testing.assert_close(hf_logits(hf_dir, ids), ours, rtol=1e-5, atol=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""train/checkpoint.py's file layer in one process: what verification refuses, and the
+"""ds_parallel/checkpoint's file layer (format.py) in one process: what verification refuses, and the
 crash-safe re-save. Checkpoints here are written through the same begin/publish calls
 save_checkpoint uses, with two "rank" shard files holding the two halves of a tensor."""
 import json
@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ds_parallel.train import checkpoint as ckpt
-from ds_parallel.train.checkpoint import CheckpointError, CheckpointReader, latest_checkpoint
+from ds_parallel.checkpoint import CheckpointError, CheckpointReader, latest_checkpoint
+from ds_parallel.checkpoint import format as ckpt
 
 FULL = torch.arange(24, dtype=torch.float32).reshape(4, 6)
 

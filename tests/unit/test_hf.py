@@ -13,9 +13,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from ds_parallel.checkpoint import load_model  # noqa: E402
 from ds_parallel.config.schema import ModelConfig  # noqa: E402
 from ds_parallel.interop.hf import (  # noqa: E402
-    HFCheckpoint, config_from_hf, hf_config_from_model, load_ds, load_hf, load_hf_weights, named_tensors, save_hf,
+    HFCheckpoint, config_from_hf, hf_config_from_model, load_hf, load_hf_weights, named_tensors, save_hf,
 )
 from ds_parallel.model.init import init_weights  # noqa: E402
 from ds_parallel.model.transformer import Transformer  # noqa: E402
@@ -138,12 +139,12 @@ def test_convert_cli_round_trip(tmp_path):
     assert meta["step"] == 0 and meta["config"]["model"]["n_routed_experts"] == 8
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0"
     assert (run / "config.yaml").is_file()
-    assert torch.equal(our_logits(load_ds(str(run)), ids), our_logits(load_hf(str(src)), ids))
+    assert torch.equal(our_logits(load_model(str(run)), ids), our_logits(load_hf(str(src)), ids))
     # The trainer resumes from zero moments: they are there, for every parameter.
-    from ds_parallel.train.checkpoint import CheckpointReader
+    from ds_parallel.checkpoint import CheckpointReader
 
     reader = CheckpointReader(str(run / "checkpoints" / "step_0"))
-    for name, p in load_ds(str(run)).named_parameters():
+    for name, p in load_model(str(run)).named_parameters():
         assert torch.equal(reader.full(f"{name}::exp_avg_sq"), torch.zeros(p.shape))
 
     # ... and does: one process, two steps from the converted weights.

@@ -1,4 +1,4 @@
-"""Safetensors files written tensor by tensor.
+"""Safetensors files written tensor by tensor (our checkpoints and Hugging Face exports).
 
 safetensors' own `save_file` serialises the whole dict into one buffer before writing, so
 exporting a model would hold a second copy of it. Here the header is planned from shapes and
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+
+from ds_parallel.atomic import atomic_open
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -38,7 +39,8 @@ class TensorItem:
 
 
 def write_safetensors(path: str, items: list[TensorItem], metadata: Optional[dict[str, str]] = None) -> None:
-    """Write `items` in order; only the tensor being written is alive. Atomic (temp + rename)."""
+    """Write `items` in order; only the tensor being written is alive. Atomic and durable
+    (ds_parallel/atomic.py)."""
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for it in items:
@@ -48,7 +50,7 @@ def write_safetensors(path: str, items: list[TensorItem], metadata: Optional[dic
         offset += it.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header with spaces to 8-byte alignment
-    with open(path + ".tmp", "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for it in items:
@@ -56,7 +58,6 @@ def write_safetensors(path: str, items: list[TensorItem], metadata: Optional[dic
             if tuple(t.shape) != it.shape:
                 raise RuntimeError(f"{it.name}: produced shape {tuple(t.shape)}, planned {it.shape}")
             fh.write(t.reshape(-1).view(torch.uint8).numpy().data)  # little-endian raw bytes, no copy
-    os.replace(path + ".tmp", path)
 
 
 def split_by_size(items: list[TensorItem], max_bytes: int) -> list[list[TensorItem]]:
