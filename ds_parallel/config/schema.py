@@ -4,12 +4,51 @@ Every knob of a run lives in a dataclass below; YAML files and dotted command-li
 overrides (`parallel.tp=2 train.steps=50`) are folded into it by `config.load`, and
 `config.validate` checks cross-field rules before any process group starts.
 
-Field comments say what a value means and, where it comes from a paper, where.
+Field comments say what a value means and, where it comes from a paper, where. Numbers
+derived from several fields (head dims, MoE layer ids, data parallel degree, micro-batches
+per step, pipeline stages and their layer counts) are computed here once, as methods and
+the pure functions below; validation, the planner, the topology, the engine and the loader
+read them from here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
+
+# The V-shaped DualPipe of DeepSeek-V3 (`parallel.pp_schedule`): two stages per pp rank.
+DUALPIPEV = "dualpipev"
+
+
+def data_parallel_size(world_size: int, tp: int, pp: int, cp: int) -> int:
+    """Data-parallel degree: the ranks left once tp, pp and cp are carved out (cp excluded,
+    as megatron-core's dp; validation checks world_size divides evenly)."""
+    return world_size // (tp * pp * cp)
+
+
+def micro_batches_per_step(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step (DeepSpeed's gradient
+    accumulation steps; under pp the pipeline schedule's micro-batches)."""
+    if global_batch_size % (micro_batch_size * dp):
+        raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by "
+                         f"train.micro_batch_size={micro_batch_size} x dp={dp}: change one of them")
+    return global_batch_size // (micro_batch_size * dp)
+
+
+def n_pipeline_stages(pp: int, schedule: str) -> int:
+    """1F1B runs one stage per pp rank; DualPipeV two (rank r holds stages r and 2pp-1-r)."""
+    return 2 * pp if schedule == DUALPIPEV and pp > 1 else pp
+
+
+def stage_layer_counts(pp_layers: str, n_stages: int, n_layers: int) -> list[int]:
+    """Layers per pipeline stage from `parallel.pp_layers` ("4,5,5,..."); a stage may be empty."""
+    try:
+        counts = [int(c) for c in pp_layers.split(",")]
+    except ValueError:
+        counts = []
+    if len(counts) != n_stages or sum(counts) != n_layers or min(counts) < 0:
+        raise ValueError(f"parallel.pp_layers={pp_layers!r} must list {n_stages} layer counts (one per pipeline "
+                         f"stage) summing to model.n_layers={n_layers}")
+    return counts
 
 
 @dataclass
@@ -69,6 +108,20 @@ class ModelConfig:
     mtp_lambda: float = 0.3
     mtp_lambda_late: Optional[float] = None  # V3: 0.1 after the first 10T of 14.8T tokens
     mtp_lambda_switch: float = 0.676  # fraction of train.steps where mtp_lambda_late starts
+
+    @property
+    def mha_head_dim(self) -> int:
+        """Channels per head of MHA/GQA attention (also its RoPE width)."""
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def mha_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        """MLA query/key width per head: no-position part plus the decoupled RoPE part."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def is_moe_layer(self, layer_id: int) -> bool:
         """DeepSeekMoE keeps the first n_dense_layers dense (first_k_dense_replace); MTP

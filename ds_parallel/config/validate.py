@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 
 from ds_parallel.config.load import ConfigError
-from ds_parallel.config.schema import Config
+from ds_parallel.config.schema import (DUALPIPEV, Config, data_parallel_size, micro_batches_per_step,
+                                      n_pipeline_stages, stage_layer_counts)
 
 _POSITIVE = {
     "model": ["vocab_size", "dim", "n_layers", "n_heads", "inter_dim", "max_seq_len"],
@@ -44,12 +45,11 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
 
     # Model shape rules.
-    head_dim = m.head_dim or m.dim // m.n_heads
     if m.head_dim is None and m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}: set model.head_dim")
-    if head_dim % 2:
-        raise ConfigError(f"model head_dim={head_dim} must be even for RoPE: change model.dim or model.n_heads")
-    n_kv = m.n_kv_heads or m.n_heads
+    if m.mha_head_dim % 2:
+        raise ConfigError(f"model head_dim={m.mha_head_dim} must be even for RoPE: change model.dim or model.n_heads")
+    n_kv = m.mha_kv_heads
     if m.n_heads % n_kv:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={n_kv}")
     if t.seq_len > m.max_seq_len:
@@ -68,19 +68,16 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
         raise ConfigError(f"model.inter_dim={m.inter_dim} is not divisible by parallel.tp={p.tp}")
     if m.vocab_size % p.tp:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}: pad the vocabulary")
-    n_stages = 2 * p.pp if p.pp_schedule == "dualpipev" and p.pp > 1 else p.pp
+    n_stages = n_pipeline_stages(p.pp, p.pp_schedule)
     if p.pp_layers is not None:
         try:
-            counts = [int(c) for c in p.pp_layers.split(",")]
-        except ValueError:
-            counts = []
-        if len(counts) != n_stages or sum(counts) != m.n_layers or min(counts) < 0:
-            raise ConfigError(f"parallel.pp_layers={p.pp_layers!r} must list {n_stages} layer counts (one per "
-                              f"{p.pp_schedule} stage) summing to model.n_layers={m.n_layers}")
+            stage_layer_counts(p.pp_layers, n_stages, m.n_layers)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (pp_schedule={p.pp_schedule})") from None
     elif n_stages > m.n_layers:
         raise ConfigError(f"parallel.pp={p.pp} with pp_schedule={p.pp_schedule} makes {n_stages} stages for "
                           f"model.n_layers={m.n_layers}: lower pp or list layers per stage in parallel.pp_layers")
-    if p.pp_schedule == "dualpipev" and p.pp % 2:
+    if p.pp_schedule == DUALPIPEV and p.pp % 2:
         raise ConfigError(f"parallel.pp_schedule=dualpipev needs an even parallel.pp, got {p.pp}")
     if p.pp > 1 and p.zero_stage > 1:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: ZeRO-2/3 reduce or gather "
@@ -96,19 +93,17 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
                 f"world size {world_size} is not divisible by parallel.tp*pp*cp={model_parallel}: "
                 f"launch a multiple of {model_parallel} processes or change the degrees"
             )
-        dp = world_size // model_parallel
+        dp = data_parallel_size(world_size, p.tp, p.pp, p.cp)
         if p.dp is not None and p.dp != dp:
             raise ConfigError(
                 f"parallel.dp={p.dp} but world {world_size} / (tp*pp*cp={model_parallel}) = {dp}: remove parallel.dp or fix it"
             )
         if dp % p.ep:
             raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel degree {dp} (world {world_size} / tp*pp*cp)")
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ConfigError(
-                f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                f"train.micro_batch_size={t.micro_batch_size} x dp={dp}: change one of them"
-            )
-        n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+        try:
+            n_micro = micro_batches_per_step(t.global_batch_size, t.micro_batch_size, dp)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if p.pp > 1 and n_micro < n_stages:
             raise ConfigError(
                 f"{n_micro} micro-batches per step (train.global_batch_size / (micro_batch_size x dp={dp})) are "

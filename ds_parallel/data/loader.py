@@ -27,6 +27,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from ds_parallel.config.schema import micro_batches_per_step
 from ds_parallel.data.corpus import build_corpus, chance_accuracy, check_split, problem_chars
 from ds_parallel.data.indexed import IndexedDataset
 from ds_parallel.data.tokenizer import CharTokenizer
@@ -82,9 +83,7 @@ class GlobalBatchLoader:
 
     def __init__(self, samples: PackedSamples, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int, dp: int, seed: int) -> None:
-        if global_batch_size % (micro_batch_size * dp):
-            raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by "
-                             f"train.micro_batch_size={micro_batch_size} x dp={dp}")
+        self.n_micro = micro_batches_per_step(global_batch_size, micro_batch_size, dp)
         if not 0 <= dp_rank < dp:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, {dp})")
         if len(samples) == 0:
@@ -92,7 +91,6 @@ class GlobalBatchLoader:
         self.samples, self.seed = samples, seed
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp = dp_rank, dp
-        self.n_micro = global_batch_size // (micro_batch_size * dp)  # gradient accumulation steps
         self._orders: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:

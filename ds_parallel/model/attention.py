@@ -27,8 +27,8 @@ class Attention(nn.Module):
     def __init__(self, cfg, ctx, gemm: Gemm = F.linear):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.head_dim or cfg.dim // cfg.n_heads
+        self.n_kv_heads = cfg.mha_kv_heads
+        self.head_dim = cfg.mha_head_dim
         assert self.n_heads % self.n_kv_heads == 0, f"n_heads={self.n_heads} not divisible by n_kv_heads={self.n_kv_heads}"
         assert self.n_heads % ctx.tp == 0, f"n_heads={self.n_heads} is not divisible by tp={ctx.tp}"
         assert self.n_kv_heads % ctx.tp == 0, f"n_kv_heads={self.n_kv_heads} is not divisible by tp={ctx.tp}"

@@ -102,7 +102,7 @@ class MLA(nn.Module):
         self.dim, self.n_heads, self.n_local_heads = cfg.dim, cfg.n_heads, cfg.n_heads // ctx.tp
         self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
-        self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
         self.v_head_dim = cfg.v_head_dim
         self.tp_group = ctx.tp_group
 

@@ -56,8 +56,7 @@ def model_freqs_cis(cfg) -> torch.Tensor:
     qk_rope_head_dim channels, with YaRN when rope_factor > 1 (V3 §4.3)."""
     if cfg.attention == "mla":
         return precompute_mla_freqs_cis(cfg)
-    head_dim = cfg.head_dim or cfg.dim // cfg.n_heads
-    return precompute_freqs_cis(head_dim, cfg.max_seq_len, cfg.rope_theta)
+    return precompute_freqs_cis(cfg.mha_head_dim, cfg.max_seq_len, cfg.rope_theta)
 
 
 class Transformer(nn.Module):

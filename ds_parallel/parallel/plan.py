@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ds_parallel.config.load import ConfigError
-from ds_parallel.config.schema import Config, ModelConfig
+from ds_parallel.config.schema import (DUALPIPEV, Config, ModelConfig, data_parallel_size, micro_batches_per_step,
+                                      n_pipeline_stages, stage_layer_counts)
+from ds_parallel.parallel.topology import Topology
 
 # Device memory left outside the estimate: CUDA context and kernels, NCCL buffers, the
 # caching allocator's fragmentation and temporaries the estimate does not count.
@@ -64,7 +66,7 @@ class Param:
 def attention_params(m: ModelConfig, prefix: str) -> list[Param]:
     d, h = m.dim, m.n_heads
     if m.attention == "mla":
-        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        qk = m.qk_head_dim
         if m.q_lora_rank:
             q = [Param(f"{prefix}wq_a.weight", m.q_lora_rank * d), Param(f"{prefix}q_norm.weight", m.q_lora_rank),
                  Param(f"{prefix}wq_b.weight", h * qk * m.q_lora_rank, "tp")]
@@ -76,8 +78,7 @@ def attention_params(m: ModelConfig, prefix: str) -> list[Param]:
             Param(f"{prefix}wkv_b.weight", h * (m.qk_nope_head_dim + m.v_head_dim) * m.kv_lora_rank, "tp"),
             Param(f"{prefix}wo.weight", d * h * m.v_head_dim, "tp"),
         ]
-    hd = m.head_dim or d // h
-    kv = m.n_kv_heads or h
+    hd, kv = m.mha_head_dim, m.mha_kv_heads
     return [Param(f"{prefix}wq.weight", h * hd * d, "tp"), Param(f"{prefix}wk.weight", kv * hd * d, "tp"),
             Param(f"{prefix}wv.weight", kv * hd * d, "tp"), Param(f"{prefix}wo.weight", d * h * hd, "tp")]
 
@@ -143,9 +144,7 @@ def split_layers(m: ModelConfig, n_stages: int, explicit: str | None = None) -> 
     otherwise contiguous stages that minimise the largest stage cost, with the embedding
     charged to the first stage and the head (plus MTP) to the last."""
     if explicit:
-        counts = [int(c) for c in explicit.split(",")]
-        if len(counts) != n_stages or sum(counts) != m.n_layers or min(counts) < 0:
-            raise ValueError(f"parallel.pp_layers={explicit!r} must list {n_stages} counts summing to {m.n_layers}")
+        counts = stage_layer_counts(explicit, n_stages, m.n_layers)
     else:
         costs = [layer_cost(m, i) for i in range(m.n_layers)]
         edge = m.vocab_size * m.dim
@@ -180,6 +179,10 @@ class PipelineLayout:
     def rank_of(self, stage: int) -> int:
         return stage if stage < self.pp else 2 * self.pp - 1 - stage
 
+    @property
+    def is_dualpipe(self) -> bool:
+        return self.schedule == DUALPIPEV
+
     def stages_of(self, rank: int) -> list[int]:
         return [s for s in range(self.n_stages) if self.rank_of(s) == rank]
 
@@ -200,8 +203,7 @@ class PipelineLayout:
 
 
 def pipeline_layout(m: ModelConfig, pp: int, schedule: str = "1f1b", explicit: str | None = None) -> PipelineLayout:
-    n_stages = 2 * pp if schedule == "dualpipev" and pp > 1 else pp
-    stages = split_layers(m, n_stages, explicit)
+    stages = split_layers(m, n_pipeline_stages(pp, schedule), explicit)
     return PipelineLayout(schedule, pp, tuple(tuple(s) for s in stages), mtp=m.mtp_depth > 0)
 
 
@@ -255,9 +257,8 @@ def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: i
     if width == 4:
         out += 5 * (m.n_heads / tp) * seqlen * width / 2
     if m.attention == "mla":  # latents, expanded per-head q/k (nope + rope) and v
-        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
         out += (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
-                + m.n_heads / tp * (2 * qk + m.v_head_dim)) * width
+                + m.n_heads / tp * (2 * m.qk_head_dim + m.v_head_dim)) * width
     if m.is_moe_layer(layer_id):
         out += m.n_activated_experts * (3 * m.moe_inter_dim + m.dim) * width
     return out
@@ -267,7 +268,7 @@ def bubble_fraction(schedule: str, pp: int, n_micro: int) -> float:
     if pp == 1:
         return 0.0
     f, b, w = 1.0, 2.0, 1.0
-    if schedule == "dualpipev":
+    if schedule == DUALPIPEV:
         bubble = (pp / 2 - 1) * ((f + b) + b - 3 * w)
     else:
         bubble = (pp - 1) * (f + b)
@@ -304,7 +305,7 @@ def in_flight(layout: PipelineLayout, stage: int, n_micro: int) -> int:
     pp, rank = layout.pp, layout.rank_of(stage)
     if pp == 1:
         count = 1
-    elif layout.schedule == "dualpipev":
+    elif layout.is_dualpipe:
         count = 2 * pp - rank if stage < pp else rank + 1 + (rank < pp - 1)
     else:
         count = pp - stage
@@ -324,12 +325,12 @@ def plan(cfg: Config, world_size: int) -> dict:
     validate(cfg, world_size, purpose="plan")
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, ep = p.tp, p.pp, p.ep
-    dp = world_size // (tp * pp * p.cp)
-    edp = dp // ep
+    topo = Topology(world_size, tp, pp, p.cp, ep)
+    dp, edp = topo.dp, topo.edp
     width = 2 if cfg.precision.dtype == "bf16" else 4
     master = 4 if cfg.precision.dtype == "bf16" else 0
     moments = 2 * (2 if cfg.precision.optimizer_moments == "bf16" else 4)  # AdamW m and v
-    n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    n_micro = micro_batches_per_step(t.global_batch_size, t.micro_batch_size, dp)
     layout = pipeline_layout(m, pp, p.pp_schedule, p.pp_layers)
     tokens = t.micro_batch_size * t.seq_len
     mtp_ids = [m.n_layers + k for k in range(m.mtp_depth)]
@@ -389,7 +390,7 @@ def suggest_layout(cfg: Config, world_size: int, budget_bytes: float, max_tp: in
     best = None
     for tp in (d for d in divisors if d <= max(max_tp, p.tp)):
         for pp in (d for d in divisors if (world_size // tp) % d == 0 and d <= m.n_layers):
-            dp = world_size // (tp * pp)
+            dp = data_parallel_size(world_size, tp, pp, p.cp)
             for ep in (d for d in divisors if dp % d == 0 and (m.n_routed_experts or 1) % d == 0):
                 for zero in (0, 1, 2, 3):
                     changed = {k: v for k, v in (("tp", tp), ("pp", pp), ("ep", ep), ("zero_stage", zero))

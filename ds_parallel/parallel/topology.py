@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from itertools import product
 
+from ds_parallel.config.schema import data_parallel_size
+
 DENSE_DIMS = ("tp", "cp", "dp", "pp")
 EXPERT_DIMS = ("etp", "ep", "edp", "pp")
 
@@ -69,7 +71,7 @@ class Topology:
 
     @property
     def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp * self.cp)
+        return data_parallel_size(self.world_size, self.tp, self.pp, self.cp)
 
     @property
     def edp(self) -> int:

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from ds_parallel.config.schema import Config
+from ds_parallel.config.schema import Config, micro_batches_per_step
 from ds_parallel.fp8.recipe import apply_fp8
 from ds_parallel.parallel.groups import ParallelContext, apply_deepspeed_groups
 from ds_parallel.train.optim import LowPrecisionMomentAdamW
 
 
 def gradient_accumulation_steps(cfg: Config, dp: int) -> int:
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    return micro_batches_per_step(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp)
 
 
 def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:

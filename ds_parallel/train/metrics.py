@@ -1,16 +1,38 @@
 """metrics.jsonl, the progress line and the plots of a run directory (rank 0 only).
 
 Each logged step is one JSON object with at least step, loss, lm_loss, lr, grad_norm and
-tokens_per_s (docs/architecture.md, "Metrics and the run directory"). On resume the file
-is cut back to the checkpoint's step so that steps are never logged twice.
+tokens_per_s (docs/architecture.md, "Metrics and the run directory"); `step_record` is the
+one schema of that object. On resume the file is cut back to the checkpoint's step so that
+steps are never logged twice.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from typing import Optional
 
 from ds_parallel.atomic import write_atomic
+
+# A step's losses: ModelOutput's fields of these names, summed over the step's micro-batches
+# (under pp the last stage returns them as one vector in this order) and averaged over the
+# global batch.
+LOSSES = ("loss", "lm_loss", "aux_loss", "mtp_loss")
+# Metrics only some models report, each with the models it belongs to.
+MOE_ONLY = ("aux_loss", "expert_load_imbalance")
+MTP_ONLY = ("mtp_loss",)
+
+
+def step_record(step: int, losses: dict[str, float], lr: float, grad_norm: float, tokens_per_s: float, *,
+                moe: bool, mtp: bool, expert_load_imbalance: Optional[float] = None) -> dict:
+    """One line of metrics.jsonl, keys in this order: step, loss, lm_loss, aux_loss (MoE),
+    mtp_loss (MTP), lr, grad_norm, tokens_per_s, expert_load_imbalance (MoE, logged steps)."""
+    record = {"step": step, **{k: losses[k] for k in LOSSES}, "lr": lr, "grad_norm": grad_norm,
+              "tokens_per_s": tokens_per_s}
+    if expert_load_imbalance is not None:
+        record["expert_load_imbalance"] = expert_load_imbalance
+    dropped = (() if moe else MOE_ONLY) + (() if mtp else MTP_ONLY)
+    return {k: v for k, v in record.items() if k not in dropped}
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -55,9 +77,7 @@ class MetricsLog:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(done, 1) * (self.total_steps - step)
-        extra = "".join(
-            f" | {k} {record[k]:.4f}" for k in ("aux_loss", "mtp_loss", "expert_load_imbalance") if k in record
-        )
+        extra = "".join(f" | {k} {v:.4f}" for k, v in record.items() if k in MOE_ONLY + MTP_ONLY)
         print(
             f"step {step}/{self.total_steps} | loss {record['loss']:.4f}{extra} | lr {record['lr']:.2e} | "
             f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
@@ -97,7 +117,7 @@ def plot_run(out_dir: str) -> list[str]:
     os.makedirs(plot_dir, exist_ok=True)
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("loss", "lm_loss", "mtp_loss"):
+    for key in (k for k in LOSSES if k not in MOE_ONLY):  # aux_loss is orders of magnitude smaller
         if key in records[0] and (key == "loss" or any(r[key] != r["loss"] for r in records)):
             ax.plot(steps, [r[key] for r in records], label=key)
     ax.set_xlabel("step")

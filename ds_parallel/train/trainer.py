@@ -33,7 +33,7 @@ from ds_parallel.train.engine import (build_engine, global_grad_norm, gradient_a
                                      reports_grad_norm, set_lr)
 from ds_parallel.train.evaluate import exact_match
 from ds_parallel.train.optim import moment_bytes_report
-from ds_parallel.train.metrics import MetricsLog, plot_run
+from ds_parallel.train.metrics import LOSSES, MetricsLog, plot_run, step_record
 from ds_parallel.train.schedule import bias_update_speed_at, lr_at, mtp_lambda_at
 
 
@@ -130,7 +130,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         tic = time.perf_counter()
         set_lr(engine, lr_at(step, t))
         _apply_moe_mtp_schedules(model, step, cfg)
-        sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "mtp_loss": 0.0}
+        sums = dict.fromkeys(LOSSES, 0.0)
         micro = _on(ctx.device, loader.micro_batches(step))
         if runner is not None:
             sums = runner.forward_backward(micro)
@@ -151,24 +151,21 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
             norm = engine.get_global_grad_norm() if own_norm else norm
         loads = update_moe_biases(model, ctx) if moe_ids else None  # this rank's layers
         n = len(micro) * ctx.dp
-        record = {"step": step + 1, **_mean_over(sums, [ctx.dp_group, ctx.pp_group if runner else None], n, ctx.device)}
-        record["lr"] = lr_at(step, t)
-        record["grad_norm"] = float(norm) if norm is not None else float("nan")
-        record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - tic)
-        if not moe_ids:
-            del record["aux_loss"]
-        if not cfg.model.mtp_depth:
-            del record["mtp_loss"]
+        means = _mean_over(sums, [ctx.dp_group, ctx.pp_group if runner else None], n, ctx.device)
+        tokens_per_s = tokens_per_step / (time.perf_counter() - tic)
         last = step + 1
         if last == 1 or last % t.log_every == 0 or last == t.steps:
+            imbalance = None
             if moe_ids:  # every layer's loads and biases, gathered over pipeline stages
                 loads = gather_layer_tensors(loads, moe_ids, m.n_routed_experts, ctx)
                 biases = {g.layer_id: g.gate.e_score_correction_bias for g in moe_layers(model)}
-                record["expert_load_imbalance"] = expert_load_imbalance(loads)
-                metrics.log(record)
-                metrics.log_experts(last, loads, gather_layer_tensors(biases, moe_ids, m.n_routed_experts, ctx))
-            else:
-                metrics.log(record)
+                biases = gather_layer_tensors(biases, moe_ids, m.n_routed_experts, ctx)
+                imbalance = expert_load_imbalance(loads)
+            metrics.log(step_record(last, means, lr_at(step, t), float(norm) if norm is not None else float("nan"),
+                                    tokens_per_s, moe=bool(moe_ids), mtp=bool(m.mtp_depth),
+                                    expert_load_imbalance=imbalance))
+            if moe_ids:
+                metrics.log_experts(last, loads, biases)
         stop = preempt.agreed()
         if stop or last == stop_at or (t.save_every and last % t.save_every == 0):
             ckpt.save_checkpoint(out_dir, last, engine, ctx, to_dict(cfg))

@@ -119,7 +119,7 @@ def test_stage_splits():
     stages = split_layers(m, 16)
     assert [i for s in stages for i in s] == list(range(61)) and len(stages) == 16 and all(stages)
     assert split_layers(m, 2, "30,31") == [list(range(30)), list(range(30, 61))]
-    with pytest.raises(ValueError, match="must list 2 counts"):
+    with pytest.raises(ValueError, match="must list 2 layer counts"):
         split_layers(m, 2, "30,30")
 
 
