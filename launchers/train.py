@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(PEER_GRACE_S)
         return 2
 
+    from ds_parallel.parallel.init import init_parallel
     from ds_parallel.checkpoint import CheckpointError
-    from ds_parallel.train.run import run
-    from ds_parallel.train.trainer import EXIT_PREEMPTED
+    from ds_parallel.train.trainer import EXIT_PREEMPTED, train
 
     try:
-        summary = run(cfg, env)
+        summary = train(cfg, init_parallel(cfg, env))
     except CheckpointError as exc:  # refused before loading anything: like a bad config
         print(f"checkpoint error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -63,7 +63,7 @@ class Transformer(nn.Module):
     """The whole model, or one pipeline rank's part of it: `layer_ids` (default all),
     `has_embed`, `has_head` (final norm, head and MTP) pick what this rank builds; names stay
     global, so init and checkpoints see the same names under every layout. Only the whole
-    model has a `forward`; parallel/pipeline.py runs the parts of a partial one."""
+    model has a `forward`; train/pipeline.py runs the parts of a partial one."""
 
     def __init__(self, cfg, ctx, layer_ids: Optional[Sequence[int]] = None, has_embed: bool = True,
                  has_head: bool = True):
@@ -100,7 +100,7 @@ class Transformer(nn.Module):
         self.mtp_lambda = float(value)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
-        assert self.complete, "a pipeline stage's part of the model runs through parallel/pipeline.py"
+        assert self.complete, "a pipeline stage's part of the model runs through train/pipeline.py"
         freqs_cis = self.rope(input_ids.shape[1])
         emb = self.embed(input_ids)  # (B, T, D)
         h, aux_loss = self.run_layers(emb, self.layers.values(), freqs_cis)

@@ -1,5 +1,7 @@
 """Who am I? Rank, world and local rank from whichever launcher started us, then the
-default process group.
+default process group, then the parallel context: `init_parallel` is the one launch
+sequence every entry point that starts processes calls (training today; generation and
+post-training reuse it).
 
 Launchers, in the order they are recognised:
 - torchrun / `deepspeed` launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
@@ -19,6 +21,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ds_parallel.config.schema import Config
+from ds_parallel.parallel.groups import ParallelContext, build_parallel_context, init_megatron_parallel_state
+from ds_parallel.parallel.topology import Topology
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
 
@@ -130,3 +136,19 @@ def init_distributed(env: DistEnv, timeout_s: float, backend: str | None = None)
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+def init_parallel(cfg: Config, env: DistEnv) -> ParallelContext:
+    """Launch: intra-op threads -> default process group -> every parallel group ->
+    megatron-core's `parallel_state` when `parallel.megatron_groups` asks for it. DeepSpeed's
+    expert-group registry is filled by `build_engine` (train/engine.py), right before the
+    engine that reads it. `cfg` was validated for `env.world_size` (launchers/train.py)."""
+    p = cfg.parallel
+    if not use_cuda():
+        # 2 ranks on 2 cores: one intra-op thread each avoids oversubscription.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.world_size)))
+    init_distributed(env, p.timeout_s)
+    ctx = build_parallel_context(Topology(env.world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep))
+    if p.megatron_groups:
+        init_megatron_parallel_state(ctx, p.timeout_s)
+    return ctx

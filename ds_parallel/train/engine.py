@@ -26,7 +26,7 @@ def gradient_accumulation_steps(cfg: Config, dp: int) -> int:
 
 def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     t = cfg.train
-    # Under pipeline parallelism the schedule runs the micro-batches (parallel/pipeline.py):
+    # Under pipeline parallelism the schedule runs the micro-batches (train/pipeline.py):
     # the engine sees one micro-batch of the rank's whole share per optimizer step.
     gas = gradient_accumulation_steps(cfg, dp) if cfg.parallel.pp == 1 else 1
     ds: dict[str, Any] = {
@@ -40,7 +40,7 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # the trainer prints its own progress line
         "wall_clock_breakdown": False,
     }
-    # Under pp, parallel/pipeline.py computes the norm and clips over every stage: DeepSpeed
+    # Under pp, train/pipeline.py computes the norm and clips over every stage: DeepSpeed
     # reduces one norm per optimizer group over tp x pp, and stages hold different groups.
     if cfg.parallel.pp > 1:
         ds["gradient_clipping"] = 0.0

@@ -3,7 +3,7 @@
 Order of events (each step is a pure function of the step number, which is what makes
 resume exact): lr from the schedule -> this rank's micro-batches of the global batch ->
 forward/backward through the DeepSpeed engine (which accumulates and reduces), or with
-pp > 1 through the pipeline schedule (parallel/pipeline.py) and then the engine's reduction -> optimizer
+pp > 1 through the pipeline schedule (train/pipeline.py) and then the engine's reduction -> optimizer
 step -> MoE bias update from the global batch's expert loads -> global-batch loss reduced
 over data parallel -> metrics line, checkpoint, preemption check.
 """
@@ -27,13 +27,13 @@ from ds_parallel.fp8.recipe import fp8_memory_report
 from ds_parallel.model import build_model
 from ds_parallel.moe import expert_load_imbalance, moe_layers, update_moe_biases
 from ds_parallel.parallel.groups import ParallelContext
-from ds_parallel.parallel.pipeline import PipelineForward, PipelineRunner, gather_layer_tensors
 from ds_parallel.parallel.plan import pipeline_layout
 from ds_parallel.train.engine import (build_engine, global_grad_norm, gradient_accumulation_steps,
                                      reports_grad_norm, set_lr)
 from ds_parallel.train.evaluate import exact_match
 from ds_parallel.train.optim import moment_bytes_report
 from ds_parallel.train.metrics import LOSSES, MetricsLog, plot_run, step_record
+from ds_parallel.train.pipeline import PipelineForward, PipelineRunner, gather_layer_tensors
 from ds_parallel.train.schedule import bias_update_speed_at, lr_at, mtp_lambda_at
 
 

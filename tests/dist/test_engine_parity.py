@@ -93,7 +93,7 @@ def _check_pipeline_forward(runner, cfg, ctx, ids, bf16):
     order. In eval mode, so the routers count no load (the training step follows)."""
     from ds_parallel.model import build_model
     from ds_parallel.parallel.groups import ParallelContext
-    from ds_parallel.parallel.pipeline import PipelineForward
+    from ds_parallel.train.pipeline import PipelineForward
 
     full = build_model(cfg.model, ParallelContext.single(), cfg.train.seed).eval()
     if bf16:
@@ -122,7 +122,7 @@ def _check_layouts(rank, world, base, layouts):
     from ds_parallel.parallel.shard import gather_full, local_shape, shards_of
     from ds_parallel.parallel.topology import Topology
     from ds_parallel.moe import moe_layers, update_moe_biases
-    from ds_parallel.parallel.pipeline import PipelineRunner
+    from ds_parallel.train.pipeline import PipelineRunner
     from ds_parallel.parallel.plan import pipeline_layout
     from ds_parallel.train.engine import (build_engine, global_grad_norm, gradient_accumulation_steps,
                                          reports_grad_norm, set_lr)

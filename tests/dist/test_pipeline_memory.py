@@ -59,7 +59,7 @@ def _measure(rank, world, schedules):
     from ds_parallel.data import GlobalBatchLoader, build_datasets
     from ds_parallel.model import build_model
     from ds_parallel.parallel.groups import build_parallel_context
-    from ds_parallel.parallel.pipeline import PipelineRunner
+    from ds_parallel.train.pipeline import PipelineRunner
     from ds_parallel.parallel.plan import pipeline_layout, plan
     from ds_parallel.parallel.topology import Topology
     from ds_parallel.train.engine import build_engine, gradient_accumulation_steps
