@@ -124,3 +124,25 @@ def test_stale_temp_dirs_are_removed_without_following_links(tmp_path):
     ckpt.begin_checkpoint(str(root), 7)
     assert sorted(os.listdir(root)) == [".tmp_notes", ".tmp_step_7"]
     assert (keep / "precious").read_text() == "x"
+
+
+def test_load_model_builds_one_pipeline_stage_from_a_full_checkpoint(tmp_path):
+    """A one-process checkpoint loaded as stage 0 of a pp=2 layout: only that stage's layers
+    and the embedding are built, and each holds the saved weights."""
+    from ds_parallel.checkpoint import load_model, save_model
+    from ds_parallel.config.presets import MODEL_PRESETS
+    from ds_parallel.config.schema import ModelConfig
+    from ds_parallel.model import build_model
+    from ds_parallel.parallel.groups import ParallelContext
+    from ds_parallel.parallel.plan import pipeline_layout
+
+    cfg = ModelConfig(**MODEL_PRESETS["debug_v3"])
+    full = build_model(cfg, ParallelContext.single(), seed=3)
+    save_model(full, str(tmp_path))
+    layout = pipeline_layout(cfg, 2)
+    stage = load_model(str(tmp_path), ctx=ParallelContext.single(), layout=layout)
+    assert sorted(map(int, stage.layers)) == layout.layers_of(0) != list(range(cfg.n_layers))
+    assert stage.head is None and stage.embed is not None
+    saved = dict(full.named_parameters())
+    for name, p in stage.named_parameters():
+        assert torch.equal(p, saved[name]), name
