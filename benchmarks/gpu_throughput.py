@@ -34,24 +34,20 @@ import sys
 from common import REPO, table
 
 from ds_parallel.config import load_config
-from ds_parallel.parallel.plan import layer_params
+from ds_parallel.parallel.plan import active_numel, stage_params
 
 H100_BF16_DENSE_TFLOPS = 989.4
 
 
 def flops_per_token(cfg) -> float:
-    """Training FLOPs per token of `cfg` (module docstring)."""
+    """Training FLOPs per token of `cfg` (module docstring), from the planner's parameter table."""
     m, seqlen = cfg.model, cfg.train.seq_len
-    head = m.vocab_size * m.dim
-    n = head
-    for i in range(m.n_layers + m.mtp_depth):
-        lp = layer_params(m, i)
-        n += lp.active - lp.norms
-    n += m.mtp_depth * (2 * m.dim * m.dim + head)  # MTP eh_proj and the shared head
-    if m.attention == "mla":
-        d_qk, d_v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
-    else:
-        d_qk = d_v = m.head_dim or m.dim // m.n_heads
+    # Every matrix the trunk, the head and the MTP modules hold (no embedding lookup, no norm
+    # gains), routed experts counted K of E; each MTP depth runs the shared head once more.
+    matrices = [p for p in stage_params(m, range(m.n_layers), has_embed=False, has_head=True)
+                if not p.name.endswith("norm.weight")]
+    n = active_numel(m, matrices) + m.mtp_depth * m.vocab_size * m.dim
+    d_qk, d_v = (m.qk_head_dim, m.v_head_dim) if m.attention == "mla" else (m.mha_head_dim, m.mha_head_dim)
     attn_scores = (m.n_layers + m.mtp_depth) * m.n_heads * (d_qk + d_v) * seqlen
     return 3.0 * (2 * n + attn_scores)
 

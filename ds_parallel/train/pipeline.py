@@ -16,7 +16,7 @@ pipeline step per optimizer step), and `PipelineRunner.step` calls
 What crosses stages. Each stage gets (h, aux): the residual stream (mb, T, D) and the
 running sum of MoE balance losses (1,), which every stage adds its layers' terms to, so the
 aux losses of every stage reach the backward pass through the same send/recv as h. The last
-stage adds them to the LM loss (and MTP loss), and returns (4,) = [loss, lm, aux, mtp]
+stage adds them to the LM loss (and MTP loss), and returns (4,) = train.metrics.LOSSES: [loss, lm, aux, mtp]
 per micro-batch; the loss function keeps them for the metrics and takes loss / n_micro, the same scaling as gradient
 accumulation over micro-batches without a pipeline. Token ids and labels are keyword
 inputs, which torch's schedules hand to every stage: the first stage embeds the ids, the
@@ -38,8 +38,8 @@ from torch import nn
 from ds_parallel.model.transformer import ModelOutput
 from ds_parallel.parallel.plan import PipelineLayout
 from ds_parallel.train.engine import clip_grad_norm_
+from ds_parallel.train.metrics import LOSSES
 
-METRICS = ("loss", "lm_loss", "aux_loss", "mtp_loss")
 
 
 class StageChunk(nn.Module):
@@ -68,8 +68,8 @@ class StageChunk(nn.Module):
             return h, aux.reshape(1).clone()
         emb = self.embed(tokens) if len(model.mtp) else None
         out = model.finish(h, aux, labels, emb, freqs_cis)
-        mtp = out.mtp_loss if out.mtp_loss is not None else out.loss.new_zeros(())
-        return torch.stack([out.loss, out.lm_loss, out.aux_loss, mtp])
+        zero = out.loss.new_zeros(())
+        return torch.stack([v if (v := getattr(out, name)) is not None else zero for name in LOSSES])
 
 
 class PipelineRunner:
@@ -89,7 +89,7 @@ class PipelineRunner:
         ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
         acts = (torch.empty(micro_batch, seq_len, model.cfg.dim, dtype=dtype, device="meta", requires_grad=True),
                 torch.empty(1, dtype=torch.float32, device="meta", requires_grad=True))
-        metrics = torch.empty(len(METRICS), dtype=torch.float32, device="meta")
+        metrics = torch.empty(len(LOSSES), dtype=torch.float32, device="meta")
         device = ctx.device
         # DualPipeV splits backward into an input step and a weight step. torch 2.13's weight
         # step cannot run the last stage once the head is reused by two or more MTP depths
@@ -105,7 +105,7 @@ class PipelineRunner:
             for chunk in self.chunks
         ]
         loss_fn = self._loss
-        if layout.schedule == "dualpipev":
+        if layout.is_dualpipe:
             self.schedule = ScheduleDualPipeV(self.stages, n_micro, loss_fn=loss_fn, scale_grads=False)
         else:
             (stage,) = self.stages
@@ -137,9 +137,9 @@ class PipelineRunner:
         self.engine.allreduce_gradients()
         self.grad_norm = clip_grad_norm_(self.model, self.ctx, self.grad_clip)
         if not self.holds_last:
-            return dict.fromkeys(METRICS, 0.0)
+            return dict.fromkeys(LOSSES, 0.0)
         sums = torch.stack(self._metrics).sum(0).tolist()
-        return dict(zip(METRICS, sums))
+        return dict(zip(LOSSES, sums))
 
 
 class PipelineForward(nn.Module):
