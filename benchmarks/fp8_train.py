@@ -74,7 +74,7 @@ def train_curve(cfg, precision: str, log=print, evaluate: bool = True, heldout_e
     beside it, the held-out LM loss every `heldout_every` steps and at the end ({step: loss}).
     `stop` ends the run early; the schedules still span train.steps."""
     from ds_parallel.data import GlobalBatchLoader, IndexedDataset, PackedSamples, build_datasets
-    from ds_parallel.fp8.recipe import apply_fp8
+    from ds_parallel.fp8.apply import apply_fp8
     from ds_parallel.model import build_model
     from ds_parallel.moe import expert_load_imbalance, moe_layers, update_moe_biases
     from ds_parallel.parallel.groups import ParallelContext

@@ -1,4 +1,5 @@
-from ds_parallel.config.load import ConfigError, dump_yaml, load_config, parse_overrides, to_dict
+from ds_parallel.config.errors import ConfigError
+from ds_parallel.config.load import dump_yaml, load_config, parse_overrides, to_dict
 from ds_parallel.config.presets import MODEL_PRESETS
 from ds_parallel.config.schema import (
     Config,

@@ -14,12 +14,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ds_parallel.config.errors import ConfigError
 from ds_parallel.config.presets import MODEL_PRESETS
 from ds_parallel.config.schema import Config
-
-
-class ConfigError(ValueError):
-    """A bad config. The message is one line: the key, the value and the fix."""
+from ds_parallel.config.validate import validate
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -169,8 +167,6 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int | N
                 purpose: str = "train") -> Config:
     """The full pipeline: YAML -> overrides -> typed tree -> validation (see validate's
     `purpose`: "plan" admits layouts the trainer cannot run yet)."""
-    from ds_parallel.config.validate import validate
-
     data = read_yaml(path) if path else {}
     data = _merge(data, parse_overrides(list(overrides)))
     cfg = config_from_dict(data)

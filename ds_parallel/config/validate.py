@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ds_parallel.config.load import ConfigError
+from ds_parallel.config.errors import ConfigError
 from ds_parallel.config.schema import (DUALPIPEV, Config, data_parallel_size, micro_batches_per_step,
                                       n_pipeline_stages, stage_layer_counts)
 
@@ -142,11 +142,10 @@ def _validate_data(cfg: Config, purpose: str) -> None:
 
 
 def _validate_fp8(cfg: Config) -> None:
-    """FP8 rules (fp8/recipe.py). The torch backend pads shapes that are not multiples of
+    """FP8 rules (fp8/recipe.py, pure: no layers are imported). The torch backend pads shapes that are not multiples of
     block_size with zeros (as DeepSeek's kernels do), so it needs no divisibility rule."""
     from ds_parallel.fp8.recipe import (TE_EXPERTS_RULE, TORCH_RECIPES, fp8_gemm_shapes, is_kept, keep_patterns,
                                         resolve_backend)
-    from ds_parallel.fp8.te import te_available
 
     fp8 = cfg.precision.fp8
     if fp8.block_size <= 0:
@@ -174,6 +173,8 @@ def _validate_fp8(cfg: Config) -> None:
                for i in m.moe_layer_ids()]
     if not all(is_kept(name, keep_patterns(fp8)) for name in experts):
         raise ConfigError(TE_EXPERTS_RULE + why)
+    from ds_parallel.fp8.te import te_available  # only where TE is the backend
+
     if not te_available():
         raise ConfigError(f"precision.fp8.backend=te{why}: transformer_engine is not importable here: install "
                           f"transformer-engine[pytorch] on a CUDA machine, or set precision.fp8.backend=torch "

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_parallel.model.rope import apply_rotary
-from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, Gemm, RowParallelLinear
+from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, ctx, gemm: Gemm = F.linear):
+    def __init__(self, cfg, ctx):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.mha_kv_heads
@@ -36,10 +36,10 @@ class Attention(nn.Module):
         self.n_local_kv_heads = self.n_kv_heads // ctx.tp
         self.interleaved = cfg.rope_interleave
         self.softmax_scale = self.head_dim**-0.5
-        self.wq = ColumnParallelLinear(cfg.dim, self.n_heads * self.head_dim, ctx, gemm)
-        self.wk = ColumnParallelLinear(cfg.dim, self.n_kv_heads * self.head_dim, ctx, gemm)
-        self.wv = ColumnParallelLinear(cfg.dim, self.n_kv_heads * self.head_dim, ctx, gemm)
-        self.wo = RowParallelLinear(self.n_heads * self.head_dim, cfg.dim, ctx, gemm)
+        self.wq = ColumnParallelLinear(cfg.dim, self.n_heads * self.head_dim, ctx)
+        self.wk = ColumnParallelLinear(cfg.dim, self.n_kv_heads * self.head_dim, ctx)
+        self.wv = ColumnParallelLinear(cfg.dim, self.n_kv_heads * self.head_dim, ctx)
+        self.wo = RowParallelLinear(self.n_heads * self.head_dim, cfg.dim, ctx)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, _ = x.shape

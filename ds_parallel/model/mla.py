@@ -51,7 +51,7 @@ from torch import nn
 from ds_parallel.model.norm import RMSNorm
 from ds_parallel.model.rope import YarnScaling, apply_rotary, precompute_freqs_cis, yarn_softmax_scale
 from ds_parallel.parallel.comm import copy_to_group
-from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, Gemm, Linear, RowParallelLinear
+from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, Linear, RowParallelLinear
 
 
 def yarn_scaling(cfg) -> YarnScaling:
@@ -95,7 +95,7 @@ class MLACache:
 
 
 class MLA(nn.Module):
-    def __init__(self, layer_id: int, cfg, ctx, gemm: Gemm = F.linear):
+    def __init__(self, layer_id: int, cfg, ctx):
         super().__init__()
         assert cfg.n_heads % ctx.tp == 0, f"n_heads={cfg.n_heads} is not divisible by tp={ctx.tp}"
         self.layer_id = layer_id
@@ -107,15 +107,15 @@ class MLA(nn.Module):
         self.tp_group = ctx.tp_group
 
         if self.q_lora_rank == 0:
-            self.wq = ColumnParallelLinear(self.dim, self.n_heads * self.qk_head_dim, ctx, gemm)
+            self.wq = ColumnParallelLinear(self.dim, self.n_heads * self.qk_head_dim, ctx)
         else:
-            self.wq_a = Linear(self.dim, self.q_lora_rank, gemm)
+            self.wq_a = Linear(self.dim, self.q_lora_rank)
             self.q_norm = RMSNorm(self.q_lora_rank, cfg.norm_eps)
-            self.wq_b = ColumnParallelLinear(self.q_lora_rank, self.n_heads * self.qk_head_dim, ctx, gemm)
-        self.wkv_a = Linear(self.dim, self.kv_lora_rank + self.qk_rope_head_dim, gemm)
+            self.wq_b = ColumnParallelLinear(self.q_lora_rank, self.n_heads * self.qk_head_dim, ctx)
+        self.wkv_a = Linear(self.dim, self.kv_lora_rank + self.qk_rope_head_dim)
         self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
-        self.wkv_b = ColumnParallelLinear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), ctx, gemm)
-        self.wo = RowParallelLinear(self.n_heads * self.v_head_dim, self.dim, ctx, gemm)
+        self.wkv_b = ColumnParallelLinear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), ctx)
+        self.wo = RowParallelLinear(self.n_heads * self.v_head_dim, self.dim, ctx)
         # V3 §4.3 / inference/model.py: 1/sqrt(d_h + d_h^R), times mscale^2 under YaRN.
         self.softmax_scale = yarn_softmax_scale(self.qk_head_dim ** -0.5, yarn_scaling(cfg))
 

@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, Gemm, RowParallelLinear
+from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, inter_dim: int, ctx, gemm: Gemm = F.linear):
+    def __init__(self, dim: int, inter_dim: int, ctx):
         super().__init__()
         assert inter_dim % ctx.tp == 0, f"inter_dim={inter_dim} is not divisible by tp={ctx.tp}"
-        self.w1 = ColumnParallelLinear(dim, inter_dim, ctx, gemm)
-        self.w2 = RowParallelLinear(inter_dim, dim, ctx, gemm)
-        self.w3 = ColumnParallelLinear(dim, inter_dim, ctx, gemm)
+        self.w1 = ColumnParallelLinear(dim, inter_dim, ctx)
+        self.w2 = RowParallelLinear(inter_dim, dim, ctx)
+        self.w3 = ColumnParallelLinear(dim, inter_dim, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, D)

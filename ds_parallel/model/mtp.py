@@ -42,7 +42,7 @@ from torch import nn
 
 from ds_parallel.model.block import Block
 from ds_parallel.model.norm import RMSNorm
-from ds_parallel.parallel.tensor_parallel import Gemm, Linear
+from ds_parallel.parallel.tensor_parallel import Linear
 
 
 class MTPModule(nn.Module):
@@ -56,12 +56,12 @@ class MTPModule(nn.Module):
     of V3) at the price of an all-gather forward and an all-reduce backward.
     """
 
-    def __init__(self, index: int, cfg, ctx, gemm: Gemm = F.linear):
+    def __init__(self, index: int, cfg, ctx):
         super().__init__()
         self.index = index
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.eh_proj = Linear(2 * cfg.dim, cfg.dim, gemm)
+        self.eh_proj = Linear(2 * cfg.dim, cfg.dim)
         # Global layer id n_layers + index, as the checkpoint stores it (V3: model.layers.61):
         # the dense/MoE choice and MoE bookkeeping treat it as the layer after the main stack.
         self.block = Block(cfg.n_layers + index, cfg, ctx)

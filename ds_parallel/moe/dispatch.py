@@ -9,14 +9,32 @@ supports with unequal splits (its list-form `all_to_all` rejects them). The back
 all-to-all is the same all-to-all with the splits swapped, so gradients retrace the
 tokens' path. Receive counts come from a small split-size exchange first. With ep == 1
 (or no group) every call returns its input: the single-process model is the same code.
+
+The token rows may cross the wire encoded by a payload codec (the MoE layer's
+`dispatch_codec`; fp8/dispatch.py `FP8Codec` sends V3's FP8 rows + scales): it encodes even
+with ep == 1, so the model computes the same numbers whatever the EP degree, and the
+gradient goes back un-encoded, in the rows' own dtype (straight through the codec).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
+
+
+class PayloadCodec(Protocol):
+    """How token rows (S, dim) cross the wire."""
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Tensors of S rows each, in dtypes every backend sends (gloo: no fp8 dtypes)."""
+
+    def decode(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The received parts -> rows (S', dim) in `dtype`."""
+
+    def row_bytes(self, x: torch.Tensor) -> int:
+        """Bytes `encode` puts on the wire for one row of x."""
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], ep_group) -> torch.Tensor:
@@ -28,28 +46,37 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], ep
 
 class AllToAll(torch.autograd.Function):
     """Rows of x, split by `in_splits` over the ranks of `ep_group`, arrive as a tensor
-    split by `out_splits` (row counts from each rank)."""
+    split by `out_splits` (row counts from each rank); encoded on the way by `codec` if one
+    is given. The gradient takes the reverse path in its own dtype."""
 
     @staticmethod
-    def forward(fctx, x, out_splits, in_splits, ep_group):
+    def forward(fctx, x, out_splits, in_splits, ep_group, codec):
         fctx.splits = (out_splits, in_splits, ep_group)
-        return _all_to_all(x, out_splits, in_splits, ep_group)
+        parts = codec.encode(x) if codec is not None else [x]
+        if _active(ep_group):
+            parts = [_all_to_all(p, out_splits, in_splits, ep_group) for p in parts]
+        return codec.decode(parts, x.dtype) if codec is not None else parts[0]
 
     @staticmethod
     def backward(fctx, grad):
         out_splits, in_splits, ep_group = fctx.splits
-        return _all_to_all(grad, in_splits, out_splits, ep_group), None, None, None
+        if _active(ep_group):
+            grad = _all_to_all(grad, in_splits, out_splits, ep_group)
+        return grad, None, None, None, None
 
 
 def _active(ep_group) -> bool:
     return ep_group is not None and dist.get_world_size(ep_group) > 1
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], ep_group) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], ep_group,
+               codec: Optional[PayloadCodec] = None) -> torch.Tensor:
+    if codec is not None:  # encodes even with ep == 1 (module docstring)
+        return AllToAll.apply(x, out_splits, in_splits, ep_group, codec)
     if not _active(ep_group):
         return x
     if x.requires_grad:
-        return AllToAll.apply(x, out_splits, in_splits, ep_group)
+        return AllToAll.apply(x, out_splits, in_splits, ep_group, None)
     return _all_to_all(x, out_splits, in_splits, ep_group)
 
 
@@ -77,15 +104,18 @@ class DispatchHandle:
         return row_bytes * (sum(splits) - splits[self.ep_rank])
 
 
-def dispatch(x: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor, send_counts: torch.Tensor, ep_group, ep_rank: int):
-    """Send rows x (S, dim), gates (S, n_local) and masks (S, n_local) to their ranks.
-    Returns the received (S', dim), (S', n_local), (S', n_local) and a DispatchHandle."""
+def dispatch(x: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor, send_counts: torch.Tensor, ep_group, ep_rank: int,
+             codec: Optional[PayloadCodec] = None):
+    """Send rows x (S, dim), gates (S, n_local) and masks (S, n_local) to their ranks, x
+    encoded by `codec` if given. Returns the received (S', dim), (S', n_local), (S', n_local)
+    and a DispatchHandle."""
     recv_counts = exchange_counts(send_counts, ep_group)
     send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
     handle = DispatchHandle(send_splits, recv_splits, ep_group, ep_rank)
-    row_bytes = x.shape[1] * x.element_size() + gates.shape[1] * gates.element_size() + mask.shape[1]
+    x_bytes = codec.row_bytes(x) if codec is not None else x.shape[1] * x.element_size()
+    row_bytes = x_bytes + gates.shape[1] * gates.element_size() + mask.shape[1]
     handle.dispatch_bytes = handle.bytes_to_others(send_splits, row_bytes)
-    x_recv = all_to_all(x, recv_splits, send_splits, ep_group)
+    x_recv = all_to_all(x, recv_splits, send_splits, ep_group, codec)
     gates_recv = all_to_all(gates, recv_splits, send_splits, ep_group)
     mask_recv = all_to_all(mask, recv_splits, send_splits, ep_group)
     return x_recv, gates_recv, mask_recv, handle

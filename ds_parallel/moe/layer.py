@@ -41,9 +41,9 @@ class MoE(nn.Module):
         if cfg.n_shared_experts:
             self.shared_experts = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, cfg.init_std)
         self.last_comm = {"dispatch_bytes": 0, "combine_bytes": 0}  # bytes to other ranks, last forward
-        # Injection point for the dispatch all-to-all (fp8/recipe.py swaps in one that sends
-        # FP8 payloads, V3 §3.3.3); signature of moe/dispatch.py `dispatch`.
-        self.dispatch_fn = dispatch
+        # How token rows cross the dispatch all-to-all: None sends them as they are;
+        # fp8/apply.py sets fp8/dispatch.py's FP8Codec (FP8 payloads, V3 §3.3.3).
+        self.dispatch_codec = None
 
     def capacity(self, seqlen: int) -> int:
         """Pairs one expert may take from one sequence (capacity_factor > 0). Per sequence,
@@ -62,8 +62,8 @@ class MoE(nn.Module):
             keep = keep.view_as(r.indices)
         plan = plan_dispatch(r.indices, self.n_experts, self.ep, keep)
         gates = scatter_weights(plan, r.weights.to(x.dtype))  # (S, n_local)
-        x_recv, gates_recv, mask_recv, handle = self.dispatch_fn(
-            h[plan.send_token], gates, plan.local_mask, plan.send_counts, self.ep_group, self.ep_rank
+        x_recv, gates_recv, mask_recv, handle = dispatch(
+            h[plan.send_token], gates, plan.local_mask, plan.send_counts, self.ep_group, self.ep_rank, self.dispatch_codec
         )
         rows, experts, counts = sort_by_expert(mask_recv)
         out = self.experts(x_recv[rows], counts)  # (P, D), pairs sorted by local expert

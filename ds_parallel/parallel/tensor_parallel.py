@@ -11,9 +11,9 @@ A column layer followed by a row layer (attention heads, the SwiGLU MLP) needs o
 all-reduce forward and one backward. The output head is column parallel over the vocab,
 and `vocab_parallel_cross_entropy` takes its sharded logits without ever gathering them.
 
-Every linear does its matmul through `gemm(x, weight)` (default `F.linear`), so an FP8
-linear is injected from outside (docs/architecture.md, invariant 6) rather than switched on
-inside.
+Every linear does its matmul through its `gemm(x, weight)` attribute, `F.linear` when built:
+fp8/apply.py `apply_fp8` swaps it after construction, the one way FP8 reaches a linear
+(docs/architecture.md), rather than a switch inside.
 No biases: DeepSeek's linears have none.
 """
 from __future__ import annotations
@@ -40,11 +40,11 @@ class Linear(nn.Module):
     """Replicated linear (same weight on every tp rank), for small projections that are not
     worth splitting (e.g. MLA's down-projections). Same `gemm` hook as the parallel ones."""
 
-    def __init__(self, in_features: int, out_features: int, gemm: Gemm = F.linear):
+    def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.gemm = gemm
+        self.gemm: Gemm = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gemm(x, self.weight)
@@ -54,14 +54,15 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by output rows: replicated x (..., in) -> (..., out/tp),
     or the full (..., out) with `gather_output=True`."""
 
-    def __init__(self, in_features: int, out_features: int, ctx, gemm: Gemm = F.linear, gather_output: bool = False):
+    def __init__(self, in_features: int, out_features: int, ctx, gather_output: bool = False):
         super().__init__()
         assert out_features % ctx.tp == 0, f"out_features={out_features} is not divisible by tp={ctx.tp}"
         self.in_features, self.out_features = in_features, out_features
         self.part_out_features = out_features // ctx.tp
         self.weight = nn.Parameter(torch.empty(self.part_out_features, in_features))
         set_shards(self.weight, ShardSpec(0, ctx.tp_rank, ctx.tp, "tp"))
-        self.gemm, self.gather_output, self.tp_group = gemm, gather_output, ctx.tp_group
+        self.gemm: Gemm = F.linear
+        self.gather_output, self.tp_group = gather_output, ctx.tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x is replicated; every rank's slice of the output contributes to dL/dx: sum them.
@@ -73,14 +74,15 @@ class RowParallelLinear(nn.Module):
     """y = x W^T with W split by input columns: x (..., in/tp) (a column layer's output) ->
     replicated (..., out), summed over ranks. `input_is_parallel=False` cuts a replicated x."""
 
-    def __init__(self, in_features: int, out_features: int, ctx, gemm: Gemm = F.linear, input_is_parallel: bool = True):
+    def __init__(self, in_features: int, out_features: int, ctx, input_is_parallel: bool = True):
         super().__init__()
         assert in_features % ctx.tp == 0, f"in_features={in_features} is not divisible by tp={ctx.tp}"
         self.in_features, self.out_features = in_features, out_features
         self.part_in_features = in_features // ctx.tp
         self.weight = nn.Parameter(torch.empty(out_features, self.part_in_features))
         set_shards(self.weight, ShardSpec(1, ctx.tp_rank, ctx.tp, "tp"))
-        self.gemm, self.input_is_parallel, self.tp_group = gemm, input_is_parallel, ctx.tp_group
+        self.gemm: Gemm = F.linear
+        self.input_is_parallel, self.tp_group = input_is_parallel, ctx.tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ds_parallel.config.schema import Config, micro_batches_per_step
-from ds_parallel.fp8.recipe import apply_fp8
+from ds_parallel.fp8.apply import apply_fp8
 from ds_parallel.parallel.groups import ParallelContext, apply_deepspeed_groups
 from ds_parallel.train.optim import LowPrecisionMomentAdamW
 

@@ -23,7 +23,7 @@ from ds_parallel.atomic import write_atomic
 from ds_parallel.config.load import dump_yaml, to_dict
 from ds_parallel.config.schema import Config
 from ds_parallel.data import GlobalBatchLoader, build_datasets
-from ds_parallel.fp8.recipe import fp8_memory_report
+from ds_parallel.fp8.apply import fp8_memory_report
 from ds_parallel.model import build_model
 from ds_parallel.moe import expert_load_imbalance, moe_layers, update_moe_biases
 from ds_parallel.parallel.groups import ParallelContext

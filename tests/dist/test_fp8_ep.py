@@ -30,9 +30,9 @@ def _check_moe_layer(rank, world):
     import warnings
 
     warnings.filterwarnings("ignore")
-    import ds_parallel.fp8.dispatch as fp8_dispatch
+    import ds_parallel.moe.dispatch as moe_dispatch
     from ds_parallel.config.schema import PrecisionConfig
-    from ds_parallel.fp8.recipe import apply_fp8
+    from ds_parallel.fp8.apply import apply_fp8
     from ds_parallel.moe import MoE
     from ds_parallel.parallel.groups import ParallelContext, build_parallel_context
     from ds_parallel.parallel.shard import gather_full, local_slice
@@ -60,26 +60,18 @@ def _check_moe_layer(rank, world):
     assert {"experts", "shared_experts.w1", ""} <= set(apply_fp8(ref, precision))
     apply_fp8(moe, precision)
 
-    # Record what crosses the wire in the FP8 dispatch: each tensor's dtype and the bytes of
+    # Record what crosses the wire (every all-to-all of the ep=2 layer, forward and backward;
+    # the one-process reference layers send nothing): each tensor's dtype and the bytes of
     # its rows that go to the other rank (rows to rank d: in_splits[d]).
-    sent, wire = [], []
-    original, original_wrapper = fp8_dispatch._all_to_all, fp8_dispatch.all_to_all
+    wire = []
+    original = moe_dispatch._all_to_all
 
-    def record(x, in_splits):  # (dtype, bytes per row, bytes to the other rank)
+    def recording(x, out_splits, in_splits, ep_group):  # (dtype, bytes per row, bytes to the other rank)
         row = x[0].numel() * x.element_size()
         wire.append((x.dtype, row, (sum(in_splits) - in_splits[rank]) * row))
-
-    def recording(x, out_splits, in_splits, ep_group):
-        sent.append(x.dtype)
-        record(x, in_splits)
         return original(x, out_splits, in_splits, ep_group)
 
-    def recording_wrapper(x, out_splits, in_splits, ep_group):  # gates and masks
-        if ep_group is not None:  # not the one-process reference layers
-            record(x, in_splits)
-        return original_wrapper(x, out_splits, in_splits, ep_group)
-
-    fp8_dispatch._all_to_all, fp8_dispatch.all_to_all = recording, recording_wrapper
+    moe_dispatch._all_to_all = recording
     try:
         # 128 tokens per rank: Wgrad's 128x1 token tiles of the data-parallel layers (shared
         # expert) are then the same tiles on one process and on two (see fp8/linear.py).
@@ -95,11 +87,18 @@ def _check_moe_layer(rank, world):
             outs[label] = (y.detach(), xr.grad)
         x = x_all[mine].clone().requires_grad_()
         y, aux = moe(x)
+        n_forward = len(wire)
         ((y * cot_all[mine]).sum() + aux / world).backward()
     finally:
-        fp8_dispatch._all_to_all, fp8_dispatch.all_to_all = original, original_wrapper
-    # Forward: FP8 rows as bytes, then their fp32 scales; backward: the gradient in fp32.
-    assert sent == [torch.uint8, torch.float32, torch.float32], sent
+        moe_dispatch._all_to_all = original
+    # Forward: the dispatch (FP8 rows as bytes, their fp32 scales, fp32 gates, bool masks),
+    # then the combine's fp32 rows. Backward: only fp32 gradients, the token rows' at full
+    # width (the combine's and the dispatch's, dim * 4 bytes a row) and the gates'.
+    forward, combine, backward = wire[:n_forward - 1], wire[n_forward - 1], wire[n_forward:]
+    n_local = cfg.n_routed_experts // 2
+    assert [d for d, _, _ in backward] == [torch.float32] * 3, backward
+    assert sorted(row for _, row, _ in backward) == [n_local * 4, cfg.dim * 4, cfg.dim * 4], backward
+    assert combine[:2] == (torch.float32, cfg.dim * 4) and moe.last_comm["combine_bytes"] == combine[2] > 0
 
     y_ref, gx_ref = outs["ref"]
     torch.testing.assert_close(y.detach(), y_ref[mine], **TOL)
@@ -121,12 +120,10 @@ def _check_moe_layer(rank, world):
     err = ((y_ref - y32).norm() / y32.norm()).item()
     assert 0.01 < err < 0.12, err
     # The layer's dispatch_bytes is what really went to the other rank in the forward
-    # (uint8 rows, fp32 scales, fp32 gates, bool masks; the backward's fp32 gradient last),
-    # and a token row took 1 byte per channel + 4 per 128 channels: about a quarter of the
-    # fp32 row the backward sends.
-    forward, (grad_dtype, grad_row, _) = wire[:-1], wire[-1]
+    # (uint8 rows, fp32 scales, fp32 gates, bool masks), and a token row took 1 byte per
+    # channel + 4 per 128 channels: about a quarter of the fp32 row the backward sends.
+    grad_row = cfg.dim * 4
     assert [d for d, _, _ in forward] == [torch.uint8, torch.float32, torch.float32, torch.bool], forward
-    assert grad_dtype == torch.float32 and grad_row == cfg.dim * 4
     assert moe.last_comm["dispatch_bytes"] == sum(b for _, _, b in forward) > 0, (moe.last_comm, forward)
     row_bytes = forward[0][1] + forward[1][1]  # FP8 payload + scales
     assert 0.25 * grad_row < row_bytes < 0.27 * grad_row, (row_bytes, grad_row)
@@ -146,7 +143,7 @@ def _reference(cfg):
     """Losses and first-step gradients of the plain-PyTorch one-process reference with the
     same FP8 swap."""
     from ds_parallel.data import GlobalBatchLoader, build_datasets
-    from ds_parallel.fp8.recipe import apply_fp8
+    from ds_parallel.fp8.apply import apply_fp8
     from tests.dist.test_engine_parity import _reference_steps
 
     t = cfg.train

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ds_parallel.config import load_config
 from ds_parallel.config.load import ConfigError
-from ds_parallel.fp8.dispatch import FP8Dispatch
+from ds_parallel.fp8.apply import apply_fp8
+from ds_parallel.fp8.dispatch import FP8Codec
 from ds_parallel.fp8.linear import BlockwiseFP8Gemm, BlockwiseFP8GroupedGemm, FP8LinearFunction, fp8_gemm
 from ds_parallel.fp8.quant import (
     FP8_MAX,
@@ -24,8 +25,9 @@ from ds_parallel.fp8.quant import (
     quantize_tensor,
     quantize_tiles,
 )
-from ds_parallel.fp8.recipe import TE_RECIPE_CLASSES, apply_fp8, fp8_gemm_shapes, resolve_backend, te_recipe_spec
+from ds_parallel.fp8.recipe import TE_RECIPE_CLASSES, fp8_gemm_shapes, resolve_backend, te_recipe_spec
 from ds_parallel.fp8.te import TEUnavailableError, te_available
+from ds_parallel.moe.dispatch import dispatch
 from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, Linear, RowParallelLinear
 
 NO_TE = pytest.mark.skipif(te_available(), reason="checks the error raised where Transformer Engine is missing")
@@ -277,7 +279,7 @@ def test_fp8_dispatch_single_process_quantises_and_passes_gradient():
     power-of-two scales make the experts' re-quantisation exact; gradients pass straight."""
     x = (torch.randn(10, 256) * 3).requires_grad_()
     gates, mask = torch.rand(10, 4), torch.rand(10, 4) > 0.5
-    x_recv, g_recv, m_recv, handle = FP8Dispatch()(x, gates, mask, torch.tensor([10]), None, 0)
+    x_recv, g_recv, m_recv, handle = dispatch(x, gates, mask, torch.tensor([10]), None, 0, FP8Codec())
     # Written out with torch's own E4M3 cast: each 1x128 tile's scale is the power of two
     # at or above amax / 448, and the tile rounds to the nearest E4M3 number.
     tiles = x.detach().view(10, 2, 128)
@@ -338,7 +340,7 @@ def test_apply_fp8_swaps_eligible_layers_only():
         if isinstance(m, GroupedExperts):
             assert isinstance(m.grouped_gemm, BlockwiseFP8GroupedGemm)
         if isinstance(m, MoE):
-            assert isinstance(m.dispatch_fn, FP8Dispatch)
+            assert isinstance(m.dispatch_codec, FP8Codec)
     assert not any("gate" in n or "norm" in n or "embed" in n for n in changed)  # router, norms, embedding
 
     # keep_high_precision patterns; dispatch switch; disabled = no-op.
@@ -347,7 +349,7 @@ def test_apply_fp8_swaps_eligible_layers_only():
     changed = apply_fp8(model, cfg2.precision)
     assert not any(n.startswith("mtp.") or n.endswith(".wo") for n in changed)
     assert model.layers["1"].attn.wo.gemm is F.linear and isinstance(model.layers["1"].attn.wq_b.gemm, BlockwiseFP8Gemm)
-    assert not isinstance(model.layers["1"].ffn.dispatch_fn, FP8Dispatch)
+    assert not isinstance(model.layers["1"].ffn.dispatch_codec, FP8Codec)
     assert apply_fp8(_model(cfg), load_config(None, ["model.preset=debug_v3_fp8"]).precision) == []
     copied = copy.deepcopy(model)  # the injected callables are plain objects
     assert isinstance(copied.layers["1"].attn.wq_b.gemm, BlockwiseFP8Gemm)
@@ -364,7 +366,7 @@ def test_fp8_model_gemms_logits_and_gradients():
     GEMM of that input: E4M3 error (measured rel 0.036-0.040, DeepGEMM diff 6.3e-4-7.9e-4;
     the routed experts chain three GEMMs: 0.065, 2.1e-3). The logits against the
     high-precision model (measured 2.7e-4). Then gradients reach every parameter."""
-    from ds_parallel.fp8.recipe import high_precision_gemms
+    from ds_parallel.fp8.apply import high_precision_gemms
     from ds_parallel.moe.experts import GroupedExperts
 
     cfg = _fp8_cfg()
@@ -423,6 +425,23 @@ def test_validation_accepts_torch_blockwise_and_auto_resolves_here():
         assert resolve_backend(_fp8_cfg().precision.fp8) == "torch"
     # Padding makes shapes that are not multiples of 128 legal for the torch backend.
     load_config(None, ["model.preset=debug_v3", "precision.fp8.enabled=true", "precision.fp8.backend=torch"])
+
+
+def test_validating_an_fp8_config_builds_nothing():
+    """fp8/recipe.py is pure: validating an FP8 config (torch backend, every rule run) loads no
+    layer, GEMM or model-swap module (a fresh interpreter, so other tests' imports don't count)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ds_parallel.config import load_config; "
+            "load_config(None, ['model.preset=debug_v3_fp8', 'precision.fp8.enabled=true', 'precision.fp8.backend=torch']); "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('ds_parallel'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "ds_parallel.fp8.recipe" in loaded, loaded  # the FP8 rules really ran
+    heavy = [m for m in loaded if m.startswith(("ds_parallel.moe", "ds_parallel.model", "ds_parallel.parallel",
+                                                "ds_parallel.fp8.apply", "ds_parallel.fp8.linear",
+                                                "ds_parallel.fp8.dispatch", "ds_parallel.fp8.te"))]
+    assert heavy == [], heavy
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -496,7 +515,7 @@ def test_memory_report_measures_fp8_against_high_precision_gemms():
     the high-precision ones, and the high-precision ones exactly those of a model that never
     had FP8 (high_precision_gemms restores every default GEMM and dispatch)."""
     from ds_parallel.config.load import config_from_dict
-    from ds_parallel.fp8.recipe import fp8_memory_report, high_precision_gemms, saved_activation_bytes
+    from ds_parallel.fp8.apply import fp8_memory_report, high_precision_gemms, saved_activation_bytes
     from ds_parallel.model import build_model
     from ds_parallel.parallel.groups import ParallelContext
 
