@@ -142,8 +142,9 @@ def _validate_data(cfg: Config, purpose: str) -> None:
 
 
 def _validate_fp8(cfg: Config) -> None:
-    """FP8 rules (fp8/recipe.py, pure: no layers are imported). The torch backend pads shapes that are not multiples of
-    block_size with zeros (as DeepSeek's kernels do), so it needs no divisibility rule."""
+    """FP8 rules (fp8/recipe.py: pure, no layer is imported). The torch backend pads shapes
+    that are not multiples of block_size with zeros (as DeepSeek's kernels do), so it needs
+    no divisibility rule."""
     from ds_parallel.fp8.recipe import (TE_EXPERTS_RULE, TORCH_RECIPES, fp8_gemm_shapes, is_kept, keep_patterns,
                                         resolve_backend)
 
