@@ -10,6 +10,9 @@ node to go idle, and stops exactly those daemons when the session ends.
 Without systemd nothing starts the daemons for us; the settings below are the ones that
 work on a 2-core container (Slurm 22.05, as Debian ships it):
 - MinJobAge=4: the default 300 makes `sbatch --wait` poll at 2, 10, 42, 74 s.
+- FirstJobId random: Slurm's PMIx plugin keeps /tmp/spmix_appdir_<uid>_<job>.<step>, and a
+  cluster killed mid-job leaves it behind; the next cluster's job of the same id then fails
+  to launch its step (srun: "task 0 launch failed"), so ids do not repeat across clusters.
 - task/none, proctrack/linuxproc, no accounting: no cgroups or database needed.
 - SlurmdParameters=config_overrides: CPUs=2 is taken as given, so a smaller or larger
   machine neither drains the node nor offers more slots than the tests plan for.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -137,6 +141,7 @@ MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
 MinJobAge=4
+FirstJobId={1000 + secrets.randbelow(10**6)}
 StateSaveLocation={scratch}/state
 SlurmdSpoolDir={scratch}/spool
 SlurmctldPidFile={scratch}/slurmctld.pid

@@ -80,6 +80,7 @@ def test_bad_config_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch
     sys.path.insert(0, os.path.join(ROOT, "launchers"))
     import train as launcher
 
+    monkeypatch.setattr(launcher, "PEER_GRACE_S", 0.0)  # no peers here to wait for
     out_dir = tmp_path / "run"
     code = launcher.main(["--config", SMOKE, f"train.out_dir={out_dir}", *overrides])
     err = capsys.readouterr().err.strip()
