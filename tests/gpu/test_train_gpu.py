@@ -20,17 +20,19 @@ BF16_LOSS_RTOL = 1e-2
 BF16_GRAD_NORM_RTOL = 0.1
 
 
-def test_smoke_1gpu_loss_falls(tmp_path):
-    """configs/smoke_1gpu.yaml as shipped (bf16, ZeRO-1, tiny V3 with MTP), shortened: the
-    loss falls, and the checkpoint and held-out evaluation run on the device."""
-    records = train(str(tmp_path), "train.steps=300", "train.save_every=150")
-    first, last = records[0]["loss"], records[-1]["loss"]
+def test_smoke_1gpu_learns(tmp_path):
+    """configs/smoke_1gpu.yaml as shipped (bf16, ZeRO-1, tiny V3 with MTP, 1200 steps): the
+    model learns the task (the fp32 CPU smoke run reaches 0.68 held-out exact match; chance is
+    0.01), and the checkpoint and held-out evaluation run on the device. GPU_SMOKE_OUT keeps
+    the run (benchmarks/gpu_suite.sh shows its curve)."""
+    out = os.environ.get("GPU_SMOKE_OUT") or str(tmp_path)
+    records = train(out, "train.save_every=600")
     assert all(math.isfinite(r["loss"]) for r in records)
-    assert last < 0.5 * first, f"loss {first:.3f} -> {last:.3f}"
-    with open(tmp_path / "summary.json") as fh:
+    assert records[-1]["loss"] < 0.2 * records[0]["loss"], (records[0]["loss"], records[-1]["loss"])
+    with open(os.path.join(out, "summary.json")) as fh:
         summary = json.load(fh)
-    assert summary["step"] == 300 and summary["exact_match"] > summary["chance"]
-    assert os.path.isdir(tmp_path / "checkpoints" / "step_300")
+    assert summary["step"] == 1200 and summary["exact_match"] >= 0.3, summary
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step_1200"))
 
 
 def test_bf16_gpu_matches_fp32_cpu(tmp_path):
