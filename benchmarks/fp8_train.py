@@ -38,6 +38,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,11 +77,12 @@ def train_curve(cfg, precision: str, log=print, evaluate: bool = True, heldout_e
     from ds_parallel.data import GlobalBatchLoader, IndexedDataset, PackedSamples, build_datasets
     from ds_parallel.fp8.apply import apply_fp8
     from ds_parallel.model import build_model
-    from ds_parallel.moe import expert_load_imbalance, moe_layers, update_moe_biases
+    from ds_parallel.moe import expert_load_imbalance, update_moe_biases
     from ds_parallel.parallel.groups import ParallelContext
     from ds_parallel.train.engine import optimizer_param_groups
     from ds_parallel.train.evaluate import exact_match, heldout_lm_loss
-    from ds_parallel.train.schedule import bias_update_speed_at, lr_at, mtp_lambda_at
+    from ds_parallel.train.objective import LanguageModeling
+    from ds_parallel.train.schedule import bias_update_speed_at, lr_at
 
     t, ctx = cfg.train, ParallelContext.single()
     dtype, cfg.precision.fp8.enabled = PRECISIONS[precision]
@@ -101,20 +103,18 @@ def train_curve(cfg, precision: str, log=print, evaluate: bool = True, heldout_e
     heldout, curve = None, {}
     if evaluate and cfg.data.source == "indexed":
         heldout = PackedSamples(IndexedDataset(cfg.data.path + "_heldout").tokens, t.seq_len)
+    objective = LanguageModeling(cfg)
     losses, tic = [], time.perf_counter()
     end = min(stop or t.steps, t.steps)
     for step in range(end):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, t)
-        if cfg.model.mtp_depth:
-            model.set_mtp_lambda(mtp_lambda_at(step, cfg.model, t))
-        for layer in moe_layers(model):
-            layer.gate.bias_update_speed = bias_update_speed_at(step, cfg.model, t)
         micro = loader.micro_batches(step)
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for input_ids, labels in micro:
-            loss = model(input_ids, labels=labels).loss / len(micro)
+        for input_ids, labels in micro:  # the trainer's objective: LM + balance + MTP at this step's weight
+            bound = partial(objective, batch={"labels": labels}, step=step)
+            loss = model(input_ids, objective=lambda m, trunk: bound(m, trunk))[0] / len(micro)
             loss.backward()
             total += loss.item()
             if low:  # accumulate in fp32, as DeepSpeed's bf16 optimizer does
@@ -129,7 +129,7 @@ def train_curve(cfg, precision: str, log=print, evaluate: bool = True, heldout_e
             with torch.no_grad():
                 for p, master in masters.items():
                     p.copy_(master)
-        loads = update_moe_biases(model, ctx)
+        loads = update_moe_biases(model, ctx, bias_update_speed_at(step, cfg.model, t))
         losses.append(total)
         if (step + 1) % t.log_every == 0:
             log(f"  {precision} step {step + 1}/{t.steps} loss {total:.4f} "

@@ -49,3 +49,10 @@ class Block(nn.Module):
         out = self.ffn(self.ffn_norm(x))
         out, aux = out if isinstance(out, tuple) else (out, x.new_zeros((), dtype=torch.float32))
         return x + out, aux
+
+    @torch.no_grad()
+    def forward_decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache, pos, slots=None) -> torch.Tensor:
+        """The block over cached attention (model/cache.py); balance losses are not needed."""
+        x = x + self.attn.forward_decode(self.attn_norm(x), freqs_cis, cache, pos, slots)
+        out = self.ffn(self.ffn_norm(x))
+        return x + (out[0] if isinstance(out, tuple) else out)

@@ -42,12 +42,13 @@ requires max_seq_len > original_seq_len.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_parallel.model.cache import MLACache, as_rows, causal_mask, rotary_rows
 from ds_parallel.model.norm import RMSNorm
 from ds_parallel.model.rope import YarnScaling, apply_rotary, precompute_freqs_cis, yarn_softmax_scale
 from ds_parallel.parallel.comm import copy_to_group
@@ -64,34 +65,6 @@ def yarn_scaling(cfg) -> YarnScaling:
 def precompute_mla_freqs_cis(cfg, seqlen: Optional[int] = None) -> torch.Tensor:
     """RoPE table for the decoupled rope dims: (seqlen, qk_rope_head_dim / 2) complex64."""
     return precompute_freqs_cis(cfg.qk_rope_head_dim, seqlen or cfg.max_seq_len, cfg.rope_theta, yarn_scaling(cfg))
-
-
-class MLACache:
-    """One layer's compressed decode cache: kv_norm(latent) and the roped k_pe per token,
-    nothing else (kv_lora_rank + qk_rope_head_dim values per token; V3: 512 + 64 = 576).
-    Replicated over tp ranks: the latent is shared by all heads."""
-
-    def __init__(self, max_batch: int, max_seq_len: int, kv_lora_rank: int, qk_rope_head_dim: int,
-                 dtype: torch.dtype = torch.float32, device=None):
-        self.kv = torch.zeros(max_batch, max_seq_len, kv_lora_rank, dtype=dtype, device=device)  # (B, S, C)
-        self.pe = torch.zeros(max_batch, max_seq_len, qk_rope_head_dim, dtype=dtype, device=device)  # (B, S, R)
-
-    @classmethod
-    def for_layers(cls, cfg, n_layers: int, max_batch: int, max_seq_len: int, dtype=torch.float32, device=None):
-        return [cls(max_batch, max_seq_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device) for _ in range(n_layers)]
-
-    @property
-    def values_per_token(self) -> int:
-        return self.kv.shape[-1] + self.pe.shape[-1]
-
-    def update(self, kv: torch.Tensor, pe: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write positions [start_pos, start_pos + T) and return everything cached so far."""
-        bsz, seqlen, _ = kv.shape
-        end = start_pos + seqlen
-        assert end <= self.kv.shape[1], f"cache holds {self.kv.shape[1]} positions, decode reached {end}"
-        self.kv[:bsz, start_pos:end] = kv
-        self.pe[:bsz, start_pos:end] = pe
-        return self.kv[:bsz, :end], self.pe[:bsz, :end]
 
 
 class MLA(nn.Module):
@@ -149,15 +122,19 @@ class MLA(nn.Module):
         return self.wo(o.transpose(1, 2).flatten(2))  # (B, T, D)
 
     @torch.no_grad()
-    def forward_decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: MLACache, start_pos: int) -> torch.Tensor:
-        """Absorbed attention for tokens x (B, T, D) at positions start_pos..start_pos+T-1
-        (T = 1 when decoding, the prompt when prefilling), attending to everything in `cache`
-        before them. freqs_cis is the full table from position 0; it is sliced here."""
+    def forward_decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: MLACache,
+                       pos: Union[int, torch.Tensor], slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Absorbed attention for tokens x (b, T, D), row i at positions pos[i]..pos[i]+T-1 of
+        cache slot slots[i] (model/cache.py; an int `pos` is every row's, slots default to
+        0..b-1), attending to everything cached before them in its slot. T = 1 when decoding,
+        the prompt when prefilling. freqs_cis is the full table from position 0."""
         bsz, seqlen, _ = x.shape
-        end = start_pos + seqlen
-        rot = freqs_cis[start_pos:end]
+        pos, slots = as_rows(pos, slots, bsz, x.device)
+        rot = rotary_rows(freqs_cis, pos, seqlen)  # (b, T, rope/2)
         q_nope, q_pe = self._query(x, rot)
-        kv_cache, pe_cache = cache.update(*self._latent(x, rot), start_pos)  # (B, S, C), (B, S, rope)
+        kv, k_pe = self._latent(x, rot)
+        kv_cache, pe_cache = cache.write_read(slots, pos, kv=kv, pe=k_pe)  # (b, S, C), (b, S, rope)
+        kv_cache, pe_cache = kv_cache.type_as(x), pe_cache.type_as(x)
         # (H_l, nope + v, C): rows [W^UK; W^UV] of each local head.
         wkv_b = self.wkv_b.weight.view(self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]
@@ -165,10 +142,9 @@ class MLA(nn.Module):
         scores = (
             torch.einsum("bthc,bsc->bths", q_lat, kv_cache) + torch.einsum("bthr,bsr->bths", q_pe, pe_cache)
         ) * self.softmax_scale  # (B, T, H_l, S)
-        query_pos = torch.arange(start_pos, end, device=x.device).view(1, seqlen, 1, 1)
-        key_pos = torch.arange(end, device=x.device).view(1, 1, 1, end)
-        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).type_as(x)
+        visible = causal_mask(pos, seqlen, kv_cache.shape[1]).unsqueeze(2)  # (b, T, 1, S)
+        scores = scores.float().masked_fill(~visible, float("-inf"))
+        probs = scores.softmax(dim=-1).type_as(x)
         o_lat = torch.einsum("bths,bsc->bthc", probs, kv_cache)  # attention over the latent
         o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # W^UV applied after: (B, T, H_l, v)
         return self.wo(o.flatten(2))

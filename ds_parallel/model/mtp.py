@@ -73,6 +73,15 @@ class MTPModule(nn.Module):
         return self.norm(x), aux
 
 
+    @torch.no_grad()
+    def forward_decode(self, h_prev: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor, cache, pos,
+                       slots=None) -> torch.Tensor:
+        """h^k at cached positions (drafting, inference/speculative.py): h_prev = h^{k-1} and
+        emb = Emb(t_{i+k}) at the rows' positions i; the block attends over its own cache."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return self.norm(self.block.forward_decode(x, freqs_cis, cache, pos, slots))
+
+
 class MultiTokenPrediction(nn.ModuleList):
     """The D depths, as `mtp.0`, `mtp.1`, ... Empty when mtp_depth = 0."""
 

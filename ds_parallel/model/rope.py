@@ -80,10 +80,15 @@ def precompute_freqs_cis(dim: int, seqlen: int, theta: float, yarn: YarnScaling 
 
 
 def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
-    """Rotate the last dim of x (B, T, H, D) by freqs_cis (T, D/2). Computed in fp32."""
+    """Rotate the last dim of x (B, T, H, D) by freqs_cis: (>= T, D/2), the same positions
+    0..T-1 for every sequence, or (B, T, D/2), each sequence's own positions (decoding).
+    Computed in fp32."""
     dtype = x.dtype
     bsz, seqlen, n_heads, dim = x.shape
-    rot = freqs_cis[:seqlen].view(1, seqlen, 1, dim // 2)
+    if freqs_cis.dim() == 3:
+        rot = freqs_cis.view(bsz, seqlen, 1, dim // 2)
+    else:
+        rot = freqs_cis[:seqlen].view(1, seqlen, 1, dim // 2)
     xf = x.float()
     if interleaved:
         xc = torch.view_as_complex(xf.reshape(bsz, seqlen, n_heads, dim // 2, 2))

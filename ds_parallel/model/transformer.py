@@ -20,14 +20,20 @@ model/mtp.py, V3 §2.2) on the normed final hidden state, sharing `embed` and `h
     loss = lm_loss + aux_loss + mtp_loss,   mtp_loss = mtp_lambda / D * sum_k L_k
 
 L_k is depth k's mean cross-entropy over its valid targets labels[:, k:]. MTP runs only
-when labels are given; inference returns the main logits alone. `mtp_lambda` starts at
-cfg.mtp_lambda and is a plain attribute (not saved): the trainer applies a schedule with
-`set_mtp_lambda` (V3 §4.2: 0.3 for the first 10T tokens, 0.1 for the last 4.8T).
+when labels are given; inference returns the main logits alone. `forward` weighs MTP by
+cfg.mtp_lambda; a training loop passes the step's value to `finish` (V3 §4.2: 0.3 for the
+first 10T tokens, 0.1 for the last 4.8T) through its objective.
+
+A loop that minimises something else (SFT masks, GRPO's clipped ratio) passes
+`forward(ids, objective=fn)`: the model runs embed and blocks and returns `fn(model, trunk)`,
+where `trunk` (Trunk) holds the last block's output, the balance losses and the embedding;
+`fn` calls `finish` for logits or losses. Going through `forward` keeps the DeepSpeed
+engine's call path; pipeline stages build the same Trunk (train/pipeline.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +65,15 @@ def model_freqs_cis(cfg) -> torch.Tensor:
     return precompute_freqs_cis(cfg.mha_head_dim, cfg.max_seq_len, cfg.rope_theta)
 
 
+@dataclass
+class Trunk:
+    """Embed and blocks done, head not yet: what an objective starts from."""
+    h: torch.Tensor  # (B, T, D) last block's output, before the final norm
+    aux_loss: torch.Tensor  # () running sum of the blocks' MoE balance losses
+    emb: Optional[torch.Tensor]  # (B, T, D) the embedding lookup of the ids (MTP reads it); None without MTP
+    freqs_cis: torch.Tensor
+
+
 class Transformer(nn.Module):
     """The whole model, or one pipeline rank's part of it: `layer_ids` (default all),
     `has_embed`, `has_head` (final norm, head and MTP) pick what this rank builds; names stay
@@ -79,7 +94,6 @@ class Transformer(nn.Module):
             # The head stays in high precision (V3 §3.3): no FP8 gemm is ever injected here.
             self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, ctx)
             self.mtp = MultiTokenPrediction(cfg, ctx)  # empty (no parameters) when mtp_depth = 0
-        self.mtp_lambda = cfg.mtp_lambda
         # Derived from the config, so not saved in checkpoints.
         self.register_buffer("freqs_cis", model_freqs_cis(cfg), persistent=False)
 
@@ -94,17 +108,37 @@ class Transformer(nn.Module):
             self._buffers["freqs_cis"] = freqs_cis.to(device)
         return self
 
-    def set_mtp_lambda(self, value: float) -> None:
-        """Weight of the MTP loss from the next forward on (the trainer's schedule)."""
-        assert value >= 0, f"mtp_lambda={value} must be >= 0"
-        self.mtp_lambda = float(value)
-
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                objective: Optional[Callable[["Transformer", Trunk], torch.Tensor]] = None):
+        """ModelOutput (loss fields when `labels` are given); with `objective`, its result."""
         assert self.complete, "a pipeline stage's part of the model runs through train/pipeline.py"
         freqs_cis = self.rope(input_ids.shape[1])
         emb = self.embed(input_ids)  # (B, T, D)
         h, aux_loss = self.run_layers(emb, self.layers.values(), freqs_cis)
+        if objective is not None:
+            return objective(self, Trunk(h, aux_loss, emb if len(self.mtp) else None, freqs_cis))
         return self.finish(h, aux_loss, labels, emb if labels is not None else None, freqs_cis)
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, cache, pos, slots=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens input_ids (b, T), row i at positions pos[i].. of cache slot slots[i]
+        (model/cache.py ModelCache; prefill, decode and verification are all this call).
+        Returns the logits (b, T, V/tp) and the normed final hidden state (b, T, D), MTP's h^0."""
+        assert self.complete, "decoding runs on a whole model (pipeline layouts are not supported)"
+        h = self.embed(input_ids)
+        for i, layer in self.layers.items():
+            h = layer.forward_decode(h, self.freqs_cis, cache.layers[int(i)], pos, slots)
+        h = self.norm(h)
+        return self.head(h), h
+
+    @torch.no_grad()
+    def mtp_decode(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache, pos,
+                   slots=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP depth `depth` (1-based) at cached positions: h_prev = h^{depth-1} (b, T, D) and
+        next_ids = t_{i+depth} (b, T). Returns its logits (b, T, V/tp) and h^depth."""
+        h = self.mtp[depth - 1].forward_decode(h_prev, self.embed(next_ids), self.freqs_cis, cache.mtp[depth - 1],
+                                                pos, slots)
+        return self.head(h), h
 
     def rope(self, seqlen: int) -> torch.Tensor:
         assert seqlen <= self.cfg.max_seq_len, f"sequence length {seqlen} > model.max_seq_len={self.cfg.max_seq_len}"
@@ -122,9 +156,11 @@ class Transformer(nn.Module):
         return h, aux_loss
 
     def finish(self, h: torch.Tensor, aux_loss: torch.Tensor, labels: Optional[torch.Tensor],
-               emb: Optional[torch.Tensor], freqs_cis: torch.Tensor) -> ModelOutput:
+               emb: Optional[torch.Tensor], freqs_cis: torch.Tensor,
+               mtp_lambda: Optional[float] = None) -> ModelOutput:
         """Final norm, head, loss and MTP from the last layer's output. `emb` is the main
-        embedding lookup of the input ids (MTP depth k reads emb[:, k:])."""
+        embedding lookup of the input ids (MTP depth k reads emb[:, k:]); `mtp_lambda`
+        defaults to cfg.mtp_lambda."""
         h = self.norm(h)  # also h^0 of MTP
         logits = self.head(h)  # (B, T, V/tp)
         if labels is None:
@@ -137,7 +173,8 @@ class Transformer(nn.Module):
             vocab_parallel_cross_entropy(self.head(h_k), labels[:, k:], self.ctx)  # targets t_{i+k+1}
             for k, h_k in enumerate(hidden, start=1)
         ])  # (D,)
-        mtp_loss = self.mtp_lambda / len(self.mtp) * losses.sum()
+        mtp_lambda = self.cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
+        mtp_loss = mtp_lambda / len(self.mtp) * losses.sum()
         aux_loss = aux_loss + mtp_aux
         return ModelOutput(
             logits=logits, loss=lm_loss + aux_loss + mtp_loss, lm_loss=lm_loss, aux_loss=aux_loss,

@@ -81,10 +81,10 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 
 
 @torch.no_grad()
-def update_moe_biases(model: nn.Module, ctx) -> dict[int, torch.Tensor]:
+def update_moe_biases(model: nn.Module, ctx, speed: Optional[float] = None) -> dict[int, torch.Tensor]:
     """Once per optimizer step: sum each layer's accumulated loads over every rank that saw
     distinct tokens (ctx.dp_group; tp ranks share tokens and are not in it), apply the
-    bias update, reset the accumulators. Returns {layer_id: (E,) float load} for metrics.
+    bias update at `speed` (the step's gamma; default the config's), reset the accumulators. Returns {layer_id: (E,) float load} for metrics.
     Collective over ctx.dp_group (one all-reduce for all layers)."""
     layers = moe_layers(model)
     if not layers:
@@ -94,7 +94,7 @@ def update_moe_biases(model: nn.Module, ctx) -> dict[int, torch.Tensor]:
         dist.all_reduce(loads, group=ctx.dp_group)
     out = {}
     for m, load in zip(layers, loads):
-        m.gate.update_bias(load)
+        m.gate.update_bias(load, speed)
         m.gate.reset_load()
         out[m.layer_id] = load.float().cpu()
     return out

@@ -120,11 +120,13 @@ class Router(nn.Module):
         return Routing(indices, weights, scores, logits)
 
     @torch.no_grad()
-    def update_bias(self, global_load: torch.Tensor) -> None:
+    def update_bias(self, global_load: torch.Tensor, speed: Optional[float] = None) -> None:
         """b += gamma * sign(mean_load - load) (V3 §2.1.2; arXiv 2408.15664). `global_load`
-        is the per-expert selection count over the whole global batch of one step."""
+        is the per-expert selection count over the whole global batch of one step; gamma is
+        `speed` (the trainer's schedule), by default model.bias_update_speed."""
+        gamma = self.bias_update_speed if speed is None else speed
         load = global_load.to(self.e_score_correction_bias)
-        self.e_score_correction_bias += self.bias_update_speed * torch.sign(load.mean() - load)
+        self.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
 
     def reset_load(self) -> None:
         self.load.zero_()

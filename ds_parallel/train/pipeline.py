@@ -16,12 +16,13 @@ pipeline step per optimizer step), and `PipelineRunner.step` calls
 What crosses stages. Each stage gets (h, aux): the residual stream (mb, T, D) and the
 running sum of MoE balance losses (1,), which every stage adds its layers' terms to, so the
 aux losses of every stage reach the backward pass through the same send/recv as h. The last
-stage adds them to the LM loss (and MTP loss), and returns (4,) = train.metrics.LOSSES: [loss, lm, aux, mtp]
-per micro-batch; the loss function keeps them for the metrics and takes loss / n_micro, the same scaling as gradient
-accumulation over micro-batches without a pipeline. Token ids and labels are keyword
-inputs, which torch's schedules hand to every stage: the first stage embeds the ids, the
-last computes the losses, and with MTP embeds the ids again (MTP depth k reads
-Emb(t_{i+k})). Under DualPipeV that is the same embedding module (rank 0 holds stage 0 and
+stage hands them with h to the step's objective (train/objective.py), which returns its
+metrics vector per micro-batch (pre-training: train.metrics.LOSSES, [loss, lm, aux, mtp]);
+the schedule's loss function keeps it for the metrics and takes metrics[0] / n_micro, the
+same scaling as gradient accumulation over micro-batches without a pipeline. The micro-batch
+(input_ids, labels, whatever the objective reads) travels as keyword inputs, which torch's
+schedules split and hand to every stage: the first stage embeds the ids, the last computes
+the objective, and with MTP embeds the ids again (MTP depth k reads Emb(t_{i+k})). Under DualPipeV that is the same embedding module (rank 0 holds stage 0 and
 the last stage); under 1F1B the last rank holds a copy, initialised identically (init is
 by name), whose gradient is summed with the first rank's over `ctx.embed_group` before the
 optimizer step, so the two copies stay equal, and which DeepSpeed's norm skips
@@ -35,18 +36,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_parallel.model.transformer import ModelOutput
+from ds_parallel.model.transformer import ModelOutput, Trunk
 from ds_parallel.parallel.plan import PipelineLayout
 from ds_parallel.train.engine import clip_grad_norm_
-from ds_parallel.train.metrics import LOSSES
-
+from ds_parallel.train.objective import MicroBatch, Objective
 
 
 class StageChunk(nn.Module):
     """One pipeline stage: a view over the rank's partial Transformer (the same modules,
-    so the engine's parameters are what the schedule's backward writes into)."""
+    so the engine's parameters are what the schedule's backward writes into). The last
+    stage returns `loss(model, trunk, batch)`, the runner's objective at its current step."""
 
-    def __init__(self, model: nn.Module, layout: PipelineLayout, stage: int):
+    def __init__(self, model: nn.Module, layout: PipelineLayout, stage: int, loss=None):
         super().__init__()
         self.first, self.last = stage == 0, stage == layout.n_stages - 1
         self.stage = stage
@@ -55,10 +56,10 @@ class StageChunk(nn.Module):
         if self.last:
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
         object.__setattr__(self, "model", model)  # not a child: its other parts are not this stage's
+        self.loss = loss
 
-    def forward(self, x: torch.Tensor, aux: Optional[torch.Tensor] = None, *, tokens: torch.Tensor,
-                labels: torch.Tensor):
-        model = self.model
+    def forward(self, x: torch.Tensor, aux: Optional[torch.Tensor] = None, **batch: torch.Tensor):
+        model, tokens = self.model, batch["input_ids"]
         freqs_cis = model.rope(tokens.shape[1])
         if self.first:
             x = self.embed(tokens)
@@ -67,29 +68,28 @@ class StageChunk(nn.Module):
         if not self.last:  # outputs must not be views: the schedule detaches them in place
             return h, aux.reshape(1).clone()
         emb = self.embed(tokens) if len(model.mtp) else None
-        out = model.finish(h, aux, labels, emb, freqs_cis)
-        zero = out.loss.new_zeros(())
-        return torch.stack([v if (v := getattr(out, name)) is not None else zero for name in LOSSES])
+        return self.loss(model, Trunk(h, aux, emb, freqs_cis), batch)
 
 
 class PipelineRunner:
     """Runs one optimizer step's micro-batches through the pipeline schedule."""
 
     def __init__(self, engine, model: nn.Module, layout: PipelineLayout, ctx, n_micro: int, micro_batch: int,
-                 seq_len: int, grad_clip: float = 0.0):
+                 seq_len: int, objective: Objective, grad_clip: float = 0.0):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
 
         self.engine, self.model, self.layout, self.ctx, self.n_micro = engine, model, layout, ctx, n_micro
-        self.grad_clip = grad_clip
-        self._metrics: list[torch.Tensor] = []  # the last stage's (4,) per micro-batch, this step
+        self.grad_clip, self.objective = grad_clip, objective
+        self._metrics: list[torch.Tensor] = []  # the last stage's metrics vector per micro-batch, this step
+        self._step = 0  # the optimizer step being run (the objective's schedules read it)
         self.grad_norm = float("nan")  # global norm of the last step's gradients, before clipping
         rank = ctx.pp_rank
-        self.chunks = [StageChunk(model, layout, s) for s in layout.stages_of(rank)]
+        self.chunks = [StageChunk(model, layout, s, self._objective) for s in layout.stages_of(rank)]
         dtype = next(model.parameters()).dtype
         ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
         acts = (torch.empty(micro_batch, seq_len, model.cfg.dim, dtype=dtype, device="meta", requires_grad=True),
                 torch.empty(1, dtype=torch.float32, device="meta", requires_grad=True))
-        metrics = torch.empty(len(LOSSES), dtype=torch.float32, device="meta")
+        metrics = torch.empty(len(objective.metrics), dtype=torch.float32, device="meta")
         device = ctx.device
         # DualPipeV splits backward into an input step and a weight step. torch 2.13's weight
         # step cannot run the last stage once the head is reused by two or more MTP depths
@@ -114,32 +114,34 @@ class PipelineRunner:
         if layout.tied_embedding and self.holds_last:
             model.embed.weight.ds_pipe_replicated = True  # counted once (on the first rank) in norms
 
+    def _objective(self, model: nn.Module, trunk: Trunk, batch: MicroBatch) -> torch.Tensor:
+        return self.objective(model, trunk, batch, self._step)
+
     def _loss(self, output: torch.Tensor, target) -> torch.Tensor:
         self._metrics.append(output.detach())
         return output[0] / self.n_micro
 
-    def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """Forward and backward of this rank's micro-batches; gradients end up reduced (dp,
-        edp, tied embedding), clipped by their global norm over every stage (`grad_norm`),
-        and ready for `engine.step()`. Returns per-metric sums over the micro-batches on the
-        rank holding the last stage, zeros elsewhere."""
-        tokens = torch.cat([x for x, _ in micro])
-        labels = torch.cat([y for _, y in micro])
-        kwargs = {"tokens": tokens, "labels": labels}
+    def forward_backward(self, micro: list[MicroBatch], step: int) -> dict[str, float]:
+        """Forward and backward of this rank's micro-batches at optimizer step `step`;
+        gradients end up reduced (dp, edp, tied embedding), clipped by their global norm over
+        every stage (`grad_norm`), and ready for `engine.step()`. Returns per-metric sums
+        over the micro-batches on the rank holding the last stage, zeros elsewhere."""
+        batch = {key: torch.cat([mb[key] for mb in micro]) for key in micro[0]}
+        tokens = batch["input_ids"]
         # return_outputs=False: a kept output would keep its micro-batch's graph (retained by
         # DualPipeV's split backward) alive to the end of the step; metrics come via _loss.
-        self._metrics = []
+        self._metrics, self._step = [], step
         args = (tokens,) if self.layout.stages_of(self.ctx.pp_rank)[0] == 0 else ()
-        self.schedule.step(*args, target=labels, return_outputs=False, **kwargs)
+        self.schedule.step(*args, target=tokens, return_outputs=False, **batch)
         if self.layout.tied_embedding and self.ctx.embed_group is not None:
             grad = self.model.embed.weight.grad
             dist.all_reduce(grad, group=self.ctx.embed_group)
         self.engine.allreduce_gradients()
         self.grad_norm = clip_grad_norm_(self.model, self.ctx, self.grad_clip)
+        names = self.objective.metrics
         if not self.holds_last:
-            return dict.fromkeys(LOSSES, 0.0)
-        sums = torch.stack(self._metrics).sum(0).tolist()
-        return dict(zip(LOSSES, sums))
+            return dict.fromkeys(names, 0.0)
+        return dict(zip(names, torch.stack(self._metrics).sum(0).tolist()))
 
 
 class PipelineForward(nn.Module):

@@ -21,6 +21,7 @@ from ds_parallel.model import build_model
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.parallel.plan import PipelineLayout, pipeline_layout
 from ds_parallel.train.engine import build_engine, gradient_accumulation_steps
+from ds_parallel.train.objective import LanguageModeling, Objective
 from ds_parallel.train.optim import moment_bytes_report
 from ds_parallel.train.pipeline import PipelineRunner
 
@@ -33,15 +34,17 @@ class TrainParts:
     model: torch.nn.Module  # this rank's shard (its pipeline stages), inside `engine`
     engine: object  # the DeepSpeed engine: ZeRO, gradient reduction, the optimizer step
     runner: Optional[PipelineRunner]  # pp > 1: the schedule that runs forward and backward
+    objective: Objective  # what train_step minimises (train/objective.py)
     start_step: int  # optimizer steps already taken (0, or the resumed checkpoint's)
     resumed_from: Optional[str]  # the checkpoint directory, when resumed
 
 
-def setup_training(cfg: Config, ctx: ParallelContext) -> TrainParts:
-    """Build (or resume) the model, engine and pipeline runner of `cfg` on this rank.
-    Collective: every rank calls it. Raises CheckpointError, before anything is loaded,
+def setup_training(cfg: Config, ctx: ParallelContext, objective: Optional[Objective] = None) -> TrainParts:
+    """Build (or resume) the model, engine and pipeline runner of `cfg` on this rank, to
+    minimise `objective` (default: language modelling). Collective: every rank calls it. Raises CheckpointError, before anything is loaded,
     when the latest checkpoint is incomplete or damaged."""
     t = cfg.train
+    objective = objective or LanguageModeling(cfg)
     resume_dir = ckpt.latest_checkpoint(t.out_dir, group=dist.group.WORLD if dist.is_initialized() else None)
     torch.manual_seed(t.seed)
     layout = pipeline_layout(cfg.model, ctx.pp, cfg.parallel.pp_schedule, cfg.parallel.pp_layers)
@@ -58,11 +61,11 @@ def setup_training(cfg: Config, ctx: ParallelContext) -> TrainParts:
     runner = None
     if ctx.pp > 1:
         runner = PipelineRunner(engine, model, layout, ctx, gradient_accumulation_steps(cfg, ctx.dp),
-                                t.micro_batch_size, t.seq_len, t.grad_clip)
+                                t.micro_batch_size, t.seq_len, objective, t.grad_clip)
     if resume_dir:
         same_layout = meta["layout"]["world_size"] == ctx.world_size and all(
             meta["layout"][k] == getattr(ctx, k) for k in ("tp", "pp", "ep", "dp"))
         ckpt.load_optimizer_state(engine, reader, meta, ctx.rank, same_layout)  # RNG too, same layout only
         if ctx.rank == 0:
             print(f"resumed from {resume_dir} at step {start_step}", flush=True)
-    return TrainParts(cfg, ctx, layout, model, engine, runner, start_step, resume_dir)
+    return TrainParts(cfg, ctx, layout, model, engine, runner, objective, start_step, resume_dir)

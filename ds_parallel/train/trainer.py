@@ -31,7 +31,7 @@ from ds_parallel.train.evaluate import exact_match
 from ds_parallel.train.metrics import MetricsLog, plot_run, step_record
 from ds_parallel.train.pipeline import PipelineForward, gather_layer_tensors
 from ds_parallel.train.setup import setup_training
-from ds_parallel.train.step import to_device, train_step
+from ds_parallel.train.step import lm_micro_batches, to_device, train_step
 
 
 # Exit status of a rank that stopped for preemption after writing its checkpoint:
@@ -76,7 +76,8 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
     data = build_datasets(cfg.data, t, m.vocab_size)
     loader = GlobalBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
     if cfg.precision.fp8.enabled and parts.runner is None:  # measured once, on the first micro-batch
-        report = fp8_memory_report(model, *to_device(loader.micro_batches(start_step), ctx.device)[0])
+        first = to_device(lm_micro_batches(loader.micro_batches(start_step)), ctx.device)[0]
+        report = fp8_memory_report(model, first["input_ids"], first["labels"])
         if is_rank0:
             print(report, flush=True)
     metrics = MetricsLog(out_dir, is_rank0, t.steps, start_step)
@@ -88,7 +89,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
     tokens_per_step = t.global_batch_size * t.seq_len
     for step in range(start_step, stop_at):
         tic = time.perf_counter()
-        result = train_step(parts, loader.micro_batches(step), step)
+        result = train_step(parts, lm_micro_batches(loader.micro_batches(step)), step)
         tokens_per_s = tokens_per_step / (time.perf_counter() - tic)
         last = step + 1
         if last == 1 or last % t.log_every == 0 or last == t.steps:

@@ -122,7 +122,9 @@ def _check_layouts(rank, world, base, layouts):
     from ds_parallel.parallel.shard import gather_full, local_shape, shards_of
     from ds_parallel.parallel.topology import Topology
     from ds_parallel.moe import moe_layers, update_moe_biases
+    from ds_parallel.train.objective import LanguageModeling
     from ds_parallel.train.pipeline import PipelineRunner
+    from ds_parallel.train.step import lm_micro_batches
     from ds_parallel.parallel.plan import pipeline_layout
     from ds_parallel.train.engine import (build_engine, global_grad_norm, gradient_accumulation_steps,
                                          reports_grad_norm, set_lr)
@@ -142,7 +144,7 @@ def _check_layouts(rank, world, base, layouts):
         runner = None
         if p.pp > 1:
             runner = PipelineRunner(engine, engine.module, layout, ctx, gradient_accumulation_steps(cfg, ctx.dp),
-                                    t.micro_batch_size, t.seq_len, t.grad_clip)
+                                    t.micro_batch_size, t.seq_len, LanguageModeling(cfg), t.grad_clip)
         loader = GlobalBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
         if runner is not None:
             _check_pipeline_forward(runner, cfg, ctx, loader.micro_batches(0)[0][0], bf16)
@@ -151,7 +153,7 @@ def _check_layouts(rank, world, base, layouts):
             micro = loader.micro_batches(step)
             total = 0.0
             if runner is not None:  # gradients are reduced after the schedule, until step()
-                total = runner.forward_backward(micro)["loss"]
+                total = runner.forward_backward(lm_micro_batches(micro), step)["loss"]
                 grads = {n: _full_grad(p, ctx) for n, p in engine.module.named_parameters()}  # clipped
                 own_norm = runner.grad_norm
                 engine.step()

@@ -59,7 +59,9 @@ def _measure(rank, world, schedules):
     from ds_parallel.data import GlobalBatchLoader, build_datasets
     from ds_parallel.model import build_model
     from ds_parallel.parallel.groups import build_parallel_context
+    from ds_parallel.train.objective import LanguageModeling
     from ds_parallel.train.pipeline import PipelineRunner
+    from ds_parallel.train.step import lm_micro_batches
     from ds_parallel.parallel.plan import pipeline_layout, plan
     from ds_parallel.parallel.topology import Topology
     from ds_parallel.train.engine import build_engine, gradient_accumulation_steps
@@ -71,13 +73,14 @@ def _measure(rank, world, schedules):
         layout = pipeline_layout(cfg.model, p.pp, p.pp_schedule, p.pp_layers)
         engine = build_engine(build_model(cfg.model, ctx, t.seed, layout), cfg, ctx)
         n_micro = gradient_accumulation_steps(cfg, ctx.dp)
-        runner = PipelineRunner(engine, engine.module, layout, ctx, n_micro, t.micro_batch_size, t.seq_len)
+        runner = PipelineRunner(engine, engine.module, layout, ctx, n_micro, t.micro_batch_size, t.seq_len,
+                                LanguageModeling(cfg))
         data = build_datasets(cfg.data, t, cfg.model.vocab_size)
         micro = GlobalBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, 0, 1, t.seed).micro_batches(0)
         params = list(engine.module.parameters())
         tracker = _LiveBytes({q.untyped_storage().data_ptr() for q in params})
         with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
-            runner.forward_backward(micro)
+            runner.forward_backward(lm_micro_batches(micro), 0)
         grads = sum(q.grad.numel() * q.grad.element_size() for q in params if q.grad is not None)
         engine.step()
         optim = sum(v.numel() * v.element_size() for s in engine.basic_optimizer.state.values()
