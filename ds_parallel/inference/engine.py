@@ -1,0 +1,311 @@
+"""Batched generation on the training layout: prefill, then one main-model forward per
+step over the compressed cache, optionally with MTP speculative decoding.
+
+    Generator(model, ctx).generate(prompts, params) -> [Completion], in prompt order
+
+Requests wait in a queue and take a free cache slot (model/cache.py) as one frees up, so a
+finished sequence costs nothing more and its slot serves the next prompt. Every iteration
+is: admitted prompts prefilled in one forward (rows right-padded, each row's first token
+read at its own last position), then one decode forward over the active rows, each at its
+own position. Nothing is recomputed.
+
+Layouts. Every rank of the world calls `generate` together with its own prompts (tensor-
+parallel ranks the same ones, data-parallel ranks their share). Tensor parallel splits the
+heads as in training and gathers the logits; expert parallel runs the MoE all-to-all in
+every forward, so all ranks take the same number of forwards: whether anyone still has
+work, or prompts to prefill, is agreed by one all-reduce per iteration, and a rank with
+nothing to do runs one dummy token in a spare slot. Pipeline layouts are not supported
+(the model must be whole on each rank).
+
+Speculative decoding (`speculative=k`, k <= mtp_depth; DeepSeek-V3 §2.2 and §5.4.3): the
+MTP depths draft k tokens at the last position (depth j reads depth j-1's hidden state and
+the token drafted before it), one main-model forward verifies them, and each draft is kept
+with probability min(1, p(x)/q(x)) under the main model's sampling distribution p and the
+draft's q (both after temperature/top-k/top-p), the first rejected one replaced by a draw
+from normalize(max(0, p - q)), and all-accepted runs extended by a draw from p. The output
+is then distributed exactly as plain sampling from the main model (greedy: identical to
+greedy decoding, since p and q are one-hot). Each depth keeps its own cache; positions
+drafted past the accepted ones are recomputed at the next step. The hidden states h^0 ..
+h^{k-1} of every cached position are kept for that (slots x length x dim each).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from ds_parallel.inference.sampling import SamplingParams, draw, request_generator, sampling_probs, uniform
+from ds_parallel.model.cache import ModelCache
+from ds_parallel.parallel.tensor_parallel import gather_logits
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # under the raw model: log_softmax(logits)
+    sampling_logprobs: list[float] = field(default_factory=list)  # under the sampled distribution (greedy: 0)
+    finish_reason: str = ""  # "stop" (a stop token or string) or "length" (max_new_tokens)
+
+
+@dataclass
+class GenerationStats:
+    tokens: int = 0  # generated tokens, this rank
+    prefilled: int = 0  # of which the first token of each sequence (read off the prefill)
+    seconds: float = 0.0
+    main_steps: int = 0  # main-model forwards summed over sequences (prefill excluded)
+    drafted: list[int] = field(default_factory=list)  # per draft position: drafts verified
+    accepted: list[int] = field(default_factory=list)  # per draft position: drafts kept
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def acceptance(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens a sequence gains per main-model decode forward (1 without speculation)."""
+        return (self.tokens - self.prefilled) / self.main_steps if self.main_steps else 0.0
+
+
+@dataclass
+class _Row:
+    """One sequence in a cache slot."""
+    index: int  # request index
+    params: SamplingParams
+    gen: torch.Generator
+    tokens: list[int]  # prompt + generated
+    out: Completion
+    length: int = 0  # positions in the main cache (the last token is not yet fed)
+    valid: list[int] = field(default_factory=list)  # per MTP depth: cached positions with real inputs
+
+
+class Generator:
+    """Generation with `model` (eval mode, whole on each rank) on context `ctx`.
+
+    max_batch: cache slots (sequences decoded at once); max_len: positions per slot
+    (default model.max_seq_len); vocab_size: sample only ids below it (a tokenizer smaller
+    than the padded embedding); detokenize: ids -> text, for stop strings; seed: combined
+    with a request's index when its params give no seed."""
+
+    def __init__(self, model, ctx, max_batch: int = 16, max_len: Optional[int] = None,
+                 vocab_size: Optional[int] = None, detokenize: Optional[Callable[[list[int]], str]] = None,
+                 seed: int = 0):
+        self.model, self.ctx = model, ctx
+        self.max_batch = max_batch
+        self.max_len = max_len or model.cfg.max_seq_len
+        self.vocab_size = vocab_size or model.cfg.vocab_size
+        self.detokenize = detokenize
+        self.seed = seed
+        self.stats = GenerationStats()
+        self.cache: Optional[ModelCache] = None
+        self._hidden: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams(),
+                 speculative: int = 0, progress: Optional[Callable[[int], None]] = None) -> list[Completion]:
+        """Completions of `prompts` (token ids), in order. Collective over the world."""
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        assert len(params) == len(prompts), f"{len(params)} sampling params for {len(prompts)} prompts"
+        depth = len(self.model.mtp or ())
+        if not 0 <= speculative <= depth:
+            raise ValueError(f"speculative={speculative} drafts need as many MTP depths; the model has {depth}")
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty: give at least one token")
+            if len(prompt) + p.max_new_tokens + speculative > self.max_len:
+                raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens={p.max_new_tokens}"
+                                 f"{f' + {speculative} drafts' if speculative else ''} exceed the {self.max_len} "
+                                 f"positions per sequence: lower max_new_tokens or raise max_len")
+            if p.stop_strings and self.detokenize is None:
+                raise ValueError(f"prompt {i}: stop_strings need a detokenize function (a tokenizer)")
+        self._allocate(speculative)
+        was_training = self.model.training
+        self.model.eval()
+        self.stats = GenerationStats(drafted=[0] * speculative, accepted=[0] * speculative)
+        tic = time.perf_counter()
+        out = [Completion(list(map(int, prompt))) for prompt in prompts]
+        pending = deque(range(len(prompts)))
+        rows: dict[int, _Row] = {}
+        while True:
+            admit = []
+            for slot in range(self.max_batch):
+                if slot not in rows and pending:
+                    i = pending.popleft()
+                    seed = params[i].seed if params[i].seed is not None else self.seed * 1_000_003 + i
+                    rows[slot] = _Row(i, params[i], request_generator(seed), list(out[i].prompt_ids), out[i],
+                                      valid=[0] * speculative)
+                    admit.append(slot)
+            any_admit, any_active = self._agree(bool(admit), bool(rows))
+            if not any_active:
+                break
+            if any_admit:
+                self._prefill(rows, admit)
+            active = [s for s, r in rows.items() if s not in admit or not r.out.finish_reason]
+            if speculative:
+                self._speculative_step(rows, active, speculative)
+            else:
+                self._decode_step(rows, active)
+            for slot in [s for s, r in rows.items() if r.out.finish_reason]:
+                del rows[slot]
+                if progress is not None:
+                    progress(1)
+        self.stats.seconds = time.perf_counter() - tic
+        self.model.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ parts
+
+    def _allocate(self, speculative: int) -> None:
+        extra = speculative + 1  # verification writes up to k + 1 positions past the last token
+        if self.cache is None or self.cache.max_len < self.max_len + extra:
+            self.cache = ModelCache(self.model, self.max_batch + 1, self.max_len + extra)  # + a spare slot
+        if speculative and len(self._hidden) < speculative:
+            p = next(self.model.parameters())
+            self._hidden = [torch.zeros(self.max_batch + 1, self.max_len + extra, self.model.cfg.dim, dtype=p.dtype,
+                                        device=p.device) for _ in range(speculative)]
+
+    def _agree(self, *flags: bool) -> list[bool]:
+        """The flags OR-ed over the world (every rank takes the same forwards)."""
+        t = torch.tensor([float(f) for f in flags], device=self.ctx.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def _forward(self, ids: list[list[int]], slots: list[int], pos: list[int]):
+        """Main model over rows of equal length (or one dummy token in the spare slot when
+        this rank has none). Returns the logits over the whole vocabulary (b, T, V), gathered
+        over tp, and h^0 (b, T, D). Sampling reads the first `vocab_size` of them."""
+        device = self.ctx.device
+        if not ids:
+            ids, slots, pos = [[0]], [self.max_batch], [0]
+        logits, h = self.model.decode(torch.tensor(ids, device=device), self.cache,
+                                      torch.tensor(pos, device=device), torch.tensor(slots, device=device))
+        return gather_logits(logits, self.ctx).float(), h
+
+    def _prefill(self, rows: dict[int, _Row], admit: list[int]) -> None:
+        width = max((len(rows[s].tokens) for s in admit), default=1)
+        ids = [rows[s].tokens + [0] * (width - len(rows[s].tokens)) for s in admit]
+        logits, h = self._forward(ids, admit, [0] * len(admit))
+        for b, slot in enumerate(admit):
+            row = rows[slot]
+            last = len(row.tokens) - 1
+            row.length = len(row.tokens)
+            if self._hidden:
+                self._hidden[0][slot, : row.length] = h[b, : row.length]
+            self.stats.prefilled += 1
+            self._emit(row, logits[b, last], self._probs(logits[b, last:last + 1], [row.params])[0])
+
+    def _decode_step(self, rows: dict[int, _Row], active: list[int]) -> None:
+        ids = [[rows[s].tokens[-1]] for s in active]
+        logits, _ = self._forward(ids, active, [rows[s].length for s in active])
+        probs = self._probs(logits[:, 0], [rows[s].params for s in active]) if active else None
+        for b, slot in enumerate(active):
+            row = rows[slot]
+            row.length += 1
+            self.stats.main_steps += 1
+            self._emit(row, logits[b, 0], probs[b])
+
+    def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Sampling distributions over the ids below `vocab_size` (n, vocab_size)."""
+        return sampling_probs(logits[..., : self.vocab_size], params)
+
+    def _emit(self, row: _Row, logits: torch.Tensor, probs: torch.Tensor, token: Optional[int] = None) -> bool:
+        """Sample (or take `token`), record it with its log-probabilities (raw: over the
+        whole vocabulary, as training computes them), and check the stops; True when finished."""
+        p = row.params
+        if token is None:
+            token = draw(probs, row.gen) if not p.greedy else int(probs.argmax())
+        out = row.out
+        row.tokens.append(token)
+        out.token_ids.append(token)
+        out.logprobs.append(float(torch.log_softmax(logits.float(), -1)[token]))
+        out.sampling_logprobs.append(0.0 if p.greedy else float(torch.log(probs[token])))
+        self.stats.tokens += 1
+        if token in p.stop_token_ids or (p.stop_strings and any(
+                s in self.detokenize(out.token_ids) for s in p.stop_strings)):
+            out.finish_reason = "stop"
+        elif len(out.token_ids) >= p.max_new_tokens:
+            out.finish_reason = "length"
+        return bool(out.finish_reason)
+
+    # ------------------------------------------------------------------ speculative
+
+    def _speculative_step(self, rows: dict[int, _Row], active: list[int], k: int) -> None:
+        """Draft k tokens per active row with the MTP depths, verify them in one main-model
+        forward, keep the accepted prefix and one more token (module docstring)."""
+        drafts: dict[int, list[int]] = {s: [] for s in active}
+        draft_probs: dict[int, list[torch.Tensor]] = {s: [] for s in active}
+        for depth in range(1, k + 1):
+            self._draft(rows, active, depth, drafts, draft_probs)
+        ids = [[rows[s].tokens[-1]] + drafts[s] for s in active]
+        logits, h = self._forward(ids, active, [rows[s].length for s in active])
+        for b, slot in enumerate(active):
+            row = rows[slot]
+            probs = self._probs(logits[b], [row.params] * (k + 1))  # p at positions L .. L+k
+            self.stats.main_steps += 1
+            start = row.length
+            for j in range(k + 1):
+                # tokens[-1] sits at `length`; its output at j predicts the next token.
+                self._hidden[0][slot, row.length] = h[b, j]
+                row.length += 1
+                if j == k:  # every draft kept: one more from the main model
+                    self._emit(row, logits[b, j], probs[j])
+                    break
+                x, q = drafts[slot][j], draft_probs[slot][j]
+                self.stats.drafted[j] += 1
+                if uniform(row.gen) < min(1.0, float(probs[j][x] / q[x])) if q[x] > 0 else False:
+                    self.stats.accepted[j] += 1
+                    if self._emit(row, logits[b, j], probs[j], token=x):
+                        break
+                    continue
+                residual = (probs[j] - q).clamp_min(0)
+                residual = residual / residual.sum() if residual.sum() > 0 else probs[j]
+                token = draw(residual, row.gen) if not row.params.greedy else int(residual.argmax())
+                self._emit(row, logits[b, j], probs[j], token=token)
+                break
+            for d in range(k):  # depth d+1's positions past the old length saw drafted tokens
+                row.valid[d] = min(row.valid[d], start - d)
+
+    def _draft(self, rows: dict[int, _Row], active: list[int], depth: int, drafts, draft_probs) -> None:
+        """MTP depth `depth` over each row's positions from its first stale one to the last
+        cached one (length - 1): at position i it reads h^{depth-1}_i and token t_{i+depth}
+        (a draft past the sequence); its output at the last position drafts one token."""
+        hidden_in = self._hidden[depth - 1]
+        spans = [(rows[s].length - rows[s].valid[depth - 1]) for s in active]
+        width = max(spans, default=1)
+        ids, h_prev, pos = [], [], []
+        for slot in active:
+            row = rows[slot]
+            start = max(0, row.length - width)
+            seq = row.tokens + drafts[slot]  # t_0 .. t_L, then the drafts of this step
+            ids.append([seq[i + depth] if i + depth < len(seq) else 0 for i in range(start, start + width)])
+            h_prev.append(hidden_in[slot, start:start + width])
+            pos.append(start)
+        device = self.ctx.device
+        if not active:  # a dummy row in the spare slot, so every rank takes the same forwards
+            ids, h_prev, pos, slots = [[0]], [hidden_in[self.max_batch, :1]], [0], [self.max_batch]
+        else:
+            slots = active
+        logits, h = self.model.mtp_decode(depth, torch.stack(h_prev), torch.tensor(ids, device=device), self.cache,
+                                          torch.tensor(pos, device=device), torch.tensor(slots, device=device))
+        logits = gather_logits(logits, self.ctx).float()
+        for b, slot in enumerate(active):
+            row = rows[slot]
+            last = row.length - 1 - pos[b]
+            if depth < len(self._hidden):
+                self._hidden[depth][slot, pos[b]:pos[b] + width] = h[b]
+            row.valid[depth - 1] = row.length
+            q = self._probs(logits[b, last:last + 1], [row.params])[0]
+            drafts[slot].append(draw(q, row.gen) if not row.params.greedy else int(q.argmax()))
+            draft_probs[slot].append(q)
