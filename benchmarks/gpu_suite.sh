@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Everything this project checks on a GPU, in one run of under 8 minutes on one H100/H200 (the
-# parts' time limits add up to 8);
+# Everything this project checks on a GPU, in one run of under 10 minutes on one H100/H200 (the
+# parts' time limits add up to 10);
 # every result lands under $OUT (default runs/gpu_suite):
 #   parts.txt               each part's exit code and seconds
 #   pytest.log, junit.xml   tests/gpu (one-GPU training, bf16 vs the fp32 CPU reference,
 #                           resume, the torch FP8 backend, TE recipes where TE imports)
 #   smoke_1gpu/             configs/smoke_1gpu.yaml's full run (test_smoke_1gpu_learns): metrics.jsonl,
 #                           plots/loss.png, summary.json
+#   generate.log            generation tokens/s vs transformers' generate() on the same weights (bf16),
+#                           MTP speculative vs plain decoding on the smoke run (benchmarks/generate.py)
 #   throughput.log/.json    tokens/s and MFU of configs/moe_1b_1gpu.yaml (~1.2B MoE) in bf16
 #                           and FP8 (benchmarks/gpu_throughput.py states the FLOPs per token)
 #   env.txt                 GPU, driver, torch, CUDA
@@ -78,6 +80,7 @@ per_test=()
 rm -rf "$OUT/smoke_1gpu"
 export GPU_SMOKE_OUT="$OUT/smoke_1gpu"  # test_smoke_1gpu_learns keeps its run there
 part pytest 330 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider "${per_test[@]}" --junitxml="$OUT/junit.xml"
+part generate 120 "$PY" benchmarks/generate.py --device cuda --dtype bf16 --smoke-run "$OUT/smoke_1gpu"
 part throughput 150 "$PY" benchmarks/gpu_throughput.py --steps "$THROUGHPUT_STEPS" --out "$OUT/throughput"
 cp "$OUT/throughput/throughput.json" "$OUT/" 2>/dev/null
 

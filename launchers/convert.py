@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -39,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ds_parallel.checkpoint import load_model, save_model
     from ds_parallel.interop.hf import load_hf, save_hf
+    from ds_parallel.parallel.init import report_failure
 
     try:
         if args.direction == "hf-to-ds":
@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             save_hf(model, args.out, dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
             where = args.out
     except Exception as exc:  # one line for the user; the traceback above it for debugging
-        traceback.print_exc()
-        print(f"convert failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
-        return 1
+        return report_failure("convert", exc)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {where} ({n_params:,} parameters)")
     return 0

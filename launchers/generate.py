@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
@@ -243,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(PEER_GRACE_S)
         return 2
 
-    from ds_parallel.parallel.init import init_parallel
+    from ds_parallel.parallel.init import init_parallel, report_failure
 
     try:
         generate(args, source, prompts, params, drafts, init_parallel(cfg, env))
@@ -251,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generate: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except Exception as exc:  # one line on every rank; the traceback above it for debugging
-        traceback.print_exc()
-        print(f"rank {env.rank} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-              file=sys.stderr, flush=True)
-        return 1
+        return report_failure(f"rank {env.rank}", exc)
     return 0
 
 

@@ -178,8 +178,8 @@ class Generator:
     def _agree(self, *flags: bool) -> list[bool]:
         """The flags OR-ed over the world (every rank takes the same forwards)."""
         t = torch.tensor([float(f) for f in flags], device=self.ctx.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if self.ctx.world_size > 1:  # over the context's world: a one-process Generator talks to no one
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
         return [bool(v) for v in t.tolist()]
 
     def _forward(self, ids: list[list[int]], slots: list[int], pos: list[int]):

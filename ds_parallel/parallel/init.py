@@ -17,6 +17,8 @@ import datetime
 import os
 import socket
 import subprocess
+import sys
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -152,3 +154,12 @@ def init_parallel(cfg: Config, env: DistEnv) -> ParallelContext:
     if p.megatron_groups:
         init_megatron_parallel_state(ctx, p.timeout_s)
     return ctx
+
+
+def report_failure(who: str, exc: BaseException) -> int:
+    """A launcher's last word on an unexpected exception: the traceback for debugging, then
+    one line naming `who` (a rank, a tool) and the error. Returns the exit status, 1."""
+    traceback.print_exc()
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    print(f"{who} failed: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+    return 1

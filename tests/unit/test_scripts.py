@@ -27,6 +27,14 @@ def test_the_scripts_are_found():
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: the suite would run")
+def test_generate_benchmark_quick():
+    """benchmarks/generate.py --quick: our Generator and transformers' generate() emit the same
+    tokens on the same weights (checked inside), and the ratio table prints."""
+    proc = subprocess.run([sys.executable, "benchmarks/generate.py", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert proc.returncode == 0 and "ratio wall" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_gpu_suite_skips_cleanly_without_cuda(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(out))
