@@ -285,3 +285,21 @@ def test_bias_buffer_state_and_deepspeed_expert_tags():
     assert all(p.group_name == "ep_size_1" and p.init_per_expert for p in moe.experts.parameters())
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(moe.parameters()), "name": "all"})
     assert sorted(len(g["params"]) for g in groups) == [3, 4] and any(g.get("moe") for g in groups)
+
+
+def test_inference_at_ep1_skips_the_dispatch_plan_with_identical_outputs():
+    """Eval at ep = 1 sorts pairs by expert straight from the routing (MoE._local); the
+    training path goes through the dispatch plan. Same pairs, same order, same sums: equal
+    bit for bit, for the V3 (sigmoid, groups, shared expert) and V2 (softmax) routers."""
+    for cfg in (moe_cfg(score_func="sigmoid", n_expert_groups=4, n_limited_groups=2, n_shared_experts=1),
+                moe_cfg(score_func="softmax")):
+        moe = MoE(1, cfg, SINGLE)
+        torch.manual_seed(0)
+        for p in moe.parameters():
+            p.data.normal_(0, 0.2)
+        x = torch.randn(3, 5, cfg.dim)
+        with torch.no_grad():
+            via_plan = moe.train()(x)[0]
+            local = moe.eval()(x)[0]
+        assert moe.last_comm == {"dispatch_bytes": 0, "combine_bytes": 0}
+        assert torch.equal(local, via_plan)
