@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_parallel.model.cache import KVCache, as_rows, causal_mask, rotary_rows
+from ds_parallel.model.cache import KVCache, Rows
 from ds_parallel.model.rope import apply_rotary
 from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -61,20 +61,20 @@ class Attention(nn.Module):
 
     @torch.no_grad()
     def forward_decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: KVCache,
-                       pos: Union[int, torch.Tensor], slots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Tokens x (b, T, D), row i at positions pos[i].. of cache slot slots[i], attending
-        to its slot's cached keys and values (model/cache.py). freqs_cis is the full table."""
+                       pos: Union[int, torch.Tensor, Rows], slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tokens x (b, T, D), row i at positions pos[i].. of cache slot slots[i] (or `Rows`),
+        attending to its slot's cached keys and values (model/cache.py). freqs_cis is the full
+        table."""
         bsz, seqlen, _ = x.shape
-        pos, slots = as_rows(pos, slots, bsz, x.device)
-        rot = rotary_rows(freqs_cis, pos, seqlen)
+        rows = pos if isinstance(pos, Rows) else Rows.of(freqs_cis, seqlen, pos, slots, bsz)
+        rot = rows.rotations
         q = apply_rotary(self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim), rot, self.interleaved)
         k = apply_rotary(self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), rot, self.interleaved)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        k, v = cache.write_read(slots, pos, k=k, v=v)  # (b, S, G, Dh)
-        visible = causal_mask(pos, seqlen, k.shape[1]).unsqueeze(1)  # (b, 1, T, S)
+        k, v = cache.write_read(rows, k=k, v=v)  # (b, S, G, Dh)
         q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=visible, scale=self.softmax_scale,
+            q, k, v, attn_mask=rows.visible.unsqueeze(1), scale=self.softmax_scale,
             enable_gqa=self.n_local_heads != self.n_local_kv_heads)
         o = o.transpose(1, 2).reshape(bsz, seqlen, self.n_local_heads * self.head_dim).to(x.dtype)
         return self.wo(o)

@@ -2,11 +2,11 @@
 
 A cache holds `max_slots` sequences of up to `max_len` positions. A decode forward names,
 for each of its b rows, the slot it writes (`slots`, (b,)) and the position of its first
-token (`pos`, (b,)): token t of row i is written at cache[slots[i], pos[i] + t] and attends
+token (`pos`, (b,)), worked out once per forward into `Rows`: token t of row i is written at cache[slots[i], pos[i] + t] and attends
 to positions 0..pos[i] + t of its own slot. Rows therefore run at their own positions
 (prompts of different lengths, speculative steps that accept different numbers of tokens)
 with no recomputation; a slot is reused by writing a new sequence from position 0, and what
-lies beyond a row's position is never read (`causal_mask`), so it need not be cleared.
+lies beyond a row's position is never read (`Rows.visible`), so it need not be cleared.
 
     MLA (V2/V3): kv_norm(latent) and the roped shared k^R per token: kv_lora_rank +
                  qk_rope_head_dim values (V3: 512 + 64 = 576), replicated over tp.
@@ -17,39 +17,38 @@ its own past positions too).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 
-def _positions(pos: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """(b, T): the cache position of every token of every row."""
-    return pos.view(-1, 1) + torch.arange(seqlen, device=pos.device)
+@dataclass
+class Rows:
+    """Where one decode forward's b rows of T tokens sit, worked out once for every layer:
+    row i writes slot slots[i] at positions positions[i] = pos[i] .. pos[i] + T - 1 and
+    reads positions 0..length-1 of that slot under `visible`."""
+    slots: torch.Tensor  # (b,)
+    positions: torch.Tensor  # (b, T)
+    length: int  # max position + 1: how far the rows read
+    visible: torch.Tensor  # (b, T, length) bool: s <= positions[i, t]
+    rotations: torch.Tensor  # (b, T, rope/2) each token's RoPE rotation
 
-
-def as_rows(pos: Union[int, torch.Tensor], slots: Optional[torch.Tensor], bsz: int,
-            device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pos, slots) as (b,) long tensors: an int position applies to every row, and rows
-    default to slots 0..b-1."""
-    if not torch.is_tensor(pos):
-        pos = torch.full((bsz,), int(pos), dtype=torch.long, device=device)
-    if slots is None:
-        slots = torch.arange(bsz, device=device)
-    return pos.to(device), slots.to(device)
-
-
-def rotary_rows(freqs_cis: torch.Tensor, pos: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """(b, T, dim/2): each row's RoPE rotations from the full table (max_seq_len, dim/2)."""
-    positions = _positions(pos, seqlen)
-    assert int(positions.max()) < freqs_cis.shape[0], \
-        f"position {int(positions.max())} is past model.max_seq_len={freqs_cis.shape[0]}"
-    return freqs_cis[positions]
-
-
-def causal_mask(pos: torch.Tensor, seqlen: int, length: int) -> torch.Tensor:
-    """(b, T, S) bool, True where query t of row i may read key position s: s <= pos[i] + t."""
-    keys = torch.arange(length, device=pos.device).view(1, 1, length)
-    return keys <= _positions(pos, seqlen).unsqueeze(-1)
+    @classmethod
+    def of(cls, freqs_cis: torch.Tensor, seqlen: int, pos: Union[int, torch.Tensor],
+           slots: Optional[torch.Tensor] = None, bsz: Optional[int] = None) -> "Rows":
+        """From the full RoPE table (max_seq_len, rope/2), each row's first position (an int:
+        every row's) and its slot (default 0..b-1)."""
+        device = freqs_cis.device
+        if not torch.is_tensor(pos):
+            pos = torch.full((bsz,), int(pos), dtype=torch.long, device=device)
+        pos = pos.to(device)
+        slots = torch.arange(pos.shape[0], device=device) if slots is None else slots.to(device)
+        positions = pos.view(-1, 1) + torch.arange(seqlen, device=device)
+        length = int(positions.max()) + 1
+        assert length <= freqs_cis.shape[0], f"position {length - 1} is past model.max_seq_len={freqs_cis.shape[0]}"
+        visible = torch.arange(length, device=device).view(1, 1, length) <= positions.unsqueeze(-1)
+        return cls(slots, positions, length, visible, freqs_cis[positions])
 
 
 class LayerCache:
@@ -65,19 +64,17 @@ class LayerCache:
         """Bytes one cached position takes (all tensors), measured from the allocations."""
         return sum(t[0, 0].numel() * t.element_size() for t in self.tensors.values())
 
-    def write_read(self, slots: torch.Tensor, pos: torch.Tensor, **new: torch.Tensor) -> list[torch.Tensor]:
-        """Write `new` (each (b, T, ...)) at rows' positions; return each tensor's rows over
-        positions 0..max(pos + T) - 1 (b, S, ...), in the order given."""
-        seqlen = next(iter(new.values())).shape[1]
-        positions = _positions(pos, seqlen)
-        length = int(positions.max()) + 1
-        assert length <= self.max_len, f"cache holds {self.max_len} positions per sequence, decoding reached {length}"
-        rows = slots.view(-1, 1).expand_as(positions)
+    def write_read(self, rows: Rows, **new: torch.Tensor) -> list[torch.Tensor]:
+        """Write `new` (each (b, T, ...)) at the rows' positions; return each tensor's rows
+        over positions 0..rows.length - 1 (b, S, ...), in the order given."""
+        assert rows.length <= self.max_len, \
+            f"cache holds {self.max_len} positions per sequence, decoding reached {rows.length}"
+        index = rows.slots.view(-1, 1).expand_as(rows.positions)
         out = []
         for name, value in new.items():
             cache = self.tensors[name]
-            cache[rows, positions] = value.to(cache.dtype)
-            out.append(cache[slots, :length])
+            cache[index, rows.positions] = value.to(cache.dtype)
+            out.append(cache[rows.slots, :rows.length])
         return out
 
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_parallel.model.cache import MLACache, as_rows, causal_mask, rotary_rows
+from ds_parallel.model.cache import MLACache, Rows
 from ds_parallel.model.norm import RMSNorm
 from ds_parallel.model.rope import YarnScaling, apply_rotary, precompute_freqs_cis, yarn_softmax_scale
 from ds_parallel.parallel.comm import copy_to_group
@@ -123,17 +123,17 @@ class MLA(nn.Module):
 
     @torch.no_grad()
     def forward_decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: MLACache,
-                       pos: Union[int, torch.Tensor], slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       pos: Union[int, torch.Tensor, Rows], slots: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Absorbed attention for tokens x (b, T, D), row i at positions pos[i]..pos[i]+T-1 of
         cache slot slots[i] (model/cache.py; an int `pos` is every row's, slots default to
-        0..b-1), attending to everything cached before them in its slot. T = 1 when decoding,
-        the prompt when prefilling. freqs_cis is the full table from position 0."""
+        0..b-1; the model passes them worked out as `Rows`), attending to everything cached
+        before them in its slot. T = 1 when decoding, the prompt when prefilling. freqs_cis
+        is the full table from position 0."""
         bsz, seqlen, _ = x.shape
-        pos, slots = as_rows(pos, slots, bsz, x.device)
-        rot = rotary_rows(freqs_cis, pos, seqlen)  # (b, T, rope/2)
-        q_nope, q_pe = self._query(x, rot)
-        kv, k_pe = self._latent(x, rot)
-        kv_cache, pe_cache = cache.write_read(slots, pos, kv=kv, pe=k_pe)  # (b, S, C), (b, S, rope)
+        rows = pos if isinstance(pos, Rows) else Rows.of(freqs_cis, seqlen, pos, slots, bsz)
+        q_nope, q_pe = self._query(x, rows.rotations)
+        kv, k_pe = self._latent(x, rows.rotations)
+        kv_cache, pe_cache = cache.write_read(rows, kv=kv, pe=k_pe)  # (b, S, C), (b, S, rope)
         kv_cache, pe_cache = kv_cache.type_as(x), pe_cache.type_as(x)
         # (H_l, nope + v, C): rows [W^UK; W^UV] of each local head.
         wkv_b = self.wkv_b.weight.view(self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
@@ -142,8 +142,7 @@ class MLA(nn.Module):
         scores = (
             torch.einsum("bthc,bsc->bths", q_lat, kv_cache) + torch.einsum("bthr,bsr->bths", q_pe, pe_cache)
         ) * self.softmax_scale  # (B, T, H_l, S)
-        visible = causal_mask(pos, seqlen, kv_cache.shape[1]).unsqueeze(2)  # (b, T, 1, S)
-        scores = scores.float().masked_fill(~visible, float("-inf"))
+        scores = scores.float().masked_fill(~rows.visible.unsqueeze(2), float("-inf"))  # (b, T, H_l, S)
         probs = scores.softmax(dim=-1).type_as(x)
         o_lat = torch.einsum("bths,bsc->bthc", probs, kv_cache)  # attention over the latent
         o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # W^UV applied after: (B, T, H_l, v)

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ds_parallel.model.block import Block
+from ds_parallel.model.cache import Rows
 from ds_parallel.model.norm import RMSNorm
 from ds_parallel.model.mla import precompute_mla_freqs_cis
 from ds_parallel.model.mtp import MultiTokenPrediction
@@ -125,9 +126,10 @@ class Transformer(nn.Module):
         (model/cache.py ModelCache; prefill, decode and verification are all this call).
         Returns the logits (b, T, V/tp) and the normed final hidden state (b, T, D), MTP's h^0."""
         assert self.complete, "decoding runs on a whole model (pipeline layouts are not supported)"
+        rows = Rows.of(self.freqs_cis, input_ids.shape[1], pos, slots, input_ids.shape[0])  # once for every layer
         h = self.embed(input_ids)
         for i, layer in self.layers.items():
-            h = layer.forward_decode(h, self.freqs_cis, cache.layers[int(i)], pos, slots)
+            h = layer.forward_decode(h, self.freqs_cis, cache.layers[int(i)], rows)
         h = self.norm(h)
         return self.head(h), h
 
@@ -136,8 +138,8 @@ class Transformer(nn.Module):
                    slots=None) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP depth `depth` (1-based) at cached positions: h_prev = h^{depth-1} (b, T, D) and
         next_ids = t_{i+depth} (b, T). Returns its logits (b, T, V/tp) and h^depth."""
-        h = self.mtp[depth - 1].forward_decode(h_prev, self.embed(next_ids), self.freqs_cis, cache.mtp[depth - 1],
-                                                pos, slots)
+        rows = Rows.of(self.freqs_cis, next_ids.shape[1], pos, slots, next_ids.shape[0])
+        h = self.mtp[depth - 1].forward_decode(h_prev, self.embed(next_ids), self.freqs_cis, cache.mtp[depth - 1], rows)
         return self.head(h), h
 
     def rope(self, seqlen: int) -> torch.Tensor:
