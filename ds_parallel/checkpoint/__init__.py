@@ -13,11 +13,12 @@ from ds_parallel.checkpoint.format import (ADAM_KEYS, FORMAT_VERSION, Checkpoint
                                            verify_checkpoint)
 from ds_parallel.checkpoint.optimizer import load_optimizer_state
 from ds_parallel.checkpoint.reader import CheckpointReader
-from ds_parallel.checkpoint.weights import build_uninitialised, load_model, load_model_weights, save_model
+from ds_parallel.checkpoint.weights import (build_uninitialised, load_model, load_model_weights, resolve_checkpoint,
+                                            save_model, saved_model_config)
 from ds_parallel.checkpoint.writer import save_checkpoint
 
 __all__ = [
     "ADAM_KEYS", "FORMAT_VERSION", "CheckpointError", "CheckpointReader", "build_uninitialised", "latest_checkpoint",
-    "load_model", "load_model_weights", "load_optimizer_state", "read_meta", "save_checkpoint", "save_model",
-    "verify_checkpoint",
+    "load_model", "load_model_weights", "load_optimizer_state", "read_meta", "resolve_checkpoint", "save_checkpoint",
+    "save_model", "saved_model_config", "verify_checkpoint",
 ]

@@ -68,18 +68,28 @@ def build_uninitialised(cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dty
     return model.to(dtype)
 
 
+def resolve_checkpoint(path: str) -> str:
+    """The step directory `path` names: itself (it holds meta.json), or a run directory's
+    verified `latest`. FileNotFoundError naming the path otherwise."""
+    step_dir = path if os.path.isfile(os.path.join(path, "meta.json")) else latest_checkpoint(path)
+    if step_dir is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint (meta.json) nor a run directory with checkpoints/latest")
+    return step_dir
+
+
+def saved_model_config(step_dir: str) -> ModelConfig:
+    """The model a checkpoint holds, from its meta.json. Only the model section: runs saved
+    by older versions may hold since-removed train keys."""
+    return config_from_dict({"model": read_meta(step_dir)["config"]["model"]}).model
+
+
 def load_model(path: str, dtype: torch.dtype = torch.float32, ctx: Optional[ParallelContext] = None,
                layout=None) -> Transformer:
     """A model (eval mode) from one of our checkpoints: a `step_<N>` directory, or a run
     directory (its verified `latest`), saved under any layout. With a parallel `ctx` (and a
     PipelineLayout), each rank builds and reads only its own part."""
-    step_dir = path if os.path.isfile(os.path.join(path, "meta.json")) else latest_checkpoint(path)
-    if step_dir is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (meta.json) nor a run directory with checkpoints/latest")
-    meta = read_meta(step_dir)
-    # Only the model section: runs saved by older versions may hold since-removed train keys.
-    model_cfg = config_from_dict({"model": meta["config"]["model"]}).model
-    model = build_uninitialised(model_cfg, ctx or ParallelContext.single(), dtype, layout)
+    step_dir = resolve_checkpoint(path)
+    model = build_uninitialised(saved_model_config(step_dir), ctx or ParallelContext.single(), dtype, layout)
     load_model_weights(model, CheckpointReader(step_dir))
     return model.eval()
 

@@ -138,7 +138,7 @@ class Datasets:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """A held-out prompt as the model saw problems in training: after an EOS."""
-        return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt)
+        return self.tokenizer.prompt_ids(prompt)
 
 
 def _arithmetic_stream(tok: CharTokenizer, problems: list[str], loss_on: str, seq_len: int):

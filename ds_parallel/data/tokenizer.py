@@ -26,6 +26,11 @@ class CharTokenizer:
         self._id_of = {c: len(SPECIALS) + i for i, c in enumerate(CHARS)}
         self._char_of = {i: c for c, i in self._id_of.items()}
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A prompt as the model saw problems in training: after the EOS that ends the one
+        before (each problem is one document)."""
+        return [self.eos_id] + self.encode(prompt)
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         try:
             ids = [self._id_of[c] for c in text]

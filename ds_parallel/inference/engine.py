@@ -151,7 +151,7 @@ class Generator:
                 break
             if any_admit:
                 self._prefill(rows, admit)
-            active = [s for s, r in rows.items() if s not in admit or not r.out.finish_reason]
+            active = [s for s, r in rows.items() if not r.out.finish_reason]  # a prefill may finish a row
             if speculative:
                 self._speculative_step(rows, active, speculative)
             else:
@@ -204,32 +204,36 @@ class Generator:
             if self._hidden:
                 self._hidden[0][slot, : row.length] = h[b, : row.length]
             self.stats.prefilled += 1
-            self._emit(row, logits[b, last], self._probs(logits[b, last:last + 1], [row.params])[0])
+            self._emit(row, logits[b, last].log_softmax(-1), self._probs(logits[b, last:last + 1], [row.params])[0])
 
     def _decode_step(self, rows: dict[int, _Row], active: list[int]) -> None:
         ids = [[rows[s].tokens[-1]] for s in active]
         logits, _ = self._forward(ids, active, [rows[s].length for s in active])
-        probs = self._probs(logits[:, 0], [rows[s].params for s in active]) if active else None
+        if not active:
+            return
+        probs = self._probs(logits[:, 0], [rows[s].params for s in active])
+        raw = logits[:, 0].log_softmax(-1)  # (b, V), once for the batch
         for b, slot in enumerate(active):
             row = rows[slot]
             row.length += 1
             self.stats.main_steps += 1
-            self._emit(row, logits[b, 0], probs[b])
+            self._emit(row, raw[b], probs[b])
 
     def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Sampling distributions over the ids below `vocab_size` (n, vocab_size)."""
         return sampling_probs(logits[..., : self.vocab_size], params)
 
-    def _emit(self, row: _Row, logits: torch.Tensor, probs: torch.Tensor, token: Optional[int] = None) -> bool:
-        """Sample (or take `token`), record it with its log-probabilities (raw: over the
-        whole vocabulary, as training computes them), and check the stops; True when finished."""
+    def _emit(self, row: _Row, raw: torch.Tensor, probs: torch.Tensor, token: Optional[int] = None) -> bool:
+        """Sample from `probs` (or take `token`), record it with its log-probabilities (`raw`:
+        the model's log_softmax over the whole vocabulary, as training computes them), and
+        check the stops; True when finished."""
         p = row.params
         if token is None:
             token = draw(probs, row.gen) if not p.greedy else int(probs.argmax())
         out = row.out
         row.tokens.append(token)
         out.token_ids.append(token)
-        out.logprobs.append(float(torch.log_softmax(logits.float(), -1)[token]))
+        out.logprobs.append(float(raw[token]))
         out.sampling_logprobs.append(0.0 if p.greedy else float(torch.log(probs[token])))
         self.stats.tokens += 1
         if token in p.stop_token_ids or (p.stop_strings and any(
@@ -253,6 +257,7 @@ class Generator:
         for b, slot in enumerate(active):
             row = rows[slot]
             probs = self._probs(logits[b], [row.params] * (k + 1))  # p at positions L .. L+k
+            raw = logits[b].log_softmax(-1)
             self.stats.main_steps += 1
             start = row.length
             for j in range(k + 1):
@@ -260,19 +265,19 @@ class Generator:
                 self._hidden[0][slot, row.length] = h[b, j]
                 row.length += 1
                 if j == k:  # every draft kept: one more from the main model
-                    self._emit(row, logits[b, j], probs[j])
+                    self._emit(row, raw[j], probs[j])
                     break
                 x, q = drafts[slot][j], draft_probs[slot][j]
                 self.stats.drafted[j] += 1
-                if uniform(row.gen) < min(1.0, float(probs[j][x] / q[x])) if q[x] > 0 else False:
+                if q[x] > 0 and uniform(row.gen) < min(1.0, float(probs[j][x] / q[x])):  # V3 §5.4.3 / lossless rule
                     self.stats.accepted[j] += 1
-                    if self._emit(row, logits[b, j], probs[j], token=x):
+                    if self._emit(row, raw[j], probs[j], token=x):
                         break
                     continue
                 residual = (probs[j] - q).clamp_min(0)
                 residual = residual / residual.sum() if residual.sum() > 0 else probs[j]
                 token = draw(residual, row.gen) if not row.params.greedy else int(residual.argmax())
-                self._emit(row, logits[b, j], probs[j], token=token)
+                self._emit(row, raw[j], probs[j], token=token)
                 break
             for d in range(k):  # depth d+1's positions past the old length saw drafted tokens
                 row.valid[d] = min(row.valid[d], start - d)

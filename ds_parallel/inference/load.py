@@ -24,12 +24,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ds_parallel.checkpoint import latest_checkpoint, load_model, read_meta
-from ds_parallel.config.load import config_from_dict
+from ds_parallel.checkpoint import load_model, read_meta, resolve_checkpoint, saved_model_config
 from ds_parallel.config.schema import ModelConfig
 from ds_parallel.data.tokenizer import CharTokenizer
-from ds_parallel.interop.hf import HFCheckpoint, load_hf
-from ds_parallel.interop.hf_config import config_from_hf
+from ds_parallel.interop.hf import hf_model_config, load_hf
 from ds_parallel.model import Transformer
 from ds_parallel.parallel.groups import ParallelContext
 
@@ -70,7 +68,7 @@ class LoadedModel:
 
 def char_tokenizer() -> Tokenizer:
     tok = CharTokenizer()
-    return Tokenizer("arithmetic (character-level)", lambda text: [tok.eos_id] + tok.encode(text), tok.decode,
+    return Tokenizer("arithmetic (character-level)", tok.prompt_ids, tok.decode,
                      (tok.eos_id,), tok.vocab_size)
 
 
@@ -121,17 +119,15 @@ def open_source(ckpt: Optional[str] = None, hf: Optional[str] = None) -> Source:
     if hf is not None:
         if not os.path.isdir(hf):
             raise ValueError(f"{hf} is not a directory")
-        with HFCheckpoint(hf) as checkpoint:
-            model_cfg = config_from_hf(checkpoint.config)
-        return Source("hf", hf, model_cfg, hf_tokenizer(hf))
+        return Source("hf", hf, hf_model_config(hf), hf_tokenizer(hf))
     is_step = os.path.isfile(os.path.join(ckpt, "meta.json"))
-    step_dir = ckpt if is_step else latest_checkpoint(ckpt)
-    if step_dir is None:
-        raise ValueError(f"{ckpt} is neither a checkpoint (meta.json) nor a run directory with checkpoints/latest")
-    saved = read_meta(step_dir)["config"]
+    try:
+        step_dir = resolve_checkpoint(ckpt)
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir))) if is_step else ckpt
-    model_cfg = config_from_dict({"model": saved["model"]}).model
-    return Source("ckpt", step_dir, model_cfg, _run_tokenizer(step_dir, run_dir, saved))
+    saved = read_meta(step_dir)["config"]
+    return Source("ckpt", step_dir, saved_model_config(step_dir), _run_tokenizer(step_dir, run_dir, saved))
 
 
 def load_source(source: Source, dtype: torch.dtype = torch.float32,

@@ -253,14 +253,25 @@ def load_hf_weights(model: Transformer, hf: HFCheckpoint) -> None:
         raise ValueError(f"{hf.path}: {len(unused)} checkpoint tensors have no place in the model, e.g. {unused[:3]}")
 
 
+def _model_config(hf: HFCheckpoint) -> ModelConfig:
+    """The model an HF directory holds: its config.json, with MTP depths only where their
+    weights are present."""
+    cfg = config_from_hf(hf.config)
+    return replace(cfg, mtp_depth=_mtp_layers_present(hf, cfg))
+
+
+def hf_model_config(path: str) -> ModelConfig:
+    """`_model_config` of the HF directory `path`, reading headers only (no weights)."""
+    with HFCheckpoint(path) as hf:
+        return _model_config(hf)
+
+
 def load_hf(path: str, dtype: torch.dtype = torch.float32, ctx: Optional[ParallelContext] = None) -> Transformer:
     """Build a model from an HF DeepSeek-V2/V3 checkpoint directory (eval mode). With a
     parallel `ctx`, each rank allocates and reads only its own TP/EP slices."""
     ctx = ctx or ParallelContext.single()
     with HFCheckpoint(path) as hf:
-        cfg = config_from_hf(hf.config)
-        cfg = replace(cfg, mtp_depth=_mtp_layers_present(hf, cfg))
-        model = build_uninitialised(cfg, ctx, dtype)
+        model = build_uninitialised(_model_config(hf), ctx, dtype)
         load_hf_weights(model, hf)
     return model.eval()
 
