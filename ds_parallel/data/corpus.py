@@ -22,6 +22,24 @@ than the model's size. Every number is zero-padded and written backwards:
 
 Each problem is one document; the loader ends documents with EOS, so a held-out prompt is
 fed after an EOS, the left context problems have in training.
+
+Chain of thought (`data.cot`): a share of the training problems is written in R1's output
+format, "<think>" working "</think><answer>" answer "</answer>" (DeepSeek-R1 Table 1), so
+that a base model pretrained here already emits the tags that R1-Zero's format and accuracy
+rewards read (rl/rewards.py). The working goes digit by digit in the corpus's order, least
+significant first, one step per operand digit, steps separated by a space:
+
+    +  "a+b+c=dk"   operand digits a, b, carry in c; d = (a+b+c) mod 10, carry out k
+    -  "a-b-c=dk"   borrow in c; d = (a-b-c) mod 10, borrow out k
+    *  "A*b=P"      operand A (backwards) times digit j of b, shifted by j places, written
+                    backwards over the answer's width; the answer is the sum of the P
+
+    "21+93="  ->  "<think>2+9+0=11 1+3+1=50</think><answer>150</answer>"
+    "07-80="  ->  "<think>0-8-0=21 7-0-1=60</think><answer>26</answer>"
+    "21*93="  ->  "<think>21*9=8010 21*3=0630</think><answer>8640</answer>"
+
+For + and - the answer's digits are the steps' d (and, for +, the last carry): each step
+needs only the two operand digits it copies and the carry just written.
 """
 from __future__ import annotations
 
@@ -46,6 +64,31 @@ def format_problem(a: int, op: str, b: int, n_digits: int) -> tuple[str, str]:
         raise ValueError(f"{a}{op}{b} is negative; subtraction problems need a >= b")
     answer = _backwards(value, answer_width(op, n_digits))
     return f"{_backwards(a, n_digits)}{op}{_backwards(b, n_digits)}=", answer
+
+
+def _digit(value: int, i: int) -> int:
+    return value // 10**i % 10
+
+
+def _cot_steps(a: int, op: str, b: int, n_digits: int) -> list[str]:
+    if op == "*":
+        return [f"{_backwards(a, n_digits)}*{_digit(b, j)}={_backwards(a * _digit(b, j) * 10**j, 2 * n_digits)}"
+                for j in range(n_digits)]
+    steps, carry = [], 0
+    for i in range(n_digits):
+        x, y = _digit(a, i), _digit(b, i)
+        total = x + y + carry if op == "+" else x - y - carry
+        carry_out = int(not 0 <= total < 10)  # + carries at 10 or more, - borrows below 0
+        steps.append(f"{x}{op}{y}{op}{carry}={total % 10}{carry_out}")
+        carry = carry_out
+    return steps
+
+
+def format_cot(a: int, op: str, b: int, n_digits: int) -> tuple[str, str]:
+    """(prompt, completion) of the chain-of-thought writing (module docstring): the prompt is
+    format_problem's, the completion "<think>..</think><answer>" + its answer + "</answer>"."""
+    prompt, answer = format_problem(a, op, b, n_digits)
+    return prompt, f"<think>{' '.join(_cot_steps(a, op, b, n_digits))}</think><answer>{answer}</answer>"
 
 
 def read_number(text: str) -> int:
@@ -91,6 +134,11 @@ def check_split(n_digits: int, ops: str, n_train: int, n_eval: int) -> str:
     return ops
 
 
+def check_cot(cot: float) -> None:
+    if not 0.0 <= cot <= 1.0:
+        raise ValueError(f"data.cot={cot} must lie in [0, 1]: the share of training problems written with R1 tags")
+
+
 def _draw(rng: random.Random, ops: str, n_digits: int) -> tuple[int, str, int]:
     n = 10**n_digits
     op, a, b = rng.choice(ops), rng.randrange(n), rng.randrange(n)
@@ -103,27 +151,32 @@ def _draw(rng: random.Random, ops: str, n_digits: int) -> tuple[int, str, int]:
 class ArithmeticCorpus:
     n_digits: int
     ops: str
-    train: list[str] = field(repr=False)  # full problem texts, "21+93=150"
+    train: list[str] = field(repr=False)  # full problem texts, "21+93=150" or its chain-of-thought writing
     heldout: list[tuple[str, str]] = field(repr=False)  # (prompt, answer), disjoint from train
 
 
-def build_corpus(n_digits: int, ops: str, n_train: int, n_eval: int, seed: int) -> ArithmeticCorpus:
+def build_corpus(n_digits: int, ops: str, n_train: int, n_eval: int, seed: int, cot: float = 0.0) -> ArithmeticCorpus:
     """Draw the held-out problems first, then training problems from everything else.
 
     Training problems may repeat (2-digit addition has only 10^4 distinct problems and the
     default draws 20000); held-out problems are distinct and never appear in training.
+    round(cot * n_train) training problems, picked by a stream of their own, are written in
+    the chain-of-thought format: the problems themselves do not depend on `cot`.
     """
     ops = check_split(n_digits, ops, n_train, n_eval)
+    check_cot(cot)
     # A string seed keeps this stream independent of any other use of the run seed.
     rng = random.Random(f"ds_parallel.arithmetic.{seed}")
     heldout: dict[tuple[int, str, int], None] = {}
     while len(heldout) < n_eval:
         heldout[_draw(rng, ops, n_digits)] = None
-    train = []
-    while len(train) < n_train:
+    problems = []
+    while len(problems) < n_train:
         problem = _draw(rng, ops, n_digits)
         if problem not in heldout:
-            train.append("".join(format_problem(*problem, n_digits)))
+            problems.append(problem)
+    with_cot = set(random.Random(f"ds_parallel.arithmetic.cot.{seed}").sample(range(n_train), round(cot * n_train)))
+    train = ["".join((format_cot if i in with_cot else format_problem)(*p, n_digits)) for i, p in enumerate(problems)]
     return ArithmeticCorpus(
         n_digits=n_digits,
         ops=ops,

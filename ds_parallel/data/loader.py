@@ -17,7 +17,9 @@ Loss masks: a stream may come with a boolean `supervised` twin; a label whose to
 supervised becomes -100 (ignored). The arithmetic corpus supervises only answers and the
 EOS after them (`data.loss_on: answer`, as in SFT): the operands are random digits that no
 model can predict, and their gradient noise delays learning the sums (measured: held-out
-exact match 57% vs 7% after 1000 steps of 32 x 64 tokens, 2-layer dim-128 model).
+exact match 57% vs 7% after 1000 steps of 32 x 64 tokens, 2-layer dim-128 model). A problem
+written with chain of thought (`data.cot`) has its whole completion supervised: the working,
+the R1 tags and the answer all follow the prompt's '='.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from ds_parallel.config.schema import micro_batches_per_step
-from ds_parallel.data.corpus import build_corpus, chance_accuracy, check_split, problem_chars
+from ds_parallel.data.corpus import build_corpus, chance_accuracy, check_cot, check_split, problem_chars
 from ds_parallel.data.indexed import IndexedDataset
 from ds_parallel.data.tokenizer import CharTokenizer
 
@@ -143,7 +145,8 @@ class Datasets:
 
 def _arithmetic_stream(tok: CharTokenizer, problems: list[str], loss_on: str, seq_len: int):
     """Token stream of the problems (each + EOS) and, for loss_on=answer, the mask that
-    supervises only the answer digits and the EOS after them."""
+    supervises only the completion after the prompt's '=' (the answer digits, or the chain of
+    thought with its tags and answer) and the EOS after it."""
     tokens = join_documents((tok.encode(t) for t in problems), tok.eos_id)
     if loss_on == "all":
         return tokens, seq_len, None
@@ -160,6 +163,9 @@ def check_data(data_cfg, seq_len: int, vocab_size: int) -> None:
     the indexed token range is computed once, see data/indexed.py)."""
     if data_cfg.source == "indexed":
         path = data_cfg.path
+        if data_cfg.cot:
+            raise ValueError(f"data.cot={data_cfg.cot} writes arithmetic problems with chain of thought: it needs "
+                             f"data.source=arithmetic, set data.cot=0 for indexed data")
         try:
             ds = IndexedDataset(path)
         except (OSError, ValueError) as exc:
@@ -175,10 +181,11 @@ def check_data(data_cfg, seq_len: int, vocab_size: int) -> None:
         n_tokens, what, fix = ds.tokens.size, f"data.path={path!r} holds", "use more data or lower train.seq_len"
     elif data_cfg.source == "arithmetic":
         ops = check_split(data_cfg.n_digits, data_cfg.ops, data_cfg.n_train, data_cfg.n_eval)
+        check_cot(data_cfg.cot)
         if vocab_size < CharTokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={vocab_size} is below the {CharTokenizer.vocab_size} ids of the "
                              f"arithmetic tokenizer (data.source=arithmetic): raise model.vocab_size")
-        # Each problem and its EOS; the shortest operator bounds the stream from below.
+        # Each problem and its EOS; the shortest operator, written plain, bounds the stream from below.
         n_tokens = data_cfg.n_train * min(problem_chars(op, data_cfg.n_digits) + 1 for op in ops)
         what = f"data.n_train={data_cfg.n_train} problems make as few as"
         fix = "raise data.n_train or lower train.seq_len"
@@ -197,7 +204,8 @@ def build_datasets(data_cfg, train_cfg, vocab_size: int) -> Datasets:
         # Megatron's preprocessing appends EOD itself (--append-eod): the stream is the .bin.
         return Datasets(train=PackedSamples(IndexedDataset(data_cfg.path).tokens, seq_len), eval=None, tokenizer=None)
     tok = CharTokenizer()
-    corpus = build_corpus(data_cfg.n_digits, data_cfg.ops, data_cfg.n_train, data_cfg.n_eval, train_cfg.seed)
+    corpus = build_corpus(data_cfg.n_digits, data_cfg.ops, data_cfg.n_train, data_cfg.n_eval, train_cfg.seed,
+                          cot=data_cfg.cot)
     return Datasets(
         train=PackedSamples(*_arithmetic_stream(tok, corpus.train, data_cfg.loss_on, seq_len)),
         eval=PackedSamples(join_documents((tok.encode(p + a) for p, a in corpus.heldout), tok.eos_id), seq_len),

@@ -1,9 +1,12 @@
 """Character-level tokenizer for the built-in arithmetic corpus.
 
 One id per character, fixed forever: the special tokens take ids 0-2, then the characters
-in `CHARS` follow in order, so digit d is id 3 + d. Nineteen ids in all, well inside the
-128-entry vocabulary of the debug model presets; the unused rows of the embedding simply
-never receive a gradient.
+in `CHARS` follow in order, so digit d is id 3 + d. Characters are only ever appended, so
+every id a saved dataset or checkpoint uses keeps its meaning: ids 0-18 (digits, "+-*=",
+space, newline) are the plain corpus's; "<>/" and the lowercase letters (ids 19-47) spell
+the R1 tags "<think>", "</think>", "<answer>", "</answer>" of the chain-of-thought corpus
+(data/corpus.py). Forty-eight ids in all, well inside the 128-entry vocabulary of the debug
+model presets; the unused rows of the embedding simply never receive a gradient.
 
 BOS and PAD exist for callers that batch variable-length prompts; the packed training
 stream only uses EOS, as the separator between problems (Megatron's EOD convention).
@@ -13,7 +16,7 @@ from __future__ import annotations
 from typing import Iterable
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
-CHARS = "0123456789+-*= \n"
+CHARS = "0123456789+-*= \n" + "<>/abcdefghijklmnopqrstuvwxyz"
 
 
 class CharTokenizer:

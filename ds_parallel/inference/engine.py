@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -40,6 +41,7 @@ import torch.distributed as dist
 
 from ds_parallel.inference.sampling import SamplingParams, draw, request_generator, sampling_probs, uniform
 from ds_parallel.model.cache import ModelCache
+from ds_parallel.moe.replay import recording
 from ds_parallel.parallel.tensor_parallel import gather_logits
 
 
@@ -50,6 +52,9 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)  # under the raw model: log_softmax(logits)
     sampling_logprobs: list[float] = field(default_factory=list)  # under the sampled distribution (greedy: 0)
     finish_reason: str = ""  # "stop" (a stop token or string) or "length" (max_new_tokens)
+    # record_routes: (positions fed, MoE layers, K) expert ids of every token the model read
+    # (the prompt and all generated tokens but the last), trunk MoE layers in id order
+    routes: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -85,6 +90,7 @@ class _Row:
     out: Completion
     length: int = 0  # positions in the main cache (the last token is not yet fed)
     valid: list[int] = field(default_factory=list)  # per MTP depth: cached positions with real inputs
+    routes: list[torch.Tensor] = field(default_factory=list)  # record_routes: per forward (T, L, K)
 
 
 class Generator:
@@ -107,14 +113,18 @@ class Generator:
         self.stats = GenerationStats()
         self.cache: Optional[ModelCache] = None
         self._hidden: list[torch.Tensor] = []
+        self._record, self._routes = False, None
 
     # ------------------------------------------------------------------ public
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams(),
-                 speculative: int = 0, progress: Optional[Callable[[int], None]] = None) -> list[Completion]:
-        """Completions of `prompts` (token ids), in order. Collective over the world."""
+                 speculative: int = 0, progress: Optional[Callable[[int], None]] = None,
+                 record_routes: bool = False) -> list[Completion]:
+        """Completions of `prompts` (token ids), in order. Collective over the world.
+        record_routes: keep each fed token's MoE routes in Completion.routes (moe/replay.py;
+        not with speculative decoding)."""
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         assert len(params) == len(prompts), f"{len(params)} sampling params for {len(prompts)} prompts"
         depth = len(self.model.mtp or ())
@@ -127,12 +137,16 @@ class Generator:
                 raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens={p.max_new_tokens}"
                                  f"{f' + {speculative} drafts' if speculative else ''} exceed the {self.max_len} "
                                  f"positions per sequence: lower max_new_tokens or raise max_len")
+            if record_routes and speculative:
+                raise ValueError("record_routes needs speculative=0: drafted positions are re-fed and re-routed")
             if p.stop_strings and self.detokenize is None:
                 raise ValueError(f"prompt {i}: stop_strings need a detokenize function (a tokenizer)")
         self._allocate(speculative)
         was_training = self.model.training
         self.model.eval()
         self.stats = GenerationStats(drafted=[0] * speculative, accepted=[0] * speculative)
+        self._record = record_routes
+        routes: dict[int, list[torch.Tensor]] = {}  # request -> per forward (T, L, K)
         tic = time.perf_counter()
         out = [Completion(list(map(int, prompt))) for prompt in prompts]
         pending = deque(range(len(prompts)))
@@ -144,7 +158,7 @@ class Generator:
                     i = pending.popleft()
                     seed = params[i].seed if params[i].seed is not None else self.seed * 1_000_003 + i
                     rows[slot] = _Row(i, params[i], request_generator(seed), list(out[i].prompt_ids), out[i],
-                                      valid=[0] * speculative)
+                                      valid=[0] * speculative, routes=routes.setdefault(i, []))
                     admit.append(slot)
             any_admit, any_active = self._agree(bool(admit), bool(rows))
             if not any_active:
@@ -162,6 +176,9 @@ class Generator:
                     progress(1)
         self.stats.seconds = time.perf_counter() - tic
         self.model.train(was_training)
+        for i, parts in routes.items():
+            if parts:  # recorded, and the model has MoE layers
+                out[i].routes = torch.cat(parts)[: len(out[i].prompt_ids) + len(out[i].token_ids) - 1]
         return out
 
     # ------------------------------------------------------------------ parts
@@ -189,8 +206,12 @@ class Generator:
         device = self.ctx.device
         if not ids:
             ids, slots, pos = [[0]], [self.max_batch], [0]
-        logits, h = self.model.decode(torch.tensor(ids, device=device), self.cache,
-                                      torch.tensor(pos, device=device), torch.tensor(slots, device=device))
+        with recording() if self._record else nullcontext() as tape:
+            logits, h = self.model.decode(torch.tensor(ids, device=device), self.cache,
+                                          torch.tensor(pos, device=device), torch.tensor(slots, device=device))
+        self._routes = None
+        if tape is not None and tape.routes:  # (b, T, L, K), trunk MoE layers in id order
+            self._routes = torch.stack([tape.routes[i][0] for i in sorted(tape.routes)], dim=2).cpu()
         return gather_logits(logits, self.ctx).float(), h
 
     def _prefill(self, rows: dict[int, _Row], admit: list[int]) -> None:
@@ -204,6 +225,8 @@ class Generator:
             if self._hidden:
                 self._hidden[0][slot, : row.length] = h[b, : row.length]
             self.stats.prefilled += 1
+            if self._routes is not None:
+                row.routes.append(self._routes[b, : row.length])
             self._emit(row, logits[b, last].log_softmax(-1), self._probs(logits[b, last:last + 1], [row.params])[0])
 
     def _decode_step(self, rows: dict[int, _Row], active: list[int]) -> None:
@@ -217,6 +240,8 @@ class Generator:
             row = rows[slot]
             row.length += 1
             self.stats.main_steps += 1
+            if self._routes is not None:
+                row.routes.append(self._routes[b])
             self._emit(row, raw[b], probs[b])
 
     def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -12,6 +12,9 @@ Tensor parallelism splits heads: wq/wk/wv are column parallel, so rank r owns qu
 [r*H/tp, (r+1)*H/tp) and KV heads [r*G/tp, (r+1)*G/tp), which are exactly the KV heads
 those query heads read (the head-to-group map is contiguous). wo is row parallel. The
 attention core runs in fp32 (V3 §3.3 keeps attention operators in high precision).
+
+`mask` (B, 1, T, T) bool, True where query i may read key j, replaces the causal mask for
+rows that pack several examples (transformer.Segments: causal and within one example).
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(cfg.dim, self.n_kv_heads * self.head_dim, ctx)
         self.wo = RowParallelLinear(self.n_heads * self.head_dim, cfg.dim, ctx)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, T, H, Dh)
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, G, Dh)
@@ -54,7 +57,8 @@ class Attention(nn.Module):
         # SDPA wants heads before time; enable_gqa maps query head h to KV head h // (H/G).
         q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H|G, T, Dh)
         o = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=self.n_local_heads != self.n_local_kv_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
         )  # (B, H, T, Dh)
         o = o.transpose(1, 2).reshape(bsz, seqlen, self.n_local_heads * self.head_dim).to(x.dtype)
         return self.wo(o)  # (B, T, D)

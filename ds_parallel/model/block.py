@@ -10,6 +10,8 @@ balance losses); the block always returns `(x, aux_loss)` so the Transformer can
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -21,7 +23,7 @@ from ds_parallel.moe.layer import MoE
 
 
 def build_attention(layer_id: int, cfg, ctx) -> nn.Module:
-    """Module with forward(x (B, T, D), freqs_cis) -> (B, T, D)."""
+    """Module with forward(x (B, T, D), freqs_cis, mask=None) -> (B, T, D)."""
     if cfg.attention == "mla":
         return MLA(layer_id, cfg, ctx)
     return Attention(cfg, ctx)
@@ -44,8 +46,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = build_ffn(layer_id, cfg, ctx)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.attn_norm(x), freqs_cis)  # (B, T, D)
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mask`: None for causal attention, else (B, 1, T, T) bool for packed rows (transformer.Segments)."""
+        x = x + self.attn(self.attn_norm(x), freqs_cis, mask)  # (B, T, D)
         out = self.ffn(self.ffn_norm(x))
         out, aux = out if isinstance(out, tuple) else (out, x.new_zeros((), dtype=torch.float32))
         return x + out, aux

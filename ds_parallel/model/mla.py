@@ -104,8 +104,10 @@ class MLA(nn.Module):
         k_pe = apply_rotary(k_pe.unsqueeze(2), freqs_cis).squeeze(2)
         return self.kv_norm(kv), k_pe  # (B, T, C), (B, T, rope): what the cache keeps
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over x (B, T, D) at positions 0..T-1; freqs_cis (>= T, rope/2)."""
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal self-attention over x (B, T, D) at positions 0..T-1; freqs_cis (>= T, rope/2).
+        `mask` (B, 1, T, T) bool (True: may attend) replaces the causal mask for packed rows
+        (transformer.Segments)."""
         bsz, seqlen, _ = x.shape
         q_nope, q_pe = self._query(x, freqs_cis)
         kv, k_pe = self._latent(x, freqs_cis)
@@ -117,7 +119,8 @@ class MLA(nn.Module):
         # SDPA: the flash / memory-efficient kernels keep the softmax statistics in fp32;
         # on CPU in fp32 (the parity tests) it is the plain math.
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+            scale=self.softmax_scale,
         )  # (B, H_l, T, v)
         return self.wo(o.transpose(1, 2).flatten(2))  # (B, T, D)
 

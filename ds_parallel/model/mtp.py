@@ -33,11 +33,18 @@ Conventions, with where they come from:
   embedding input t_{i+k} equals labels[:, i+k-1] where that is not masked; it is read from
   `input_ids[:, k:]` instead (the same token, and it is there even where a loss mask put
   -100 into the labels). A -100 in labels[:, i+k] drops that position from depth k's loss.
+- Packed rows (V3 §5.1, transformer.Segments): depth k's position i belongs to the example of
+  token i (its h^{k-1}), so its attention mask is the main one cut to the first T-k positions,
+  mask[..., :T-k, :T-k]. Where token i+k lies in the next example, Emb(t_{i+k}) comes from
+  that example; the target is dropped (Segments.mtp_labels) and no position of its own
+  example reads it (the mask keeps every query inside its example, and a valid position
+  j < i' of the same example has j + k <= i' + k inside it too).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ds_parallel.model.block import Block
@@ -67,9 +74,10 @@ class MTPModule(nn.Module):
         self.block = Block(cfg.n_layers + index, cfg, ctx)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, T', D)
-        x, aux = self.block(x, freqs_cis)
+        x, aux = self.block(x, freqs_cis, mask)
         return self.norm(x), aux
 
 
@@ -88,8 +96,10 @@ class MultiTokenPrediction(nn.ModuleList):
     def __init__(self, cfg, ctx):
         super().__init__(MTPModule(i, cfg, ctx) for i in range(cfg.mtp_depth))
 
-    def forward(self, h0: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """h0: main model's normed final hidden states (B, T, D); emb: Emb(input_ids) (B, T, D).
+    def forward(self, h0: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """h0: main model's normed final hidden states (B, T, D); emb: Emb(input_ids) (B, T, D);
+        mask: the main attention mask (B, 1, T, T) of packed rows, or None (causal).
         Returns [h^1 (B, T-1, D), ..., h^D (B, T-D, D)] and the summed MoE aux loss."""
         seqlen = h0.shape[1]
         assert seqlen > len(self), f"sequence length {seqlen} leaves no target for mtp_depth={len(self)}"
@@ -97,7 +107,7 @@ class MultiTokenPrediction(nn.ModuleList):
         hidden, h = [], h0
         for k, module in enumerate(self, start=1):
             n = seqlen - k  # positions i = 0..T-k-1, whose target t_{i+k+1} is in the sequence
-            h, aux = module(h[:, :n], emb[:, k:], freqs_cis[:n])
+            h, aux = module(h[:, :n], emb[:, k:], freqs_cis[:n], None if mask is None else mask[..., :n, :n])
             hidden.append(h)
             aux_loss = aux_loss + aux
         return hidden, aux_loss

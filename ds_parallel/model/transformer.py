@@ -29,11 +29,29 @@ A loop that minimises something else (SFT masks, GRPO's clipped ratio) passes
 where `trunk` (Trunk) holds the last block's output, the balance losses and the embedding;
 `fn` calls `finish` for logits or losses. Going through `forward` keeps the DeepSpeed
 engine's call path; pipeline stages build the same Trunk (train/pipeline.py).
+
+Packed rows (SFT, V3 §5.1: examples packed into one row must not see each other):
+`forward(ids, segment_ids=...)` with segment_ids (B, T) naming each position's example.
+`Segments` builds the (B, 1, T, T) mask, causal AND same example, once per forward; every
+attention of the main blocks and of the MTP depths reads it. Positions are not reset at an
+example's start: RoPE makes q_i . k_j depend on i - j alone, and the mask keeps i and j in one
+example, so each example's scores equal those it gets alone in a row from position 0
+(tests/unit/test_sft.py checks losses and gradients against unpacked rows). The caller puts
+-100 on the label of each example's last position (its next token is another example's);
+`finish` drops the MTP targets that cross into the next example itself (Segments.mtp_labels).
+Without segment_ids the path is the plain causal one, unchanged.
+
+`finish(..., n_targets=N)` divides the main and every MTP depth's summed cross-entropy by N
+instead of by the micro-batch's own count of valid targets: a loop that passes the global
+batch's count over its number of micro-batches gets, after the engine's averaging over
+micro-batches and data-parallel ranks, the mean over every supervised token of the step
+however the examples fall into rows (data/sft.py). Every depth shares N, as V3 §2.2 divides
+every L_k by the same T.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -51,7 +69,7 @@ from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, VocabPara
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V/tp): this rank's vocab shard
     loss: Optional[torch.Tensor] = None  # lm_loss + aux_loss (+ mtp_loss); None without labels
-    lm_loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy
+    lm_loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy (sum / n_targets if given)
     aux_loss: Optional[torch.Tensor] = None  # sum of MoE balance losses (MTP blocks included); 0 for dense
     mtp_loss: Optional[torch.Tensor] = None  # mtp_lambda / D * sum_k L_k; None without MTP or labels
     mtp_losses: Optional[torch.Tensor] = None  # (D,) unweighted L_k, detached, for logging
@@ -66,6 +84,26 @@ def model_freqs_cis(cfg) -> torch.Tensor:
     return precompute_freqs_cis(cfg.mha_head_dim, cfg.max_seq_len, cfg.rope_theta)
 
 
+@dataclass(frozen=True)
+class Segments:
+    """Which example each position of a packed row belongs to, and the attention mask of
+    that packing. Padding at a row's end is one more segment (data/sft.py gives it -1)."""
+    ids: torch.Tensor  # (B, T) int
+    mask: torch.Tensor  # (B, 1, T, T) bool: True where query i may read key j
+
+    @classmethod
+    def of(cls, segment_ids: torch.Tensor) -> "Segments":
+        seqlen = segment_ids.shape[1]
+        causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=segment_ids.device).tril()
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+        return cls(segment_ids, (same & causal).unsqueeze(1))
+
+    def mtp_labels(self, labels: torch.Tensor, k: int) -> torch.Tensor:
+        """MTP depth k's targets labels[:, k:] (B, T-k), -100 where position i and the
+        position i + k whose label it is lie in different examples."""
+        return labels[:, k:].masked_fill(self.ids[:, :-k] != self.ids[:, k:], -100)
+
+
 @dataclass
 class Trunk:
     """Embed and blocks done, head not yet: what an objective starts from."""
@@ -73,6 +111,7 @@ class Trunk:
     aux_loss: torch.Tensor  # () running sum of the blocks' MoE balance losses
     emb: Optional[torch.Tensor]  # (B, T, D) the embedding lookup of the ids (MTP reads it); None without MTP
     freqs_cis: torch.Tensor
+    segments: Optional[Segments] = None  # packed rows: pass to finish(segments=...); None = causal
 
 
 class Transformer(nn.Module):
@@ -110,15 +149,23 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                objective: Optional[Callable[["Transformer", Trunk], torch.Tensor]] = None):
-        """ModelOutput (loss fields when `labels` are given); with `objective`, its result."""
+                objective: Optional[Callable[["Transformer", Trunk], torch.Tensor]] = None,
+                segment_ids: Optional[torch.Tensor] = None):
+        """ModelOutput (loss fields when `labels` are given); with `objective`, its result.
+        `segment_ids` (B, T): packed rows, each example attending only to itself."""
         assert self.complete, "a pipeline stage's part of the model runs through train/pipeline.py"
         freqs_cis = self.rope(input_ids.shape[1])
+        segments = None
+        if segment_ids is not None:
+            assert segment_ids.shape == input_ids.shape, \
+                f"segment_ids {tuple(segment_ids.shape)} must match input_ids {tuple(input_ids.shape)}"
+            segments = Segments.of(segment_ids)  # once for every layer
         emb = self.embed(input_ids)  # (B, T, D)
-        h, aux_loss = self.run_layers(emb, self.layers.values(), freqs_cis)
+        h, aux_loss = self.run_layers(emb, self.layers.values(), freqs_cis,
+                                      mask=None if segments is None else segments.mask)
         if objective is not None:
-            return objective(self, Trunk(h, aux_loss, emb if len(self.mtp) else None, freqs_cis))
-        return self.finish(h, aux_loss, labels, emb if labels is not None else None, freqs_cis)
+            return objective(self, Trunk(h, aux_loss, emb if len(self.mtp) else None, freqs_cis, segments))
+        return self.finish(h, aux_loss, labels, emb if labels is not None else None, freqs_cis, segments=segments)
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, cache, pos, slots=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,32 +194,36 @@ class Transformer(nn.Module):
         return self.freqs_cis[:seqlen]
 
     @staticmethod
-    def run_layers(h: torch.Tensor, layers, freqs_cis: torch.Tensor,
-                   aux_loss: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """h through `layers` in order; returns h and the running sum of MoE balance losses."""
+    def run_layers(h: torch.Tensor, layers, freqs_cis: torch.Tensor, aux_loss: Optional[torch.Tensor] = None, *,
+                   mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h through `layers` in order; returns h and the running sum of MoE balance losses.
+        `mask`: Segments.mask of packed rows, None for causal attention."""
         if aux_loss is None:
             aux_loss = h.new_zeros((), dtype=torch.float32)
         for layer in layers:
-            h, aux = layer(h, freqs_cis)
+            h, aux = layer(h, freqs_cis, mask)
             aux_loss = aux_loss + aux
         return h, aux_loss
 
     def finish(self, h: torch.Tensor, aux_loss: torch.Tensor, labels: Optional[torch.Tensor],
-               emb: Optional[torch.Tensor], freqs_cis: torch.Tensor,
-               mtp_lambda: Optional[float] = None) -> ModelOutput:
+               emb: Optional[torch.Tensor], freqs_cis: torch.Tensor, mtp_lambda: Optional[float] = None, *,
+               segments: Optional[Segments] = None,
+               n_targets: Optional[Union[float, torch.Tensor]] = None) -> ModelOutput:
         """Final norm, head, loss and MTP from the last layer's output. `emb` is the main
         embedding lookup of the input ids (MTP depth k reads emb[:, k:]); `mtp_lambda`
-        defaults to cfg.mtp_lambda."""
+        defaults to cfg.mtp_lambda. `segments` (Trunk.segments) for packed rows; `n_targets`
+        replaces each loss's own count of valid targets as its denominator (module docstring)."""
         h = self.norm(h)  # also h^0 of MTP
         logits = self.head(h)  # (B, T, V/tp)
         if labels is None:
             return ModelOutput(logits=logits, aux_loss=aux_loss)
-        lm_loss = vocab_parallel_cross_entropy(logits, labels, self.ctx)
+        lm_loss = self._cross_entropy(logits, labels, n_targets)
         if len(self.mtp) == 0:
             return ModelOutput(logits=logits, loss=lm_loss + aux_loss, lm_loss=lm_loss, aux_loss=aux_loss)
-        hidden, mtp_aux = self.mtp(h, emb, freqs_cis)
+        hidden, mtp_aux = self.mtp(h, emb, freqs_cis, None if segments is None else segments.mask)
         losses = torch.stack([
-            vocab_parallel_cross_entropy(self.head(h_k), labels[:, k:], self.ctx)  # targets t_{i+k+1}
+            self._cross_entropy(  # targets t_{i+k+1}
+                self.head(h_k), labels[:, k:] if segments is None else segments.mtp_labels(labels, k), n_targets)
             for k, h_k in enumerate(hidden, start=1)
         ])  # (D,)
         mtp_lambda = self.cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
@@ -182,3 +233,11 @@ class Transformer(nn.Module):
             logits=logits, loss=lm_loss + aux_loss + mtp_loss, lm_loss=lm_loss, aux_loss=aux_loss,
             mtp_loss=mtp_loss, mtp_losses=losses.detach(),
         )
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor,
+                       n_targets: Optional[Union[float, torch.Tensor]]) -> torch.Tensor:
+        """Mean over the valid targets, or their sum / n_targets."""
+        loss = vocab_parallel_cross_entropy(logits, labels, self.ctx)
+        if n_targets is None:
+            return loss
+        return loss * (labels != -100).sum() / n_targets

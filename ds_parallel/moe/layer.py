@@ -25,6 +25,7 @@ from torch import nn
 from ds_parallel.moe.dispatch import combine, dispatch
 from ds_parallel.moe.experts import GroupedExperts, SwiGLU
 from ds_parallel.moe.permute import capacity_mask, combine_pairs, plan_dispatch, scatter_weights, sort_by_expert, unpermute
+from ds_parallel.moe.replay import current_tape
 from ds_parallel.moe.router import Router
 
 
@@ -53,7 +54,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bsz, seqlen, dim = x.shape
         h = x.reshape(-1, dim)  # (N, D)
-        r = self.gate(h)
+        tape = current_tape()
+        forced = tape.forced(self.layer_id) if tape is not None else None
+        r = self.gate(h, forced)
+        if tape is not None:
+            tape.seen(self.layer_id, r.indices.view(bsz, seqlen, -1))
         aux_loss = self.gate.aux_loss(r, bsz)
         if self.ep == 1 and not self.training and self.dispatch_codec is None:
             y = self._local(h, r)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_parallel.moe.replay import select
+
 
 @dataclass
 class Routing:
@@ -101,8 +103,10 @@ class Router(nn.Module):
             self._buffers["e_score_correction_bias"] = bias.float()
         return self
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        """x (N, dim) -> Routing. Accumulates the per-expert load when training."""
+    def forward(self, x: torch.Tensor, forced: Optional[torch.Tensor] = None) -> Routing:
+        """x (N, dim) -> Routing. Accumulates the per-expert load when training. `forced`
+        (N, K) expert ids replace the selection of every row without a -1 (route replay,
+        moe/replay.py); the gate values are still the live scores at those experts."""
         logits = F.linear(x.float(), self.weight.float())  # (N, E)
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1)
@@ -110,7 +114,7 @@ class Router(nn.Module):
             scores = logits.sigmoid()
         sel = scores.detach() + self.e_score_correction_bias
         group_score = "top2sum" if self.score_func == "sigmoid" else "max"
-        indices = group_limited_topk(sel, self.topk, self.n_groups, self.n_limited, group_score)
+        indices = select(group_limited_topk(sel, self.topk, self.n_groups, self.n_limited, group_score), forced)
         weights = scores.gather(1, indices)  # unbiased s: the bias never weights outputs
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

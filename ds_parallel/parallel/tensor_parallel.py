@@ -18,7 +18,7 @@ No biases: DeepSeek's linears have none.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -122,23 +122,35 @@ def gather_logits(logits: torch.Tensor, ctx) -> torch.Tensor:
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ctx, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token loss from logits sharded on the vocab dim, identical on all tp ranks.
+    Labels equal to `ignore_index` are excluded from the mean; a batch with no valid label
+    gives 0 (F.cross_entropy would give nan). Computed in fp32."""
+    valid = labels != ignore_index
+    logp, _ = vocab_parallel_logprobs(logits, labels.masked_fill(~valid, 0), ctx)
+    nll = torch.where(valid, -logp, torch.zeros_like(logp))
+    return nll.sum() / valid.sum().clamp(min=1)
 
-    With m = max_v z_v (global), per token:  nll = log sum_v e^{z_v - m} - (z_y - m).
-    The max is a constant (no gradient: the loss does not depend on it); the sum of
-    exponentials and the target logit are partial sums over ranks, added by
-    `reduce_from_group`, whose identity backward gives each rank exactly its slice of
-    softmax(z) - onehot(y). Labels equal to `ignore_index` are excluded from the mean; a
-    batch with no valid label gives 0 (F.cross_entropy would give nan). Computed in fp32.
+
+def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, ctx, entropy: bool = False
+                            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token log p(target) from logits sharded on the vocab dim (..., V/tp), and with
+    `entropy` the distribution's entropy H = log S - sum_v p_v z_v; fp32, same on every tp rank.
+
+    With m = max_v z_v (global) and z <- z - m, S = sum_v e^{z_v}: log p(y) = z_y - log S.
+    The max is a constant (no gradient: nothing depends on it); S, the target logit and
+    sum_v e^{z_v} z_v are partial sums over ranks, added by `reduce_from_group`, whose
+    identity backward gives each rank exactly its slice of the gradient.
     """
     z = logits.float()  # (..., V/tp)
     part_vocab = z.shape[-1]
     m = all_reduce(z.detach().amax(dim=-1, keepdim=True), ctx.tp_group, torch.distributed.ReduceOp.MAX)
     z = z - m
-    sum_exp = reduce_from_group(z.exp().sum(dim=-1), ctx.tp_group)  # (...)
-    local = labels - ctx.tp_rank * part_vocab
+    e = z.exp()
+    log_s = reduce_from_group(e.sum(dim=-1), ctx.tp_group).log()  # (...)
+    local = targets - ctx.tp_rank * part_vocab
     mine = (local >= 0) & (local < part_vocab)
     z_y = z.gather(-1, local.clamp(0, part_vocab - 1).unsqueeze(-1)).squeeze(-1)
     z_y = reduce_from_group(torch.where(mine, z_y, torch.zeros_like(z_y)), ctx.tp_group)
-    valid = labels != ignore_index
-    nll = torch.where(valid, sum_exp.log() - z_y, torch.zeros_like(z_y))
-    return nll.sum() / valid.sum().clamp(min=1)
+    h = None
+    if entropy:
+        h = log_s - reduce_from_group((e * z).sum(dim=-1), ctx.tp_group) / log_s.exp()
+    return z_y - log_s, h

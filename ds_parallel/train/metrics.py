@@ -46,15 +46,19 @@ class MetricsLog:
     """metrics.jsonl (one object per logged step) and, for MoE models, experts.jsonl: the
     per-layer expert loads of the step and the router biases after its update."""
 
-    def __init__(self, out_dir: str, enabled: bool, total_steps: int, start_step: int = 0):
+    def __init__(self, out_dir: str, enabled: bool, total_steps: int, start_step: int = 0,
+                 show: tuple[str, ...] = ()):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.experts_path = os.path.join(out_dir, "experts.jsonl")
+        self.evals_path = os.path.join(out_dir, "evals.jsonl")  # held-out evaluations, step 0 included
+        self.show = MOE_ONLY + MTP_ONLY + show  # printed after the fixed fields when present
+        self.out_dir = out_dir
         self.enabled = enabled
         self.total_steps = total_steps
         self.start_step = start_step
         self.t0 = time.perf_counter()
         if enabled:
-            for path in (self.path, self.experts_path):
+            for path in (self.path, self.experts_path, self.evals_path, os.path.join(out_dir, "samples.jsonl")):
                 _truncate_after(path, start_step)
 
     def log_experts(self, step: int, loads: dict, biases: dict) -> None:
@@ -77,13 +81,24 @@ class MetricsLog:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(done, 1) * (self.total_steps - step)
-        extra = "".join(f" | {k} {v:.4f}" for k, v in record.items() if k in MOE_ONLY + MTP_ONLY)
+        extra = "".join(f" | {k} {record[k]:.4f}" for k in self.show if k in record)
         print(
             f"step {step}/{self.total_steps} | loss {record['loss']:.4f}{extra} | lr {record['lr']:.2e} | "
             f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
             f"ETA {_fmt_duration(eta)}",
             flush=True,
         )
+
+
+    def log_eval(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.evals_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+
+    def evals(self) -> list[dict]:
+        return read_metrics(self.out_dir, "evals.jsonl") if self.enabled else []
 
 
 def _truncate_after(path: str, step: int) -> None:

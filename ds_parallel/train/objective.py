@@ -13,7 +13,9 @@ The same call runs on any layout: without a pipeline through the DeepSpeed engin
 (`model(ids, objective=...)`), with one on the last stage (train/pipeline.py). Metrics are
 summed over the step's micro-batches and averaged over the global batch by train_step.
 
-`LanguageModeling` is pre-training's objective (and SFT's: prompt tokens carry label -100).
+`LanguageModeling` is pre-training's objective and SFT's (prompt tokens carry label -100; an
+SFT batch also carries "loss_denominator", so the loss is a mean over the global batch's
+supervised tokens, and packed rows carry "segment_ids").
 """
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ class LanguageModeling:
 
     def __call__(self, model, trunk: Trunk, batch: MicroBatch, step: int) -> torch.Tensor:
         mtp_lambda = mtp_lambda_at(step, self.cfg.model, self.cfg.train)
-        out = model.finish(trunk.h, trunk.aux_loss, batch["labels"], trunk.emb, trunk.freqs_cis, mtp_lambda)
+        # SFT batches (data/sft.py) carry the global-batch normaliser and, packed, the examples
+        # of each row (trunk.segments); pre-training batches neither.
+        denominator = batch.get("loss_denominator")
+        out = model.finish(trunk.h, trunk.aux_loss, batch["labels"], trunk.emb, trunk.freqs_cis, mtp_lambda,
+                           segments=trunk.segments,
+                           n_targets=denominator.sum() if denominator is not None else None)
         zero = out.loss.new_zeros(())
         return torch.stack([v if (v := getattr(out, name)) is not None else zero for name in self.metrics])

@@ -9,6 +9,7 @@ makes a resumed run continue the exact loss curve, so keep it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from ds_parallel import checkpoint as ckpt
 from ds_parallel.config.schema import Config
+from ds_parallel.interop.hf import HFCheckpoint, load_hf_weights
 from ds_parallel.model import build_model
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.parallel.plan import PipelineLayout, pipeline_layout
@@ -39,10 +41,14 @@ class TrainParts:
     resumed_from: Optional[str]  # the checkpoint directory, when resumed
 
 
-def setup_training(cfg: Config, ctx: ParallelContext, objective: Optional[Objective] = None) -> TrainParts:
+def setup_training(cfg: Config, ctx: ParallelContext, objective: Optional[Objective] = None,
+                   init: Optional[str] = None) -> TrainParts:
     """Build (or resume) the model, engine and pipeline runner of `cfg` on this rank, to
-    minimise `objective` (default: language modelling). Collective: every rank calls it. Raises CheckpointError, before anything is loaded,
-    when the latest checkpoint is incomplete or damaged."""
+    minimise `objective` (default: language modelling). A run with no checkpoint yet starts
+    from the seed, or from the weights at `init` (post-training: our run / step directory or
+    an HF directory; `load_initial_weights`). Collective: every rank calls it. Raises
+    CheckpointError, before anything is loaded, when the latest checkpoint is incomplete or
+    damaged."""
     t = cfg.train
     objective = objective or LanguageModeling(cfg)
     resume_dir = ckpt.latest_checkpoint(t.out_dir, group=dist.group.WORLD if dist.is_initialized() else None)
@@ -55,6 +61,8 @@ def setup_training(cfg: Config, ctx: ParallelContext, objective: Optional[Object
         meta = ckpt.read_meta(resume_dir)
         ckpt.load_model_weights(model, reader)  # before the engine: ZeRO partitions what it is given
         start_step = meta["step"]
+    elif init:
+        load_initial_weights(model, init)
     engine = build_engine(model, cfg, ctx)
     if ctx.rank == 0 and cfg.precision.optimizer_moments == "bf16":
         print(moment_bytes_report(engine.basic_optimizer, torch.bfloat16), flush=True)
@@ -69,3 +77,13 @@ def setup_training(cfg: Config, ctx: ParallelContext, objective: Optional[Object
         if ctx.rank == 0:
             print(f"resumed from {resume_dir} at step {start_step}", flush=True)
     return TrainParts(cfg, ctx, layout, model, engine, runner, objective, start_step, resume_dir)
+
+
+def load_initial_weights(model: torch.nn.Module, path: str) -> None:
+    """This rank's shard of `model` from `path`: our checkpoint (a run directory, whose latest
+    step is read, or a step directory; any layout) or an HF DeepSeek directory (config.json +
+    safetensors). Weights only: a post-training run starts its own optimizer."""
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "meta.json")):
+        load_hf_weights(model, HFCheckpoint(path))
+        return
+    ckpt.load_model_weights(model, ckpt.CheckpointReader(ckpt.resolve_checkpoint(path)))

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ds_parallel.moe import update_moe_biases
+from ds_parallel.moe.replay import replaying
 from ds_parallel.train.engine import global_grad_norm, reports_grad_norm, set_lr
 from ds_parallel.train.objective import MicroBatch
 from ds_parallel.train.schedule import bias_update_speed_at, lr_at
@@ -65,7 +66,9 @@ def _forward_backward(parts: TrainParts, micro: list[MicroBatch], step: int
     own_norm = reports_grad_norm(engine)
     sums, norm = dict.fromkeys(objective.metrics, 0.0), None
     for i, batch in enumerate(micro):
-        metrics = engine(batch["input_ids"], objective=partial(_bound, objective, batch, step))
+        with replaying(batch.get("routes"), parts.cfg.model.trunk_moe_layer_ids()):  # RL route replay
+            metrics = engine(batch["input_ids"], segment_ids=batch.get("segment_ids"),  # packed rows (SFT)
+                             objective=partial(_bound, objective, batch, step))
         engine.backward(metrics[0])
         if i == len(micro) - 1 and not own_norm:  # reduced, not yet clipped
             norm = global_grad_norm(parts.model, parts.ctx)

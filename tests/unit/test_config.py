@@ -110,7 +110,7 @@ DATA_BAD = [
     (["data.n_eval=10000"], "data.n_eval=10000 must lie in [0, 9999]"),
     (["data.n_digits=1", "data.ops=+-", "data.n_eval=155"], "data.n_eval=155 must lie in [0, 154]"),
     (["data.n_eval=-1"], "data.n_eval=-1 must lie in"),
-    (["model.vocab_size=16"], "model.vocab_size=16 is below the 19 ids of the arithmetic tokenizer"),
+    (["model.vocab_size=16"], "model.vocab_size=16 is below the 48 ids of the arithmetic tokenizer"),
     (["data.n_train=0"], "data.n_train=0 must be >= 1"),
     # 2-digit "+": 9 characters and an EOS per problem; 6 of them are 60 tokens < 65.
     (["data.n_train=6"], "data.n_train=6 problems make as few as 60 tokens, too few for one training sample"),
@@ -133,7 +133,7 @@ def test_data_rules_fail_in_validation(overrides, message):
 
 def test_data_rules_admit_the_edges():
     load_config(SMOKE, ["data.n_train=7", "data.n_eval=0"], world_size=2)  # 70 tokens: one sample
-    load_config(SMOKE, ["data.n_digits=1", "data.n_eval=99", "model.vocab_size=19"], world_size=2)
+    load_config(SMOKE, ["data.n_digits=1", "data.n_eval=99", "model.vocab_size=48"], world_size=2)
     load_config(SMOKE, ["data.ops=+-*+"], world_size=2)  # duplicates are dropped, not an error
 
 

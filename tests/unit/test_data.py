@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ds_parallel.config.schema import DataConfig, TrainConfig
-from ds_parallel.data.corpus import answer_width, build_corpus, chance_accuracy, format_problem, read_number
+from ds_parallel.data.corpus import answer_width, build_corpus, chance_accuracy, format_cot, format_problem, read_number
 from ds_parallel.data.indexed import IndexedDataset, IndexedDatasetWriter
 from ds_parallel.data.loader import GlobalBatchLoader, PackedSamples, build_datasets, join_documents
 from ds_parallel.data.tokenizer import CharTokenizer
@@ -23,9 +23,18 @@ def test_tokenizer_round_trip_and_fixed_ids():
     assert tok.decode(ids, keep_special=True) == "<bos>" + text + "<eos>"
     assert tok.encode("0129") == [3, 4, 5, 12]  # ids are part of every saved dataset: never move them
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-    assert tok.vocab_size == 19 <= 128 and max(ids) < tok.vocab_size
-    with pytest.raises(ValueError, match="'x'"):
-        tok.encode("1x2")
+    assert tok.vocab_size == 48 <= 128 and max(ids) < tok.vocab_size
+    with pytest.raises(ValueError, match="'X'"):
+        tok.encode("1X2")
+
+
+def test_tokenizer_spells_the_r1_tags_after_the_old_ids():
+    tok = CharTokenizer()
+    # The plain corpus's 19 ids are where they were; the tag characters come after them.
+    assert tok.encode("0123456789+-*= \n") == list(range(3, 19))
+    ids = tok.encode("<think></think><answer>x</answer>")
+    assert min(ids) >= 19 and tok.decode(ids) == "<think></think><answer>x</answer>"
+    assert tok.encode("<>/az") == [19, 20, 21, 22, 47]
 
 
 def _parse(text, n_digits):
@@ -304,3 +313,92 @@ def test_answer_only_loss_mask():
     cfg_all = load_config(None, ["train.seq_len=32", "data.loss_on=all"])
     _, labels_all = build_datasets(cfg_all.data, cfg_all.train, 128).train.inputs_and_labels(np.arange(8))
     assert (labels_all != -100).all()
+
+
+def test_cot_format_examples():
+    assert format_cot(12, "+", 39, 2) == ("21+93=", "<think>2+9+0=11 1+3+1=50</think><answer>150</answer>")
+    assert format_cot(70, "-", 8, 2) == ("07-80=", "<think>0-8-0=21 7-0-1=60</think><answer>26</answer>")
+    assert format_cot(12, "*", 39, 2) == ("21*93=", "<think>21*9=8010 21*3=0630</think><answer>8640</answer>")
+    assert format_cot(7, "+", 5, 1) == ("7+5=", "<think>7+5+0=21</think><answer>21</answer>")
+
+
+def _check_working(prompt, think, n_digits):
+    """Each step of the chain of thought is true arithmetic on the operands' digits (read from
+    the prompt, least significant first), and the answer follows from the steps."""
+    a_digits, op, b_digits = prompt[:n_digits], prompt[n_digits], prompt[n_digits + 1 : 2 * n_digits + 1]
+    steps = think.split(" ")
+    assert len(steps) == n_digits
+    if op == "*":
+        total = 0
+        for j, step in enumerate(steps):
+            lhs, partial = step.split("=")
+            assert lhs == f"{a_digits}*{b_digits[j]}" and len(partial) == 2 * n_digits
+            assert read_number(partial) == read_number(a_digits) * int(b_digits[j]) * 10**j
+            total += read_number(partial)
+        return total
+    carry, digits = 0, []
+    for i, step in enumerate(steps):
+        lhs, (d, k) = step.split("=")
+        x, y, c = lhs.split(op)
+        assert (x, y, c) == (a_digits[i], b_digits[i], str(carry))
+        signed = int(x) + int(y) + carry if op == "+" else int(x) - int(y) - carry
+        assert signed == int(d) + (10 if op == "+" else -10) * int(k)
+        carry, digits = int(k), digits + [d]
+    return read_number("".join(digits) + (str(carry) if op == "+" else ""))
+
+
+@pytest.mark.parametrize("n_digits,ops", [(1, "+-*"), (2, "+-*"), (3, "+-")])
+def test_cot_corpus_completions_are_correct_and_formatted(n_digits, ops):
+    from ds_parallel.rl.rewards import Sample, accuracy_reward, format_reward
+
+    plain = build_corpus(n_digits, ops, n_train=3000, n_eval=50, seed=4)
+    corpus = build_corpus(n_digits, ops, n_train=3000, n_eval=50, seed=4, cot=0.6)
+    assert corpus.heldout == plain.heldout  # held-out stays (prompt, answer)
+    n_cot = 0
+    for text, plain_text in zip(corpus.train, plain.train):
+        if "<think>" not in text:
+            assert text == plain_text
+            continue
+        n_cot += 1
+        cut = text.index("=") + 1
+        prompt, completion = text[:cut], text[cut:]
+        answer = plain_text[cut:]  # the same problem as without chain of thought
+        assert plain_text[:cut] == prompt
+        assert completion.endswith(f"</think><answer>{answer}</answer>")
+        sample = Sample(prompt=prompt, completion=completion, answer=answer, task="arithmetic",
+                        completion_tokens=len(completion), truncated=False)
+        assert accuracy_reward(sample) == 1.0 and format_reward(sample) == 1.0
+        think = completion[len("<think>") : completion.index("</think>")]
+        assert _check_working(prompt, think, n_digits) == read_number(answer)
+    assert n_cot == 1800  # round(0.6 * 3000), exactly
+    CharTokenizer().encode("".join(corpus.train))  # every character is in the vocabulary
+    assert build_corpus(n_digits, ops, 3000, 50, seed=4, cot=0.6) == corpus
+    operands = [_parse(t, n_digits)[:3] for t in plain.train]
+    assert build_corpus(n_digits, ops, 3000, 50, seed=4, cot=1.0).train == [
+        "".join(format_cot(*problem, n_digits)) for problem in operands]
+    with pytest.raises(ValueError, match=r"data.cot=1.5 must lie in \[0, 1\]"):
+        build_corpus(n_digits, ops, 10, 5, seed=0, cot=1.5)
+
+
+def test_cot_loss_mask_supervises_the_whole_completion():
+    train_cfg = TrainConfig(seq_len=64, seed=5)
+    data = build_datasets(DataConfig(n_train=300, n_eval=10, cot=0.5), train_cfg, vocab_size=128)
+    tok = data.tokenizer
+    problems = tok.decode(data.train.tokens, keep_special=True).split("<eos>")[:-1]
+    assert sum("<think>" in p for p in problems) == 150
+    # Expected mask, from the texts: after each problem's first '=' through its EOS.
+    truth = []
+    for text in problems:
+        cut = text.index("=") + 1
+        truth += [False] * cut + [True] * (len(text) - cut + 1)
+    assert data.train.supervised.tolist() == truth
+    inputs, labels = data.train.inputs_and_labels(np.arange(4))
+    stream = data.train.tokens
+    for i in range(4):
+        pos = i * 64 + 1 + np.arange(64)
+        expected = np.where(np.asarray(truth)[pos], stream[pos], -100)
+        assert labels[i].tolist() == expected.tolist()
+    with pytest.raises(ValueError, match="data.cot=-0.1 must lie in"):
+        build_datasets(DataConfig(n_train=300, n_eval=10, cot=-0.1), train_cfg, vocab_size=128)
+    with pytest.raises(ValueError, match="data.cot=0.5 writes arithmetic problems"):
+        build_datasets(DataConfig(source="indexed", path="/nonexistent", cot=0.5), train_cfg, vocab_size=128)

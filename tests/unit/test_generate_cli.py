@@ -23,7 +23,7 @@ from ds_parallel.checkpoint import save_model
 from ds_parallel.config import load_config
 from ds_parallel.config.schema import DataConfig
 from ds_parallel.data.loader import build_datasets
-from ds_parallel.data.tokenizer import CHARS, SPECIALS
+from ds_parallel.data.tokenizer import CHARS, SPECIALS, CharTokenizer
 from ds_parallel.inference import Generator, SamplingParams
 from ds_parallel.inference.load import load_for_generation
 from ds_parallel.interop.hf import save_hf
@@ -47,7 +47,7 @@ def runs(tmp_path_factory):
     completions of one Generator call on the loaded model."""
     root = tmp_path_factory.mktemp("generate")
     cfg = load_config(None, ["model.preset=debug_v3", "parallel.ep=1", "train.seq_len=32"])
-    model = build_model(cfg.model, ParallelContext.single(), seed=0)
+    model = build_model(cfg.model, ParallelContext.single(), seed=1)  # a seed whose greedy runs hit both stops
     paths = {name: str(root / name) for name in ("run", "plain", "hf")}
     save_model(model, paths["run"], cfg)
     save_model(model, paths["plain"], dataclasses.replace(cfg, data=DataConfig(source="indexed", path="unused")))
@@ -110,7 +110,7 @@ def test_reference_has_both_finish_reasons(runs):
             assert eos_at == len(c.token_ids) - 1 and len(c.token_ids) <= MAX_NEW
         else:
             assert eos_at is None and len(c.token_ids) == MAX_NEW
-        assert all(t < 19 for t in c.token_ids)  # the tokenizer's ids only, not the padded 128
+        assert all(t < CharTokenizer.vocab_size for t in c.token_ids)  # the tokenizer's ids only, not the padded 128
 
 
 def test_cli_single_process_matches_the_api(runs):
