@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# Post-training jobs (SFT, RL) on Slurm, with the launch, preemption and requeue logic of
-# slurm/v3_pretrain.sh. Submit from the repository root:
+# Post-training jobs (SFT, GRPO, the R1 pipeline: launchers/post_train.py) on Slurm, with the
+# launch, preemption and requeue logic of slurm/v3_pretrain.sh. Submit from the repository root:
 #
-#   mkdir -p logs && CONFIG=configs/my_sft.yaml sbatch slurm/post_train.sh
-#   DRY_RUN=1 CONFIG=configs/my_sft.yaml bash slurm/post_train.sh
+#   mkdir -p logs && CONFIG=configs/my_r1.yaml sbatch slurm/post_train.sh
+#   DRY_RUN=1 CONFIG=configs/my_r1.yaml bash slurm/post_train.sh
+#   CLUSTER=cpu sbatch --nodes=1 --ntasks-per-node=2 slurm/post_train.sh   # R1-Zero in miniature
+#   CLUSTER=cpu CONFIG=configs/sft_cpu.yaml sbatch --nodes=1 --ntasks-per-node=2 slurm/post_train.sh
 #
-# For now this runs launchers/train.py: ds_parallel has no post-training trainer yet (SFT,
-# GRPO and the R1 pipeline are planned under ds_parallel/rl/), so a "post-training" job is
-# continued next-token training on CONFIG (for SFT: an indexed corpus of formatted
-# conversations, a lower train.lr, train.out_dir seeded with the pretrained checkpoint).
-# When a dedicated entry point lands, point ENTRY at it (ENTRY=launchers/<it>.py);
-# nothing else here changes. CONFIG is required except on CLUSTER=cpu (tiny V3 smoke).
+# The config's post_train.kind picks SFT, GRPO or a pipeline of phases; a requeued job
+# resumes a pipeline at its current phase. CONFIG is required except on CLUSTER=cpu
+# (default there: configs/r1_zero_cpu.yaml).
 #
-# Environment: CONFIG, OVERRIDES, CLUSTER, ENTRY, DRY_RUN and the rest in slurm/launch.sh.
-# Post-training needs far fewer GPUs than pretraining: 2 nodes, 12 hours by default.
+# Environment: CONFIG, OVERRIDES, CLUSTER, DRY_RUN and the rest in slurm/launch.sh (ENTRY
+# defaults to launchers/post_train.py here). Post-training needs far fewer GPUs than
+# pretraining: 2 nodes, 12 hours by default.
 #SBATCH --job-name=post-train
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
@@ -32,5 +32,7 @@ DSP_REPO=${DSP_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 # shellcheck source=launch.sh
 source "$DSP_REPO/slurm/launch.sh"
 
+ENTRY=${ENTRY:-launchers/post_train.py}
+if [[ ${CLUSTER:-h800} == cpu ]]; then CONFIG=${CONFIG:-configs/r1_zero_cpu.yaml}; fi
 # No default GPU config (""): CONFIG names the post-training one; exit 2 without it.
 dsp_srun_job ""

@@ -37,31 +37,30 @@ class Phase:
     init: Optional[str]  # starting weights (None: the seed)
 
 
-def _check_kind(cfg: Config, kind: str, world_size: Optional[int]) -> None:
-    """Rules of one run of `kind`, on top of validate()."""
-    if kind == "grpo":
-        from ds_parallel.rl.grpo import check_grpo, update_config
-        try:
+def _validate(cfg: Config, kind: str, world_size: Optional[int]) -> None:
+    """validate() and the rules of one run of `kind`. A GRPO run is validated as the trainer
+    sees it (rl/grpo.py update_config: its global batch is a rollout's minibatch)."""
+    try:
+        if kind == "grpo":
+            from ds_parallel.rl.grpo import check_grpo, update_config
             check_grpo(cfg, world_size or 1)
             validate(update_config(cfg), world_size)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    elif kind == "sft":
-        from ds_parallel.rl.sft import check_sft
-        try:
+            return
+        validate(cfg, world_size)
+        if kind == "sft":
+            from ds_parallel.rl.sft import check_sft
             check_sft(cfg, world_size or 1)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def plan_phases(path: Optional[str], overrides: list[str], world_size: Optional[int]) -> list[Phase]:
     """The runs a post-training config describes, each config validated (ConfigError)."""
     data = merge_trees(read_yaml(path) if path else {}, parse_overrides(list(overrides)))
     cfg = config_from_dict(data)
-    validate(cfg, world_size)
     pt = cfg.post_train
     if pt.kind != "pipeline":
-        _check_kind(cfg, pt.kind, world_size)
+        _validate(cfg, pt.kind, world_size)
         return [Phase(pt.kind, pt.kind, cfg, pt.init)]
     phases = pt.phases
     if not isinstance(phases, list) or not phases:
@@ -87,11 +86,10 @@ def plan_phases(path: Optional[str], overrides: list[str], world_size: Optional[
         phase_data.setdefault("train", {})["out_dir"] = os.path.join(cfg.train.out_dir, name)
         try:
             phase_cfg = config_from_dict(phase_data)
-            validate(phase_cfg, world_size)
+            _validate(phase_cfg, kind, world_size)
         except ConfigError as exc:
             raise ConfigError(f"{where} ({name}): {exc}") from None
         init = phase_cfg.post_train.init or previous
-        _check_kind(phase_cfg, kind, world_size)
         out.append(Phase(name, kind, phase_cfg, init))
         previous = phase_cfg.train.out_dir
     if len({p.name for p in out}) != len(out):

@@ -266,3 +266,19 @@ def test_job_with_a_dead_rank_fails_quickly_with_its_error_in_the_log(slurm_clus
     state = subprocess.run(["scontrol", "show", "job", job.job_id], env=job.env, capture_output=True, text=True)
     if state.returncode == 0:  # still remembered (MinJobAge)
         assert "JobState=FAILED" in state.stdout, state.stdout
+
+
+def test_post_train_job_runs_packed_sft(slurm_cluster, tmp_path):
+    """slurm/post_train.sh starts launchers/post_train.py on both tasks (here: packed SFT with
+    DeepSeek-V3's tokenizer, configs/sft_cpu.yaml shrunk)."""
+    out_dir = tmp_path / "sft"
+    overrides = (f"train.steps=2 train.log_every=1 train.seq_len=64 train.global_batch_size=4 "
+                 f"train.micro_batch_size=2 post_train.sft.eval_fraction=0.01 train.out_dir={out_dir}")
+    job = Job(slurm_cluster, str(tmp_path), overrides, script=os.path.join(ROOT, "slurm", "post_train.sh"),
+              name="post-train", extra_env={"CONFIG": "configs/sft_cpu.yaml"})
+    rc = job.wait()
+    log = job.log()
+    assert rc == 0, log[-4000:] + slurm_cluster.daemon_logs()
+    assert "phase sft (sft)" in log and "held-out loss" in log
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["heldout_loss"] > 0
