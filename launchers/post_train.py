@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
 
-from launchers.train import PEER_GRACE_S  # noqa: E402  (after the path and accelerator are set)
+from launchers.train import exit_now, refuse_config, run_job  # noqa: E402  (after the path and accelerator are set)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,29 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         phases = plan_phases(args.config, args.overrides, env.world_size)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr, flush=True)
-        if env.world_size > 1:
-            time.sleep(PEER_GRACE_S)
-        return 2
+        return refuse_config(exc, env.world_size)
 
-    from ds_parallel.checkpoint import CheckpointError
-    from ds_parallel.parallel.init import init_parallel, report_failure
+    from ds_parallel.parallel.init import init_parallel
     from ds_parallel.rl.run import run_phases
-    from ds_parallel.train.trainer import EXIT_PREEMPTED
 
-    top = phases[0].cfg.train.out_dir if len(phases) == 1 else os.path.dirname(phases[0].cfg.train.out_dir)
-    try:
-        summary = run_phases(phases, init_parallel(phases[0].cfg, env), top if len(phases) > 1 else None)
-    except CheckpointError as exc:
-        print(f"checkpoint error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except Exception as exc:
-        return report_failure(f"rank {env.rank}", exc)
-    return EXIT_PREEMPTED if summary.get("preempted") else 0
+    top = os.path.dirname(phases[0].cfg.train.out_dir) if len(phases) > 1 else None  # a pipeline's summary
+    return run_job(lambda: run_phases(phases, init_parallel(phases[0].cfg, env), top), env.rank)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(main())

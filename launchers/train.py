@@ -37,29 +37,46 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, world_size=env.world_size)
         check_memory(cfg, env.world_size, env.local_rank)  # a layout that cannot fit fails here, not in an OOM
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr, flush=True)
-        if env.world_size > 1:  # the deepspeed launcher kills every rank at the first exit: let peers print theirs
-            time.sleep(PEER_GRACE_S)
-        return 2
+        return refuse_config(exc, env.world_size)
 
-    from ds_parallel.parallel.init import init_parallel, report_failure
+    from ds_parallel.parallel.init import init_parallel
+    from ds_parallel.train.trainer import train
+
+    return run_job(lambda: train(cfg, init_parallel(cfg, env)), env.rank)
+
+
+def refuse_config(exc: Exception, world_size: int) -> int:
+    """A bad config's one line, and exit status 2, before any process group exists."""
+    print(f"config error: {exc}", file=sys.stderr, flush=True)
+    if world_size > 1:  # the deepspeed launcher kills every rank at the first exit: let peers print theirs
+        time.sleep(PEER_GRACE_S)
+    return 2
+
+
+def run_job(job, rank: int) -> int:
+    """The exit status of a training job (`job()` returns its summary): 0 done, 2 a
+    checkpoint refused before anything was loaded, 1 any other failure (one line on every
+    rank, the traceback above it), 75 preempted after checkpointing (the job script requeues)."""
     from ds_parallel.checkpoint import CheckpointError
-    from ds_parallel.train.trainer import EXIT_PREEMPTED, train
+    from ds_parallel.parallel.init import report_failure
+    from ds_parallel.train.trainer import EXIT_PREEMPTED
 
     try:
-        summary = train(cfg, init_parallel(cfg, env))
+        summary = job()
     except CheckpointError as exc:  # refused before loading anything: like a bad config
         print(f"checkpoint error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except Exception as exc:  # one line on every rank; the traceback above it for debugging
-        return report_failure(f"rank {env.rank}", exc)
-    # Preempted (SIGTERM/SIGUSR1): the checkpoint is written; 75 tells the job script to requeue.
+    except Exception as exc:
+        return report_failure(f"rank {rank}", exc)
     return EXIT_PREEMPTED if summary.get("preempted") else 0
 
 
-if __name__ == "__main__":
-    code = main()
+def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown: a peer that died can leave gloo threads that hang exit.
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main())

@@ -44,6 +44,7 @@ needs only the two operand digits it copies and the carry just written.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 OPS = "+-*"
@@ -89,6 +90,22 @@ def format_cot(a: int, op: str, b: int, n_digits: int) -> tuple[str, str]:
     format_problem's, the completion "<think>..</think><answer>" + its answer + "</answer>"."""
     prompt, answer = format_problem(a, op, b, n_digits)
     return prompt, f"<think>{' '.join(_cot_steps(a, op, b, n_digits))}</think><answer>{answer}</answer>"
+
+
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def stated_answer(completion: str) -> str:
+    """The answer a completion states: the text of its last <answer>...</answer> (R1's
+    format), else the completion itself, stripped."""
+    tagged = ANSWER_TAG.findall(completion)
+    return (tagged[-1] if tagged else completion).strip()
+
+
+def completion_chars(op: str, n_digits: int, cot: bool) -> int:
+    """Characters of a problem's completion: its answer, or its whole chain-of-thought
+    writing (fixed width for each operator)."""
+    return len(format_cot(0, op, 0, n_digits)[1]) if cot else answer_width(op, n_digits)
 
 
 def read_number(text: str) -> int:

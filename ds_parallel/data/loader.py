@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ds_parallel.config.schema import micro_batches_per_step
-from ds_parallel.data.corpus import build_corpus, chance_accuracy, check_cot, check_split, problem_chars
+from ds_parallel.data.corpus import (build_corpus, chance_accuracy, check_cot, check_split, completion_chars,
+                                     problem_chars)
 from ds_parallel.data.indexed import IndexedDataset
 from ds_parallel.data.tokenizer import CharTokenizer
 
@@ -137,6 +138,7 @@ class Datasets:
     tokenizer: Optional[CharTokenizer]  # None for indexed data (ids come pre-tokenized)
     heldout: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer) pairs
     chance_accuracy: Optional[float] = None  # exact-match of the best operand-blind guess
+    completion_chars: int = 0  # the longest completion of a held-out prompt (answer or chain of thought)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """A held-out prompt as the model saw problems in training: after an EOS."""
@@ -212,4 +214,5 @@ def build_datasets(data_cfg, train_cfg, vocab_size: int) -> Datasets:
         tokenizer=tok,
         heldout=corpus.heldout,
         chance_accuracy=chance_accuracy(data_cfg.n_digits, corpus.ops),
+        completion_chars=max(completion_chars(op, data_cfg.n_digits, data_cfg.cot > 0) for op in corpus.ops),
     )

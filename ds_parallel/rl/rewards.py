@@ -45,6 +45,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ds_parallel.data.corpus import ANSWER_TAG
 from ds_parallel.rl.losses import overlong_penalty
 
 
@@ -74,7 +75,6 @@ class RewardTimeout(BaseException):
 
 # ---------------------------------------------------------------------------- extraction
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _BOXED = "\\boxed{"
 
 
@@ -96,7 +96,7 @@ def _last_boxed(text: str) -> Optional[str]:
 def extract_answer(completion: str) -> Optional[str]:
     """The last <answer>...</answer>'s text, else the last closed \\boxed{...}'s, stripped; None
     without either."""
-    tagged = _ANSWER.findall(completion)
+    tagged = ANSWER_TAG.findall(completion)
     return tagged[-1].strip() if tagged else _last_boxed(completion)
 
 

@@ -1,4 +1,5 @@
-"""Held-out exact match: greedy-decode each problem's answer and compare strings.
+"""Held-out exact match: greedy-decode each problem's answer and compare strings (the
+answer inside <answer>...</answer> when the model writes R1's format, data.cot).
 
 Every rank decodes every problem, so tensor- and expert-parallel ranks stay in step. The
 model decodes with the batched Generator (inference/engine.py: one prefill, then one token
@@ -10,6 +11,7 @@ from collections import defaultdict
 
 import torch
 
+from ds_parallel.data.corpus import stated_answer
 from ds_parallel.inference import Generator, SamplingParams
 from ds_parallel.parallel.tensor_parallel import gather_logits
 from ds_parallel.train.pipeline import PipelineForward
@@ -66,9 +68,8 @@ def exact_match(model, ctx, data) -> dict:
     problems = data.heldout
     prompts = [p for p, _ in problems]
     targets = [a for _, a in problems]
-    max_new = max(len(data.tokenizer.encode(a)) for a in targets)
-    answers = greedy_answers(model, ctx, data, prompts, max_new)
-    hits = sum(a.strip() == t.strip() for a, t in zip(answers, targets))
+    answers = greedy_answers(model, ctx, data, prompts, data.completion_chars)  # one token per character
+    hits = sum(stated_answer(a) == t.strip() for a, t in zip(answers, targets))
     out = {"exact_match": hits / len(problems), "n_eval": len(problems)}
     out["chance"] = data.chance_accuracy
     return out

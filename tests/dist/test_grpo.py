@@ -117,7 +117,7 @@ def _check(rank, world, out_dir):
             assert abs(record["loss"] - ref_loss) <= tol * max(1.0, abs(ref_loss)), (layout, loss, record["loss"], ref_loss)
             assert abs(record["grad_norm"] - ref_norm) <= tol * ref_norm, (layout, loss, record["grad_norm"], ref_norm)
             assert ref_norm > 1e-4, (layout, loss, ref_norm)  # the rewards vary: a real gradient
-            assert record["logprob_mismatch"] < 1e-4, (layout, loss, record["logprob_mismatch"])
+            assert record["logprob_mismatch"] < 1e-3, (layout, loss, record["logprob_mismatch"])  # rounding only
             assert 0.99 < record["logprob_mismatch_mean_exp"] < 1.0001
             if layout != "ep_no_replay":
                 assert record["routing_mismatch"] == 0.0, (layout, loss, record["routing_mismatch"])

@@ -51,3 +51,26 @@ def test_bad_post_train_config_is_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
         plan_phases(R1, overrides, 2)
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_initial_weights_from_our_checkpoint_and_an_hf_directory(tmp_path):
+    """post_train.init: a run directory of ours or an HF directory gives the same weights."""
+    import torch
+
+    from ds_parallel.checkpoint import save_model
+    from ds_parallel.config import load_config
+    from ds_parallel.interop.hf import save_hf
+    from ds_parallel.model import build_model
+    from ds_parallel.parallel.groups import ParallelContext
+    from ds_parallel.train.setup import load_initial_weights
+
+    cfg = load_config(None, ["model.preset=debug_v3"])
+    single = ParallelContext.single()
+    source = build_model(cfg.model, single, seed=7)
+    save_model(source, str(tmp_path / "ours"), cfg)
+    save_hf(source, str(tmp_path / "hf"))
+    for path in ("ours", "hf"):
+        model = build_model(cfg.model, single, seed=8)
+        load_initial_weights(model, str(tmp_path / path))
+        for (name, a), b in zip(source.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), (path, name)
