@@ -19,7 +19,7 @@ def test_shipped_configs_plan(name):
     if name == "r1_zero_cpu":  # the RL phase starts from the base phase's run directory
         base, rl = planned
         assert rl.init == base.cfg.train.out_dir and rl.cfg.train.out_dir.endswith("/rl")
-        assert rl.cfg.train.lr == 1e-4 and base.cfg.train.lr == 1e-3
+        assert rl.cfg.train.lr == 1e-5 and base.cfg.train.lr == 1e-3
 
 
 def test_r1_preset_has_the_papers_numbers():

@@ -4,6 +4,7 @@ nvidia-smi on PATH exercise the no-GPU refusal, exit codes and requeue); the def
 layout against the trainer's memory check. The real-cluster runs are in tests/slurm.
 """
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -33,6 +34,16 @@ def test_generate_benchmark_quick():
     proc = subprocess.run([sys.executable, "benchmarks/generate.py", "--quick"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, DS_ACCELERATOR="cpu"))
     assert proc.returncode == 0 and "ratio wall" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed (pip install -e .[bench])")
+def test_grpo_trl_benchmark_quick():
+    """benchmarks/grpo_trl.py --quick: transformers and our Generator emit the same greedy
+    tokens on the exported model, TRL reads the prompts our loop does (both checked inside),
+    and the steps/s table prints."""
+    proc = subprocess.run([sys.executable, "benchmarks/grpo_trl.py", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert proc.returncode == 0 and "steps/s vs TRL" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_gpu_suite_skips_cleanly_without_cuda(tmp_path):
