@@ -134,6 +134,11 @@ def _dequant_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, block: tup
     return weight.float() * scale
 
 
+def is_hf_directory(path: str) -> bool:
+    """An HF checkpoint directory (config.json), not one of our step directories (meta.json)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "meta.json"))
+
+
 class HFCheckpoint:
     """An HF checkpoint directory: its config and a name -> file index. `read` loads one
     tensor, or one slice of it, and nothing else (safetensors maps files lazily)."""

@@ -50,6 +50,7 @@ from ds_parallel.config.schema import Config, micro_batches_per_step
 from ds_parallel.inference.engine import Completion, Generator
 from ds_parallel.inference.load import Tokenizer, char_tokenizer, open_source
 from ds_parallel.inference.sampling import SamplingParams
+from ds_parallel.interop.hf import is_hf_directory
 from ds_parallel.model import build_model
 from ds_parallel.moe.replay import replaying, routing_mismatch
 from ds_parallel.parallel.groups import ParallelContext
@@ -190,8 +191,9 @@ class GRPO:
         self.reward_options = check_rewards(self.g.rewards, self.g.reward_options, max_new_tokens=self.g.max_new_tokens)
         self.ref = None
         if self.loss.kl_coef > 0:
+            policy = next(self.model.parameters())  # the engine has placed and cast it
             self.ref = build_model(self.cfg.model, ctx, seed=self.cfg.train.seed, layout=self.parts.layout)
-            self.ref.requires_grad_(False)
+            self.ref.to(device=policy.device, dtype=policy.dtype).requires_grad_(False).eval()
             self._load_reference(self.start_step)
         self.generator = Generator(self.model, ctx, max_batch=self.g.generation_batch, max_len=self.cfg.train.seq_len + 1,
                                    vocab_size=self.tokenizer.vocab_size, detokenize=self.tokenizer.decode,
@@ -201,7 +203,7 @@ class GRPO:
 
     def _tokenizer(self) -> Tokenizer:
         if self.init:
-            tok = open_source(**({"hf": self.init} if _is_hf(self.init) else {"ckpt": self.init})).tokenizer
+            tok = open_source(**({"hf": self.init} if is_hf_directory(self.init) else {"ckpt": self.init})).tokenizer
             if tok is not None:
                 return tok
         if self.user_cfg.post_train.prompts.source == "arithmetic":
@@ -354,10 +356,6 @@ class GRPO:
                                dtype=torch.float64)
         _sum_over_dp(correct, self.ctx)
         return float(correct.item()) / max(1, len(prompts))
-
-
-def _is_hf(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "meta.json"))
 
 
 def _sum_over_dp(t: torch.Tensor, ctx) -> None:

@@ -9,7 +9,6 @@ makes a resumed run continue the exact loss curve, so keep it.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +17,7 @@ import torch.distributed as dist
 
 from ds_parallel import checkpoint as ckpt
 from ds_parallel.config.schema import Config
-from ds_parallel.interop.hf import HFCheckpoint, load_hf_weights
+from ds_parallel.interop.hf import HFCheckpoint, is_hf_directory, load_hf_weights
 from ds_parallel.model import build_model
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.parallel.plan import PipelineLayout, pipeline_layout
@@ -83,7 +82,7 @@ def load_initial_weights(model: torch.nn.Module, path: str) -> None:
     """This rank's shard of `model` from `path`: our checkpoint (a run directory, whose latest
     step is read, or a step directory; any layout) or an HF DeepSeek directory (config.json +
     safetensors). Weights only: a post-training run starts its own optimizer."""
-    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "meta.json")):
+    if is_hf_directory(path):
         load_hf_weights(model, HFCheckpoint(path))
         return
     ckpt.load_model_weights(model, ckpt.CheckpointReader(ckpt.resolve_checkpoint(path)))

@@ -25,17 +25,18 @@ requires_cuda = [
 
 
 def train(out_dir: str, *overrides: str, config: str = SMOKE_1GPU, cpu: bool = False,
-          timeout: int = 600) -> list[dict]:
+          timeout: int = 600, entry: str = TRAIN, metrics_dir: str = "") -> list[dict]:
     """One process of launchers/train.py; returns metrics.jsonl's records. `cpu=True` hides
-    the GPUs (gloo, CPU tensors): the fp32 reference on the same batches."""
+    the GPUs (gloo, CPU tensors): the fp32 reference on the same batches. `entry`: another
+    launcher (launchers/post_train.py); `metrics_dir`: where under out_dir its metrics are."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
     if cpu:
         env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     else:
         env["DS_ACCELERATOR"] = "cuda"
-    cmd = [sys.executable, TRAIN, "--config", config, f"train.out_dir={out_dir}", *overrides]
+    cmd = [sys.executable, entry, "--config", config, f"train.out_dir={out_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+    with open(os.path.join(out_dir, metrics_dir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh]
