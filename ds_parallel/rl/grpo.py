@@ -489,14 +489,16 @@ def plot_grpo(out_dir: str) -> Optional[str]:
     heldout = read_metrics(out_dir, "evals.jsonl")
     steps = [r["step"] for r in records]
     fig, (ax, ax_len) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("reward", "accuracy", "format_reward"):
+    labels = {"reward": "reward", "accuracy": "accuracy (rollouts)", "format_reward": "format reward"}
+    for key, label in labels.items():
         if any(not math.isnan(r.get(key, float("nan"))) for r in records):
-            ax.plot(steps, [r.get(key, float("nan")) for r in records], label=key)
+            ax.plot(steps, [r.get(key, float("nan")) for r in records], label=label)
     if heldout:
-        ax.plot([r["step"] for r in heldout], [r["heldout_accuracy"] for r in heldout], "o-", label="held-out accuracy")
+        ax.plot([r["step"] for r in heldout], [r["heldout_accuracy"] for r in heldout], "o-",
+                label="held-out accuracy (greedy)")
     ax.set_xlabel("GRPO step")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower right")
     ax_len.plot(steps, [r["response_length"] for r in records], color="tab:purple")
     ax_len.set_xlabel("GRPO step")
     ax_len.set_ylabel("response length (tokens)")
