@@ -25,7 +25,7 @@ smoke: env
 # The whole test suite. pytest's exit code 5 (nothing collected, e.g. a marker filter that
 # matches nothing) is reported and passed through as success.
 test: env
-	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests; rc=$$?; \
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
 clean:
