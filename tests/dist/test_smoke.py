@@ -38,8 +38,9 @@ def test_default_smoke_job_learns(tmp_path):
 
 def test_without_balancing_the_imbalance_does_not_fall(tmp_path):
     out_dir = tmp_path / "off"
-    deepspeed_train(f"train.out_dir={out_dir}", "train.steps=300", "train.log_every=10", "train.save_every=0",
+    deepspeed_train(f"train.out_dir={out_dir}", "train.steps=150", "train.log_every=10", "train.save_every=0",
                     "model.bias_update_speed=0", "model.seq_aux_alpha=0", timeout=600)
     imbalance = [json.loads(line)["expert_load_imbalance"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    # Measured: 1.9 at step 1, 4.0 (two experts take everything) by step 10, still 3.3 at 300.
+    # Measured: 1.9 at step 1, 4.0 (two experts take everything) by step 10, still 3.3 at 300
+    # (the test runs 150 steps).
     assert imbalance[-1] > 0.75 * max(imbalance) and imbalance[-1] > imbalance[0], imbalance

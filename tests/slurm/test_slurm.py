@@ -269,10 +269,10 @@ def test_job_with_a_dead_rank_fails_quickly_with_its_error_in_the_log(slurm_clus
 
 
 def test_post_train_job_runs_packed_sft(slurm_cluster, tmp_path):
-    """slurm/post_train.sh starts launchers/post_train.py on both tasks (here: packed SFT with
-    DeepSeek-V3's tokenizer, configs/sft_cpu.yaml shrunk)."""
+    """slurm/post_train.sh starts launchers/post_train.py on both tasks: packed SFT with
+    DeepSeek-V3's tokenizer and chat template (configs/sft_cpu.yaml shrunk) learns, with MTP on."""
     out_dir = tmp_path / "sft"
-    overrides = (f"train.steps=2 train.log_every=1 train.seq_len=64 train.global_batch_size=4 "
+    overrides = (f"train.steps=4 train.log_every=1 train.seq_len=64 train.global_batch_size=4 "
                  f"train.micro_batch_size=2 post_train.sft.eval_fraction=0.01 train.out_dir={out_dir}")
     job = Job(slurm_cluster, str(tmp_path), overrides, script=os.path.join(ROOT, "slurm", "post_train.sh"),
               name="post-train", extra_env={"CONFIG": "configs/sft_cpu.yaml"})
@@ -281,4 +281,8 @@ def test_post_train_job_runs_packed_sft(slurm_cluster, tmp_path):
     assert rc == 0, log[-4000:] + slurm_cluster.daemon_logs()
     assert "phase sft (sft)" in log and "held-out loss" in log
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["step"] == 2 and summary["heldout_loss"] > 0
+    assert summary["step"] == 4 and summary["heldout_loss"] > 0
+    assert summary["rows"] < summary["examples"]  # packed: several examples per row
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and lines[-1]["loss"] < lines[0]["loss"]
+    assert lines[0]["mtp_loss"] > 0  # MTP kept on

@@ -172,11 +172,11 @@ def test_dry_run_outside_an_allocation_uses_the_sbatch_defaults(stubs):
 
 
 def test_dry_run_of_the_other_job_scripts(stubs):
-    post = run_script("slurm/post_train.sh", stubs, DRY_RUN="1", CONFIG="configs/v2_lite_16b.yaml",
+    post = run_script("slurm/post_train.sh", stubs, DRY_RUN="1", CONFIG="configs/grpo_r1_zero.yaml",
                       SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu[1-2]")
     assert post.returncode == 0, post.stderr
     assert post.stdout.startswith("srun --nodes=2 --ntasks=16 --ntasks-per-node=8 ")
-    assert "launchers/train.py --config configs/v2_lite_16b.yaml" in post.stdout
+    assert "launchers/post_train.py --config configs/grpo_r1_zero.yaml" in post.stdout
     assert run_script("slurm/post_train.sh", stubs, DRY_RUN="1").returncode == 2  # CONFIG required
     ds = run_script("slurm/deepspeed_multinode.sh", stubs, DRY_RUN="1", SLURM_JOB_ID="9",
                     SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu[1-2]")
