@@ -124,11 +124,17 @@ class GlobalBatchLoader:
         """[(input_ids, labels)] for this rank, each (micro_batch_size, seq_len) int64."""
         if step < 0:
             raise ValueError(f"step={step} must be >= 0")
-        mbs, out = self.micro_batch_size, []
-        for m in range(self.n_micro):
-            first = (m * self.dp + self.dp_rank) * mbs
-            out.append(self.samples.inputs_and_labels(self.sample_ids(step, np.arange(first, first + mbs))))
-        return out
+        return [self.samples.inputs_and_labels(self.sample_ids(step, positions))
+                for positions in rank_positions(self.global_batch_size, self.micro_batch_size, self.dp, self.dp_rank)]
+
+
+def rank_positions(global_batch_size: int, micro_batch_size: int, dp: int, dp_rank: int) -> list[np.ndarray]:
+    """Positions within a global batch of data-parallel rank `dp_rank`'s micro-batches: m holds
+    [(m*dp + r)*mbs, (m*dp + r + 1)*mbs) (module docstring). The one home of this rule: the
+    loaders and post-training's sample ownership (rl/grpo.py) read it."""
+    n_micro = micro_batches_per_step(global_batch_size, micro_batch_size, dp)
+    return [np.arange((m * dp + dp_rank) * micro_batch_size, (m * dp + dp_rank + 1) * micro_batch_size)
+            for m in range(n_micro)]
 
 
 @dataclass

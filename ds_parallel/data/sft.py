@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from ds_parallel.data.loader import GlobalBatchLoader
+from ds_parallel.data.loader import GlobalBatchLoader, rank_positions
 
 DEEPSEEK_V3 = "deepseek_v3"
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -286,9 +286,8 @@ class SFTLoader:
         o = self.order
         share = self.n_targets(step) / o.global_batch_size  # each row's share of N
         out = []
-        for m in range(o.n_micro):
-            first = (m * o.dp + o.dp_rank) * o.micro_batch_size  # as GlobalBatchLoader.micro_batches
-            batch = self.rows.batch(o.sample_ids(step, np.arange(first, first + o.micro_batch_size)))
+        for positions in rank_positions(o.global_batch_size, o.micro_batch_size, o.dp, o.dp_rank):
+            batch = self.rows.batch(o.sample_ids(step, positions))
             batch["loss_denominator"] = torch.full((o.micro_batch_size,), share, dtype=torch.float32)
             out.append(batch)
         return out

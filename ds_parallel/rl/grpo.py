@@ -47,6 +47,7 @@ from ds_parallel import checkpoint as ckpt
 from ds_parallel.atomic import write_atomic
 from ds_parallel.config.load import dump_yaml, to_dict
 from ds_parallel.config.schema import Config, micro_batches_per_step
+from ds_parallel.data.loader import rank_positions
 from ds_parallel.inference.engine import Completion, Generator
 from ds_parallel.inference.load import Tokenizer, char_tokenizer, open_source
 from ds_parallel.inference.sampling import SamplingParams
@@ -159,9 +160,8 @@ class Rollout:
 def owned_samples(n_samples: int, minibatches: int, micro_batch: int, dp: int, dp_rank: int) -> list[list[list[int]]]:
     """Global sample indices of this data-parallel rank: [minibatch][micro-batch][row]."""
     per_step = n_samples // minibatches
-    n_micro = per_step // (micro_batch * dp)
-    return [[[k * per_step + (m * dp + dp_rank) * micro_batch + i for i in range(micro_batch)]
-             for m in range(n_micro)] for k in range(minibatches)]
+    return [[(k * per_step + positions).tolist() for positions in rank_positions(per_step, micro_batch, dp, dp_rank)]
+            for k in range(minibatches)]
 
 
 def sample_seed(seed: int, step: int, index: int) -> int:
