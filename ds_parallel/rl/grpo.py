@@ -56,7 +56,8 @@ from ds_parallel.model import build_model
 from ds_parallel.moe.replay import replaying, routing_mismatch
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.parallel.tensor_parallel import vocab_parallel_logprobs
-from ds_parallel.rl.losses import ADVANTAGES, LossConfig, dynamic_sampling_mask, policy_loss, preset
+from ds_parallel.rl.losses import ADVANTAGES, dynamic_sampling_mask
+from ds_parallel.rl.objective import PolicyObjective, loss_config
 from ds_parallel.rl.prompts import Prompt, build_prompts, prompt_indices
 from ds_parallel.rl.rewards import Sample, check_rewards, score
 from ds_parallel.train.metrics import MetricsLog
@@ -66,14 +67,6 @@ from ds_parallel.train.step import train_step
 # Per-step numbers every rank contributes for its own samples, summed over dp (rows of the
 # step's global sample table).
 _TABLE = ("reward", "correct", "length", "truncated")
-
-
-def loss_config(cfg: Config) -> LossConfig:
-    g = cfg.post_train.grpo
-    fields: dict[str, Any] = {"kl_coef": g.kl_coef}
-    if g.loss == "dr_grpo":
-        fields["max_len"] = g.max_new_tokens
-    return preset(g.loss, **{**fields, **g.loss_overrides})
 
 
 def update_config(cfg: Config) -> Config:
@@ -110,33 +103,6 @@ def check_grpo(cfg: Config, world_size: int) -> None:
                          f"train.seq_len={t.seq_len}: raise train.seq_len")
     loss_config(cfg)
     check_rewards(g.rewards, g.reward_options, max_new_tokens=g.max_new_tokens)
-
-
-# ---------------------------------------------------------------------------- the objective
-
-
-@dataclass(frozen=True)
-class PolicyObjective:
-    """The clipped policy loss of rl/losses.py on micro-batches of rollout samples, as a
-    train/objective.py objective. Batch keys: input_ids, targets (the next tokens), mask
-    (1 on completion targets), advantages (B,), old_logp, ref_logp (with a KL term), and the
-    step's global counts n_tokens, n_seqs (B,) (every row the same)."""
-    loss: LossConfig
-    temperature: float
-    scale: float  # global_batch / micro_batch: see the module docstring, "Normalisers"
-    ctx: Any
-    metrics: tuple[str, ...] = ("loss", "policy_loss", "kl", "clip_fraction", "entropy", "ratio", "aux_loss")
-
-    def __call__(self, model, trunk, batch, step: int) -> torch.Tensor:
-        logits = model.finish(trunk.h, trunk.aux_loss, None, None, trunk.freqs_cis).logits
-        logp, entropy = vocab_parallel_logprobs(logits / self.temperature, batch["targets"], self.ctx, entropy=True)
-        loss, m = policy_loss(self.loss, logp, batch["old_logp"], batch["advantages"], batch["mask"],
-                              n_tokens=batch["n_tokens"][0], n_seqs=batch["n_seqs"][0],
-                              ref_logp=batch.get("ref_logp"), entropy=entropy)
-        zero = loss.new_zeros(())
-        parts = [loss, m.get("kl", zero), m["clip_frac"], m["entropy"], m["ratio"]]
-        policy = [v * self.scale for v in parts]
-        return torch.stack([policy[0] + trunk.aux_loss, *policy, trunk.aux_loss.detach()])
 
 
 # ---------------------------------------------------------------------------- rollout

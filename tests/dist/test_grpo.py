@@ -37,7 +37,7 @@ def _reference(cfg, run, gathered):
     from ds_parallel.model import build_model
     from ds_parallel.parallel.groups import ParallelContext
     from ds_parallel.parallel.tensor_parallel import vocab_parallel_logprobs
-    from ds_parallel.rl.grpo import loss_config
+    from ds_parallel.rl.objective import loss_config
     from ds_parallel.rl.losses import policy_loss
 
     single = ParallelContext.single()
