@@ -35,9 +35,11 @@ completions/mean_length), since sampled lengths differ between runs.
 
 Generation alone (`generation_alone`): step 0's P x G rows, exactly N new tokens each (no
 stop, so both sides do the same work), our Generator against transformers' generate() in this
-process, greedy and sampled, interleaved (common.py). Sampled is how each loop draws: ours one
-seeded generator per row (rl/grpo.py sample_seed: samples that do not depend on the layout),
-transformers one batched multinomial. It isolates the decoding part of the step comparison.
+process, greedy and sampled (temperature 1; top-p 1 as the runs, and 0.95), interleaved
+(common.py). Sampled is how each loop draws: ours one seeded generator per row (rl/grpo.py
+sample_seed: samples that do not depend on the layout), the rows' distributions and CDF
+inversions batched (inference/sampling.py); transformers one batched multinomial. It isolates
+the decoding part of the step comparison.
 
 Threads: our launcher gives each of its R processes cpu_count / R intra-op threads; TRL runs
 in this process with cpu_count threads, as our 1-process run has. The headline ratio is our
@@ -167,8 +169,9 @@ def check_same_model(directory: str, texts: list[str], new: int) -> None:
 def generation_alone(directory: str, w: Workload, texts: list[str], repeats: int = 3) -> str:
     """One rollout's generation without the rest of the step: the P x G rows of step 0 (each
     prompt G times), exactly `new` tokens each (no stop, so both sides emit the same count),
-    greedy and sampled at temperature 1 (ours: a seeded generator per row, as GRPO samples;
-    transformers: one batched multinomial, as TRL samples). Medians of interleaved rounds."""
+    greedy and sampled at temperature 1, with top-p 1 (as the GRPO runs) and 0.95 (ours: a
+    seeded generator per row, as GRPO samples; transformers: one batched multinomial, as TRL
+    samples). Medians of interleaved rounds."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
@@ -178,21 +181,20 @@ def generation_alone(directory: str, w: Workload, texts: list[str], repeats: int
     prompts = [ours.tokenizer.encode(t) for t in rows]
     gen = Generator(ours.model, ParallelContext.single(), max_batch=len(rows), max_len=w.seq_len + 1,
                     vocab_size=ours.vocab_size)
-    greedy = SamplingParams(max_new_tokens=w.new, temperature=0.0)
-    sampled = [SamplingParams(max_new_tokens=w.new, temperature=1.0, seed=sample_seed(w.seed, 0, j))
-               for j in range(len(rows))]
     batch = tok(rows, padding=True, padding_side="left", return_tensors="pt")
-
-    def hf_generate(sample: bool):
-        return lambda: hf.generate(**batch, max_new_tokens=w.new, min_new_tokens=w.new, do_sample=sample,
-                                   temperature=1.0, top_p=1.0, top_k=0, pad_token_id=tok.pad_token_id)
-
-    fns = {"ours greedy": lambda: gen.generate(prompts, greedy), "transformers greedy": hf_generate(False),
-           "ours sampled": lambda: gen.generate(prompts, sampled), "transformers sampled": hf_generate(True)}
+    modes = {"greedy": (0.0, 1.0), "sampled": (1.0, 1.0), "sampled top-p 0.95": (1.0, 0.95)}  # temperature, top-p
+    fns = {}
+    for mode, (temperature, top_p) in modes.items():
+        params = [SamplingParams(max_new_tokens=w.new, temperature=temperature, top_p=top_p,
+                                 seed=sample_seed(w.seed, 0, j)) for j in range(len(rows))]
+        fns[f"ours {mode}"] = lambda params=params: gen.generate(prompts, params)
+        fns[f"transformers {mode}"] = lambda temperature=temperature, top_p=top_p: hf.generate(
+            **batch, max_new_tokens=w.new, min_new_tokens=w.new, do_sample=temperature > 0,
+            temperature=temperature or 1.0, top_p=top_p, top_k=0, pad_token_id=tok.pad_token_id)
     ms = time_interleaved(fns, warmup=1, repeats=repeats, label="generation alone ")
     tokens = len(rows) * w.new
     out = []
-    for mode in ("greedy", "sampled"):
+    for mode in modes:
         a, b = ms[f"ours {mode}"].wall_ms, ms[f"transformers {mode}"].wall_ms
         out.append([mode, f"{a / 1e3:.2f}", f"{b / 1e3:.2f}", f"{tokens / a * 1e3:.0f}", f"{tokens / b * 1e3:.0f}",
                     f"{b / a:.2f}x"])
@@ -218,7 +220,10 @@ def our_config(w: Workload, init: str, out_dir: str, ep: int) -> dict:
         "post_train": {"kind": "grpo", "init": init, "prompts": {"source": "arithmetic", "n_eval": 16},
                        "grpo": {"loss": "grpo", "prompts_per_step": w.prompts, "group_size": w.group,
                                 "max_new_tokens": w.new, "temperature": 1.0, "top_p": 1.0, "kl_coef": w.beta,
-                                "rewards": REWARDS, "generation_batch": batch, "sample_every": w.steps}},
+                                "rewards": REWARDS, "generation_batch": batch, "sample_every": w.steps,
+                                # torch's kernels, as TRL runs; the exact-log-prob mode
+                                # (ds_parallel/kernels.py) costs extra and TRL has no counterpart
+                                "batch_invariant": False}},
     }
 
 

@@ -6,14 +6,13 @@ second way in: the layers' constructors take no GEMM):
 
     parallel linears (Linear / ColumnParallelLinear / RowParallelLinear)  .gemm
         attention wq/wk/wv/wo; MLA wq|wq_a, wq_b, wkv_a, wkv_b, wo; dense MLP w1/w2/w3;
-        MTP eh_proj
-    shared experts (torch nn.Linear, no bias)      replaced by a Linear holding the same weight
+        MTP eh_proj; the shared experts' w1/w2/w3
     routed experts (GroupedExperts)                 .grouped_gemm          torch backend only
     MoE dispatch (precision.fp8.dispatch)           .dispatch_codec        FP8 rows + scales
 
 and leaves in high precision, as V3 §3.3 does: the embedding and the output head (the head
-is a ColumnParallelLinear, excluded by name), the router (its own F.linear in fp32), the
-norms and the attention core (SDPA), plus anything matching precision.fp8.keep_high_precision
+is a ColumnParallelLinear, excluded by name), the router (its own fp32 GEMM), the
+norms and the attention core (kernels.attention), plus anything matching precision.fp8.keep_high_precision
 (fp8/recipe.py decides which modules and which backend, from the config alone).
 MLA's absorbed decode (`forward_decode`) reads wkv_b.weight directly and so runs in high
 precision: it is an inference path, and the master weights stay high precision.
@@ -25,10 +24,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ds_parallel.fp8.dispatch import FP8Codec
+from ds_parallel.kernels import linear
 from ds_parallel.fp8.linear import BlockwiseFP8Gemm, BlockwiseFP8GroupedGemm
 from ds_parallel.fp8.recipe import TE_EXPERTS_RULE, build_te_recipe, is_kept, keep_patterns, resolve_backend
 from ds_parallel.fp8.te import TEGemm
@@ -49,16 +48,6 @@ def apply_fp8(model: nn.Module, precision, ctx=None) -> list[str]:
         return []
     backend = resolve_backend(fp8)
     keep = keep_patterns(fp8)
-
-    # Shared experts are torch nn.Linear: give them our Linear (same Parameter object, so the
-    # name `...w1.weight`, its attributes and optimizer identity are unchanged).
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is nn.Linear and child.bias is None and not is_kept(full, keep):
-                lin = Linear(child.in_features, child.out_features)
-                lin.weight = child.weight
-                setattr(parent, child_name, lin)
 
     if backend == "torch":
         gemm = BlockwiseFP8Gemm(fp8.block_size, fp8.power_of_two_scales)
@@ -94,7 +83,7 @@ def high_precision_gemms(model: nn.Module):
     high-precision code again (for side-by-side measurements); restored on exit."""
     saved = []
     for module in list(model.modules()):
-        for attr, default, kind in (("gemm", F.linear, _PARALLEL_LINEARS), ("grouped_gemm", grouped_linear, GroupedExperts),
+        for attr, default, kind in (("gemm", linear, _PARALLEL_LINEARS), ("grouped_gemm", grouped_linear, GroupedExperts),
                                     ("dispatch_codec", None, MoE)):
             if isinstance(module, kind):
                 saved.append((module, attr, getattr(module, attr)))

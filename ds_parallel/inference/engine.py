@@ -7,7 +7,9 @@ Requests wait in a queue and take a free cache slot (model/cache.py) as one free
 finished sequence costs nothing more and its slot serves the next prompt. Every iteration
 is: admitted prompts prefilled in one forward (rows right-padded, each row's first token
 read at its own last position), then one decode forward over the active rows, each at its
-own position. Nothing is recomputed.
+own position. Nothing is recomputed. The rows of a forward are sampled together
+(sampling.py: batched, yet each row's token depends only on its own logits and generator),
+and their tokens and log-probabilities reach the host in one copy.
 
 Layouts. Every rank of the world calls `generate` together with its own prompts (tensor-
 parallel ranks the same ones, data-parallel ranks their share). Tensor parallel splits the
@@ -39,17 +41,17 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from ds_parallel.inference.sampling import SamplingParams, draw, request_generator, sampling_probs, uniform
+from ds_parallel.inference.sampling import SamplingParams, choose, request_generator, sampling_probs, uniform
 from ds_parallel.model.cache import ModelCache
 from ds_parallel.moe.replay import recording
-from ds_parallel.parallel.tensor_parallel import gather_logits
+from ds_parallel.parallel.tensor_parallel import gather_logits, vocab_parallel_logprobs
 
 
 @dataclass
 class Completion:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)  # under the raw model: log_softmax(logits)
+    logprobs: list[float] = field(default_factory=list)  # under the raw model: log_softmax(logits)[token]
     sampling_logprobs: list[float] = field(default_factory=list)  # under the sampled distribution (greedy: 0)
     finish_reason: str = ""  # "stop" (a stop token or string) or "length" (max_new_tokens)
     # record_routes: (positions fed, MoE layers, K) expert ids of every token the model read
@@ -194,9 +196,10 @@ class Generator:
 
     def _agree(self, *flags: bool) -> list[bool]:
         """The flags OR-ed over the world (every rank takes the same forwards)."""
+        if self.ctx.world_size == 1:  # over the context's world: a one-process Generator talks to no one
+            return list(flags)
         t = torch.tensor([float(f) for f in flags], device=self.ctx.device)
-        if self.ctx.world_size > 1:  # over the context's world: a one-process Generator talks to no one
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
         return [bool(v) for v in t.tolist()]
 
     def _forward(self, ids: list[list[int]], slots: list[int], pos: list[int]):
@@ -218,48 +221,61 @@ class Generator:
         width = max((len(rows[s].tokens) for s in admit), default=1)
         ids = [rows[s].tokens + [0] * (width - len(rows[s].tokens)) for s in admit]
         logits, h = self._forward(ids, admit, [0] * len(admit))
-        for b, slot in enumerate(admit):
-            row = rows[slot]
-            last = len(row.tokens) - 1
+        if not admit:
+            return
+        batch = [rows[s] for s in admit]
+        last = torch.tensor([len(row.tokens) - 1 for row in batch], device=logits.device)
+        sampled = self._sample(batch, logits[torch.arange(len(batch), device=logits.device), last])
+        for b, (slot, row) in enumerate(zip(admit, batch)):
             row.length = len(row.tokens)
             if self._hidden:
                 self._hidden[0][slot, : row.length] = h[b, : row.length]
             self.stats.prefilled += 1
             if self._routes is not None:
                 row.routes.append(self._routes[b, : row.length])
-            self._emit(row, logits[b, last].log_softmax(-1), self._probs(logits[b, last:last + 1], [row.params])[0])
+            self._emit(row, *sampled[b])
 
     def _decode_step(self, rows: dict[int, _Row], active: list[int]) -> None:
         ids = [[rows[s].tokens[-1]] for s in active]
         logits, _ = self._forward(ids, active, [rows[s].length for s in active])
         if not active:
             return
-        probs = self._probs(logits[:, 0], [rows[s].params for s in active])
-        raw = logits[:, 0].log_softmax(-1)  # (b, V), once for the batch
-        for b, slot in enumerate(active):
-            row = rows[slot]
+        batch = [rows[s] for s in active]
+        for b, (row, sample) in enumerate(zip(batch, self._sample(batch, logits[:, 0]))):
             row.length += 1
             self.stats.main_steps += 1
             if self._routes is not None:
                 row.routes.append(self._routes[b])
-            self._emit(row, raw[b], probs[b])
+            self._emit(row, *sample)
 
     def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Sampling distributions over the ids below `vocab_size` (n, vocab_size)."""
         return sampling_probs(logits[..., : self.vocab_size], params)
 
-    def _emit(self, row: _Row, raw: torch.Tensor, probs: torch.Tensor, token: Optional[int] = None) -> bool:
-        """Sample from `probs` (or take `token`), record it with its log-probabilities (`raw`:
-        the model's log_softmax over the whole vocabulary, as training computes them), and
-        check the stops; True when finished."""
+    def _sample(self, batch: list[_Row], logits: torch.Tensor) -> list[tuple[int, float, float]]:
+        """Each row's next token from its (n, V) logits, with its log-probabilities under the
+        model (the training side's function, `vocab_parallel_logprobs` on this rank's vocab
+        shard, so that both round alike: exactly inside kernels.batch_invariant()) and under
+        the sampling distribution: the batch's work in a few ops and one copy to the host.
+        Collective over the tensor-parallel group."""
+        params = [row.params for row in batch]
+        probs = self._probs(logits, params)
+        tokens = choose(probs, params, [row.gen for row in batch]).unsqueeze(-1)
+        shard = logits.shape[-1] // self.ctx.tp
+        local = logits[:, self.ctx.tp_rank * shard:(self.ctx.tp_rank + 1) * shard]
+        raw = vocab_parallel_logprobs(local, tokens.squeeze(-1), self.ctx)[0].unsqueeze(-1)
+        values = torch.cat([tokens.double(), raw.double(), probs.gather(-1, tokens).log().double()], -1)
+        return [(int(t), logp, sampled) for t, logp, sampled in values.tolist()]
+
+    def _emit(self, row: _Row, token: int, logprob: float, sampling_logprob: float) -> bool:
+        """Record `token` with its log-probabilities under the model and under the sampling
+        distribution (0 for greedy), and check the stops; True when finished."""
         p = row.params
-        if token is None:
-            token = draw(probs, row.gen) if not p.greedy else int(probs.argmax())
         out = row.out
         row.tokens.append(token)
         out.token_ids.append(token)
-        out.logprobs.append(float(raw[token]))
-        out.sampling_logprobs.append(0.0 if p.greedy else float(torch.log(probs[token])))
+        out.logprobs.append(logprob)
+        out.sampling_logprobs.append(0.0 if p.greedy else sampling_logprob)
         self.stats.tokens += 1
         if token in p.stop_token_ids or (p.stop_strings and any(
                 s in self.detokenize(out.token_ids) for s in p.stop_strings)):
@@ -279,30 +295,38 @@ class Generator:
             self._draft(rows, active, depth, drafts, draft_probs)
         ids = [[rows[s].tokens[-1]] + drafts[s] for s in active]
         logits, h = self._forward(ids, active, [rows[s].length for s in active])
+        if not active:
+            return
+        # p at positions L .. L+k of every row (b, k + 1, vocab_size), and the model's log-probs
+        probs = self._probs(logits.flatten(0, 1), [rows[s].params for s in active for _ in range(k + 1)])
+        probs = probs.view(len(active), k + 1, -1)
+        raw = logits.log_softmax(-1)
+
+        def emit(row: _Row, b: int, j: int, token: int) -> bool:
+            return self._emit(row, token, float(raw[b, j, token]), float(torch.log(probs[b, j, token])))
+
         for b, slot in enumerate(active):
             row = rows[slot]
-            probs = self._probs(logits[b], [row.params] * (k + 1))  # p at positions L .. L+k
-            raw = logits[b].log_softmax(-1)
             self.stats.main_steps += 1
             start = row.length
             for j in range(k + 1):
                 # tokens[-1] sits at `length`; its output at j predicts the next token.
                 self._hidden[0][slot, row.length] = h[b, j]
                 row.length += 1
+                p = probs[b, j]
                 if j == k:  # every draft kept: one more from the main model
-                    self._emit(row, raw[j], probs[j])
+                    emit(row, b, j, int(choose(p[None], [row.params], [row.gen])))
                     break
                 x, q = drafts[slot][j], draft_probs[slot][j]
                 self.stats.drafted[j] += 1
-                if q[x] > 0 and uniform(row.gen) < min(1.0, float(probs[j][x] / q[x])):  # V3 §5.4.3 / lossless rule
+                if q[x] > 0 and uniform(row.gen) < min(1.0, float(p[x] / q[x])):  # V3 §5.4.3 / lossless rule
                     self.stats.accepted[j] += 1
-                    if self._emit(row, raw[j], probs[j], token=x):
+                    if emit(row, b, j, x):
                         break
                     continue
-                residual = (probs[j] - q).clamp_min(0)
-                residual = residual / residual.sum() if residual.sum() > 0 else probs[j]
-                token = draw(residual, row.gen) if not row.params.greedy else int(residual.argmax())
-                self._emit(row, raw[j], probs[j], token=token)
+                residual = (p - q).clamp_min(0)
+                residual = residual / residual.sum() if residual.sum() > 0 else p
+                emit(row, b, j, int(choose(residual[None], [row.params], [row.gen])))
                 break
             for d in range(k):  # depth d+1's positions past the old length saw drafted tokens
                 row.valid[d] = min(row.valid[d], start - d)
@@ -330,12 +354,16 @@ class Generator:
         logits, h = self.model.mtp_decode(depth, torch.stack(h_prev), torch.tensor(ids, device=device), self.cache,
                                           torch.tensor(pos, device=device), torch.tensor(slots, device=device))
         logits = gather_logits(logits, self.ctx).float()
-        for b, slot in enumerate(active):
-            row = rows[slot]
-            last = row.length - 1 - pos[b]
+        if not active:
+            return
+        batch = [rows[s] for s in active]
+        last = torch.tensor([row.length - 1 - start for row, start in zip(batch, pos)], device=logits.device)
+        params = [row.params for row in batch]
+        q = self._probs(logits[torch.arange(len(batch), device=logits.device), last], params)  # (b, vocab_size)
+        tokens = choose(q, params, [row.gen for row in batch]).tolist()
+        for b, (slot, row) in enumerate(zip(active, batch)):
             if depth < len(self._hidden):
                 self._hidden[depth][slot, pos[b]:pos[b] + width] = h[b]
             row.valid[depth - 1] = row.length
-            q = self._probs(logits[b, last:last + 1], [row.params])[0]
-            drafts[slot].append(draw(q, row.gen) if not row.params.greedy else int(q.argmax()))
-            draft_probs[slot].append(q)
+            drafts[slot].append(tokens[b])
+            draft_probs[slot].append(q[b])

@@ -1,8 +1,17 @@
 """Per-request sampling settings, the distributions they define, and seeded draws.
 
-Each request samples from its own `torch.Generator` (seeded from its `seed`), one uniform
-draw per token inverted through the distribution's CDF, so its output does not depend on
-which other requests share its batch, on the batch size or on the tensor-parallel rank.
+Each request samples from its own `torch.Generator` (seeded from its `seed`), one float64
+uniform draw u per token inverted through the distribution's float64 CDF (the first token
+with mass whose cumulative probability reaches u times the total), so its output does not
+depend on which other requests share its batch, on the batch size or on the tensor-parallel
+rank.
+
+The work is batched over the rows of a decode step without giving that up: rows with equal
+settings get their distributions in one pass (every op involved computes a row from that
+row alone, in an order that does not depend on the batch: elementwise ops, softmax, top-k,
+sort, cumsum, searchsorted; no row sum, see `_probs`), and only the uniforms are drawn row
+by row, each from its own generator (`draw`). A row's probabilities, CDF and token are
+therefore the same bits alone or in any batch, on any number of CPU threads.
 
 Two log-probabilities are reported per generated token: under the raw model
 (log_softmax of the logits, what RL's ratios and KL need) and under the distribution that
@@ -39,42 +48,72 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def distribution(self) -> tuple[float, int, float]:
+        """What the sampling distribution depends on: rows equal in it are computed together."""
+        return self.temperature, self.top_k, self.top_p
+
 
 def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """(n, V) logits -> (n, V) float32 probabilities of each row's sampling distribution
-    (a one-hot of the argmax for greedy rows)."""
+    (a one-hot of the argmax for greedy rows), one pass per distinct `distribution`."""
     logits = logits.float()
-    out = torch.empty_like(logits)
+    groups: dict[tuple[float, int, float], list[int]] = {}
     for i, p in enumerate(params):
-        row = logits[i]
-        if p.greedy:
-            out[i] = torch.nn.functional.one_hot(row.argmax(), row.numel()).float()
-            continue
-        row = row / p.temperature
-        if p.top_k and p.top_k < row.numel():
-            kth = row.topk(p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = row.softmax(-1)
-        if p.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above
-            drop = torch.zeros_like(probs, dtype=torch.bool)
-            drop[order] = before >= p.top_p
-            probs = probs.masked_fill(drop, 0.0)
-            probs = probs / probs.sum()
-        out[i] = probs
+        groups.setdefault(p.distribution, []).append(i)
+    if len(groups) == 1:
+        return _probs(logits, *next(iter(groups)))
+    out = torch.empty_like(logits)
+    for setting, rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        out[index] = _probs(logits[index], *setting)
     return out
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One token from a (V,) distribution with one uniform draw of `generator`."""
-    u = torch.rand((), generator=generator, dtype=torch.float64).item()
-    cdf = probs.double().cumsum(0)
-    index = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64, device=cdf.device)))
-    index = min(index, probs.numel() - 1)
-    if probs[index] <= 0:  # only for u = 0 before the first token with mass
-        index = int((probs > 0).nonzero()[0])
-    return index
+def _probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """(n, V) float32 logits -> the distribution of one setting, row by row."""
+    vocab = logits.shape[-1]
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), vocab).float()
+    logits = logits / temperature
+    if top_k and top_k < vocab:
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # the mass ranked above is short of top_p
+        # Renormalised by the kept mass summed in rank order by a cumsum (sequential within the
+        # row): a row sum on the CPU is split over threads for a long row alone, not in a batch.
+        kept = sorted_probs.masked_fill(~keep, 0.0).cumsum(-1)[:, -1:]
+        drop = torch.empty_like(keep).scatter_(-1, order, ~keep)
+        probs = probs.masked_fill(drop, 0.0) / kept
+    return probs
+
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """(n, V) distributions -> one token per row (n,) long, row i inverting one uniform of
+    generators[i] (drawn on the CPU, where the generators live)."""
+    u = torch.cat([torch.rand(1, generator=generator, dtype=torch.float64) for generator in generators])
+    cdf = probs.double().cumsum(-1)
+    target = u.to(cdf.device) * cdf[:, -1]
+    index = torch.searchsorted(cdf, target.unsqueeze(-1)).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    first = (probs > 0).int().argmax(-1)  # only for u = 0 before the first token with mass
+    return torch.where(probs.gather(-1, index.unsqueeze(-1)).squeeze(-1) > 0, index, first)
+
+
+def choose(probs: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+           ) -> torch.Tensor:
+    """Each row's token (n,) long: the argmax for greedy rows (drawing nothing), a `draw`
+    for the others."""
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if len(sampled) == len(params):
+        return draw(probs, generators)
+    tokens = probs.argmax(-1)
+    if sampled:
+        index = torch.tensor(sampled, device=probs.device)
+        tokens[index] = draw(probs[index], [generators[i] for i in sampled])
+    return tokens
 
 
 def uniform(generator: torch.Generator) -> float:

@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ds_parallel.kernels import attention
 from ds_parallel.model.cache import KVCache, Rows
 from ds_parallel.model.rope import apply_rotary
 from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -54,12 +54,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, G, Dh)
         q = apply_rotary(q, freqs_cis, self.interleaved)
         k = apply_rotary(k, freqs_cis, self.interleaved)
-        # SDPA wants heads before time; enable_gqa maps query head h to KV head h // (H/G).
+        # Heads before time; query head h reads KV head h // (H/G) (kernels.attention).
         q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H|G, T, Dh)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
-            enable_gqa=self.n_local_heads != self.n_local_kv_heads,
-        )  # (B, H, T, Dh)
+        o = attention(q, k, v, mask, self.softmax_scale)  # (B, H, T, Dh)
         o = o.transpose(1, 2).reshape(bsz, seqlen, self.n_local_heads * self.head_dim).to(x.dtype)
         return self.wo(o)  # (B, T, D)
 
@@ -77,8 +74,6 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         k, v = cache.write_read(rows, k=k, v=v)  # (b, S, G, Dh)
         q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=rows.visible.unsqueeze(1), scale=self.softmax_scale,
-            enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+        o = attention(q, k, v, rows.visible.unsqueeze(1), self.softmax_scale)
         o = o.transpose(1, 2).reshape(bsz, seqlen, self.n_local_heads * self.head_dim).to(x.dtype)
         return self.wo(o)

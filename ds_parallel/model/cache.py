@@ -69,12 +69,15 @@ class LayerCache:
         over positions 0..rows.length - 1 (b, S, ...), in the order given."""
         assert rows.length <= self.max_len, \
             f"cache holds {self.max_len} positions per sequence, decoding reached {rows.length}"
-        index = rows.slots.view(-1, 1).expand_as(rows.positions)
+        # Each (slot, position) as a row of the cache flattened to (slots * max_len, ...): one
+        # index_copy_ per tensor, and one index_select of the rows' slots to read them back.
+        flat = (rows.slots.view(-1, 1) * self.max_len + rows.positions).view(-1)  # (b * T,)
         out = []
         for name, value in new.items():
             cache = self.tensors[name]
-            cache[index, rows.positions] = value.to(cache.dtype)
-            out.append(cache[rows.slots, :rows.length])
+            width = cache.shape[2:]
+            cache.view(-1, *width).index_copy_(0, flat, value.reshape(-1, *width).to(cache.dtype))
+            out.append(cache[:, :rows.length].index_select(0, rows.slots))
         return out
 
 

@@ -11,7 +11,8 @@ W^UK from being folded into the query at decode time. Two forwards compute the s
 
   * `forward` (training / prefill): expand c into per-head k and v with wkv_b and run
     causal attention over H heads of width qk_nope + qk_rope.
-  * `forward_decode` (absorbed): the cache holds only c and the roped k^R per token
+  * `forward_decode` (absorbed; the expanded path of `forward` inside
+    kernels.batch_invariant(), so that decode rounds as training does): the cache holds only c and the roped k^R per token
     (kv_lora_rank + qk_rope_head_dim values, `MLACache`). W^UK is absorbed into the query,
     attention runs over the latent itself (MQA with one key/value "head"), and W^UV is applied
     after the softmax-weighted sum. Same numbers, ~H*(2 d_h)/(d_c + d_h^R) times less cache.
@@ -45,9 +46,9 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ds_parallel.kernels import attention, is_batch_invariant
 from ds_parallel.model.cache import MLACache, Rows
 from ds_parallel.model.norm import RMSNorm
 from ds_parallel.model.rope import YarnScaling, apply_rotary, precompute_freqs_cis, yarn_softmax_scale
@@ -112,16 +113,20 @@ class MLA(nn.Module):
         q_nope, q_pe = self._query(x, freqs_cis)
         kv, k_pe = self._latent(x, freqs_cis)
         k_pe = copy_to_group(k_pe, self.tp_group)  # shared by the local heads of every rank
-        kv = self.wkv_b(kv).view(bsz, seqlen, self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim)
+        return self._attend_expanded(q_nope, q_pe, kv, k_pe, mask)
+
+    def _attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                         visible: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-head keys and values expanded from the latent kv (B, S, C) by wkv_b, attention of
+        the queries (B, T, H_l, .) over them (causal when `visible` is None), then wo."""
+        bsz, keys = kv.shape[:2]
+        kv = self.wkv_b(kv).view(bsz, keys, self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H_l, nope + rope)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_local_heads, -1)], dim=-1)
-        # SDPA: the flash / memory-efficient kernels keep the softmax statistics in fp32;
-        # on CPU in fp32 (the parity tests) it is the plain math.
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
-            scale=self.softmax_scale,
-        )  # (B, H_l, T, v)
+        # SDPA's flash / memory-efficient kernels keep the softmax statistics in fp32; on CPU
+        # in fp32 (the parity tests) it is the plain math.
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), visible, self.softmax_scale)
         return self.wo(o.transpose(1, 2).flatten(2))  # (B, T, D)
 
     @torch.no_grad()
@@ -138,6 +143,8 @@ class MLA(nn.Module):
         kv, k_pe = self._latent(x, rows.rotations)
         kv_cache, pe_cache = cache.write_read(rows, kv=kv, pe=k_pe)  # (b, S, C), (b, S, rope)
         kv_cache, pe_cache = kv_cache.type_as(x), pe_cache.type_as(x)
+        if is_batch_invariant():  # multiply in the training forward's order (kernels.py)
+            return self._attend_expanded(q_nope, q_pe, kv_cache, pe_cache, rows.visible.unsqueeze(1))
         # (H_l, nope + v, C): rows [W^UK; W^UV] of each local head.
         wkv_b = self.wkv_b.weight.view(self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]

@@ -9,9 +9,9 @@ end. Forward costs one all-reduce (after w2); backward one per column layer (w1,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ds_parallel.kernels import silu
 from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
@@ -24,4 +24,4 @@ class MLP(nn.Module):
         self.w3 = ColumnParallelLinear(dim, inter_dim, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, D)
+        return self.w2(silu(self.w1(x)) * self.w3(x))  # (B, T, D)

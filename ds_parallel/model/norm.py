@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ds_parallel.kernels import rsqrt
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -21,5 +23,5 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()  # (..., D)
-        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        y = xf * rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)

@@ -6,7 +6,8 @@
 runs them as grouped matrix products over rows already sorted by expert
 (`torch._grouped_mm` with group end offsets; a loop over experts, never over tokens,
 where that kernel does not take the dtype/device). `SwiGLU` is the dense MLP of the
-shared experts (one MLP of width n_shared_experts * moe_inter_dim).
+shared experts (one MLP of width n_shared_experts * moe_inter_dim), replicated `Linear`s with
+the same `gemm` hook as every other linear.
 
 Expert tensors are tagged for the rest of the system: `shards` (which expert block this
 rank holds, for init, checkpoints and gather_full), `init_per_expert` (the model's init
@@ -17,10 +18,11 @@ optimizer groups reduce their gradients over the expert-data-parallel group only
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ds_parallel.kernels import is_batch_invariant, linear, silu
 from ds_parallel.parallel.shard import ShardSpec, set_shards
+from ds_parallel.parallel.tensor_parallel import Linear
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -48,7 +50,10 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool = True) -> torch.Tensor:
     """x (P, in) rows sorted by group, w (G, out, in), counts (G,) -> (P, out), where the
-    rows of group g are multiplied by w[g]^T."""
+    rows of group g are multiplied by w[g]^T. Inside kernels.batch_invariant(), group by group
+    with its row-invariant `linear`."""
+    if is_batch_invariant():
+        return torch.cat([linear(chunk, w[g]) for g, chunk in enumerate(x.split(counts.tolist()))])
     if use_grouped_mm and _grouped_mm_ok(x):
         offs = counts.cumsum(0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
@@ -87,18 +92,18 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (P, dim) rows sorted by local expert, counts (n_local_experts,) -> (P, dim)."""
         gm, gemm = self.use_grouped_mm, self.grouped_gemm
-        h = F.silu(gemm(x, self.w1, counts, gm)) * gemm(x, self.w3, counts, gm)
+        h = silu(gemm(x, self.w1, counts, gm)) * gemm(x, self.w3, counts, gm)
         return gemm(h, self.w2, counts, gm)
 
 
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, inter_dim: int, init_std: float = 0.006):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.w1 = Linear(dim, inter_dim)
+        self.w2 = Linear(inter_dim, dim)
+        self.w3 = Linear(dim, inter_dim)
         for lin in (self.w1, self.w2, self.w3):
             nn.init.normal_(lin.weight, std=init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu(self.w1(x)) * self.w3(x))

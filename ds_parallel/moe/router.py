@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ds_parallel.kernels import linear, sigmoid
 from ds_parallel.moe.replay import select
 
 
@@ -107,11 +107,11 @@ class Router(nn.Module):
         """x (N, dim) -> Routing. Accumulates the per-expert load when training. `forced`
         (N, K) expert ids replace the selection of every row without a -1 (route replay,
         moe/replay.py); the gate values are still the live scores at those experts."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        logits = linear(x.float(), self.weight.float())  # (N, E)
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1)
         else:
-            scores = logits.sigmoid()
+            scores = sigmoid(logits)
         sel = scores.detach() + self.e_score_correction_bias
         group_score = "top2sum" if self.score_func == "sigmoid" else "max"
         indices = select(group_limited_topk(sel, self.topk, self.n_groups, self.n_limited, group_score), forced)

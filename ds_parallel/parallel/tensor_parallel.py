@@ -11,7 +11,7 @@ A column layer followed by a row layer (attention heads, the SwiGLU MLP) needs o
 all-reduce forward and one backward. The output head is column parallel over the vocab,
 and `vocab_parallel_cross_entropy` takes its sharded logits without ever gathering them.
 
-Every linear does its matmul through its `gemm(x, weight)` attribute, `F.linear` when built:
+Every linear does its matmul through its `gemm(x, weight)` attribute, `kernels.linear` when built:
 fp8/apply.py `apply_fp8` swaps it after construction, the one way FP8 reaches a linear
 (docs/architecture.md), rather than a switch inside.
 No biases: DeepSeek's linears have none.
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_parallel.kernels import exp, linear, log
 from ds_parallel.parallel.comm import (
     all_reduce,
     copy_to_group,
@@ -44,7 +45,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.gemm: Gemm = F.linear
+        self.gemm: Gemm = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gemm(x, self.weight)
@@ -61,7 +62,7 @@ class ColumnParallelLinear(nn.Module):
         self.part_out_features = out_features // ctx.tp
         self.weight = nn.Parameter(torch.empty(self.part_out_features, in_features))
         set_shards(self.weight, ShardSpec(0, ctx.tp_rank, ctx.tp, "tp"))
-        self.gemm: Gemm = F.linear
+        self.gemm: Gemm = linear
         self.gather_output, self.tp_group = gather_output, ctx.tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ class RowParallelLinear(nn.Module):
         self.part_in_features = in_features // ctx.tp
         self.weight = nn.Parameter(torch.empty(out_features, self.part_in_features))
         set_shards(self.weight, ShardSpec(1, ctx.tp_rank, ctx.tp, "tp"))
-        self.gemm: Gemm = F.linear
+        self.gemm: Gemm = linear
         self.input_is_parallel, self.tp_group = input_is_parallel, ctx.tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,8 +145,8 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, ctx, en
     part_vocab = z.shape[-1]
     m = all_reduce(z.detach().amax(dim=-1, keepdim=True), ctx.tp_group, torch.distributed.ReduceOp.MAX)
     z = z - m
-    e = z.exp()
-    log_s = reduce_from_group(e.sum(dim=-1), ctx.tp_group).log()  # (...)
+    e = exp(z)
+    log_s = log(reduce_from_group(e.sum(dim=-1), ctx.tp_group))  # (...)
     local = targets - ctx.tp_rank * part_vocab
     mine = (local >= 0) & (local < part_vocab)
     z_y = z.gather(-1, local.clamp(0, part_vocab - 1).unsqueeze(-1)).squeeze(-1)

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from ds_parallel import checkpoint as ckpt
 from ds_parallel.atomic import write_atomic
 from ds_parallel.config.load import dump_yaml, to_dict
+from ds_parallel.kernels import batch_invariant
 from ds_parallel.config.schema import Config, micro_batches_per_step
 from ds_parallel.data.loader import rank_positions
 from ds_parallel.inference.engine import Completion, Generator
@@ -101,6 +102,9 @@ def check_grpo(cfg: Config, world_size: int) -> None:
     if g.max_new_tokens >= t.seq_len:
         raise ValueError(f"post_train.grpo.max_new_tokens={g.max_new_tokens} leaves no room for the prompt in "
                          f"train.seq_len={t.seq_len}: raise train.seq_len")
+    if g.batch_invariant and cfg.precision.fp8.enabled:
+        raise ValueError("post_train.grpo.batch_invariant=true needs high-precision GEMMs: set "
+                         "post_train.grpo.batch_invariant=false or precision.fp8.enabled=false")
     loss_config(cfg)
     check_rewards(g.rewards, g.reward_options, max_new_tokens=g.max_new_tokens)
 
@@ -346,15 +350,16 @@ def grpo_step(run: GRPO, step: int) -> dict[str, float]:
     """One GRPO step (rollout, scoring, `minibatches` optimizer steps); its metrics record."""
     g, ctx = run.g, run.ctx
     tic = time.perf_counter()
-    ro = run.rollout(step)
-    batches = [run.micro_batches(ro, k) for k in range(g.minibatches)]
-    sums = {}
-    for mb in batches:
-        for key, value in run.score_batches(mb).items():
-            sums[key] = max(sums.get(key, 0.0), value) if key == "diff_max" else sums.get(key, 0.0) + value
-    t_update = time.perf_counter()
-    results = [train_step(run.parts, mb, step * g.minibatches + k) for k, mb in enumerate(batches)]
-    update_s = time.perf_counter() - t_update
+    with batch_invariant(g.batch_invariant):  # kernels.py: the same rounding in every shape
+        ro = run.rollout(step)
+        batches = [run.micro_batches(ro, k) for k in range(g.minibatches)]
+        sums = {}
+        for mb in batches:
+            for key, value in run.score_batches(mb).items():
+                sums[key] = max(sums.get(key, 0.0), value) if key == "diff_max" else sums.get(key, 0.0) + value
+        t_update = time.perf_counter()
+        results = [train_step(run.parts, mb, step * g.minibatches + k) for k, mb in enumerate(batches)]
+        update_s = time.perf_counter() - t_update
     totals = torch.tensor([sums["exp_diff_sum"], sums["tokens"], sums["routes_differ"], sums["routes"],
                            float(ro.tokens)], dtype=torch.float64)
     _sum_over_dp(totals, ctx)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ds_parallel import kernels
 from ds_parallel.config import load_config
 from ds_parallel.config.load import ConfigError
 from ds_parallel.fp8.apply import apply_fp8
@@ -331,10 +332,10 @@ def test_apply_fp8_swaps_eligible_layers_only():
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (Linear, ColumnParallelLinear, RowParallelLinear))}
     for name, m in linears.items():
         if name == "head":  # V3 §3.3: output head stays high precision
-            assert m.gemm is F.linear and name not in changed
+            assert m.gemm is kernels.linear and name not in changed
         else:
             assert isinstance(m.gemm, BlockwiseFP8Gemm), name
-    assert not any(type(m) is torch.nn.Linear for m in model.modules())  # shared experts converted
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())  # shared experts are our Linear
     assert {"layers.1.attn.wkv_b", "layers.1.ffn.shared_experts.w2", "mtp.0.eh_proj", "layers.0.ffn.w2"} <= set(changed)
     for m in model.modules():
         if isinstance(m, GroupedExperts):
@@ -348,7 +349,7 @@ def test_apply_fp8_swaps_eligible_layers_only():
     cfg2 = _fp8_cfg("precision.fp8.keep_high_precision=mtp.*,wo", "precision.fp8.dispatch=false")
     changed = apply_fp8(model, cfg2.precision)
     assert not any(n.startswith("mtp.") or n.endswith(".wo") for n in changed)
-    assert model.layers["1"].attn.wo.gemm is F.linear and isinstance(model.layers["1"].attn.wq_b.gemm, BlockwiseFP8Gemm)
+    assert model.layers["1"].attn.wo.gemm is kernels.linear and isinstance(model.layers["1"].attn.wq_b.gemm, BlockwiseFP8Gemm)
     assert not isinstance(model.layers["1"].ffn.dispatch_codec, FP8Codec)
     assert apply_fp8(_model(cfg), load_config(None, ["model.preset=debug_v3_fp8"]).precision) == []
     copied = copy.deepcopy(model)  # the injected callables are plain objects

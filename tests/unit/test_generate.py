@@ -9,8 +9,10 @@
   decoding, drafts accepted exactly as often as a cache-free reference says, and sampled
   output distributed as plain sampling (chi-square against each other and against the
   model's exact two-token distribution).
-- Sampling semantics: temperature, top-k, top-p against a sort-based reference; a seeded
-  request independent of its batch; stops, lengths and invalid settings.
+- Sampling semantics: temperature, top-k, top-p against a sort-based reference; a step's
+  rows sampled together equal each row alone (probabilities bit for bit, tokens as the
+  per-row float64 inversion of its own generator, also for a 129,280-token row on two
+  threads); a seeded request independent of its batch; stops, lengths and invalid settings.
 """
 import math
 
@@ -19,7 +21,7 @@ import torch
 
 from ds_parallel.config.load import config_from_dict
 from ds_parallel.inference import Generator, SamplingParams
-from ds_parallel.inference.sampling import sampling_probs
+from ds_parallel.inference.sampling import choose, sampling_probs
 from ds_parallel.model import build_model
 from ds_parallel.model.cache import KVCache, MLACache, ModelCache
 from ds_parallel.parallel.groups import ParallelContext
@@ -398,6 +400,60 @@ def test_temperature_top_k_top_p_against_reference():
     logits = torch.randn(4, 30, generator=g) * 2
     probs = sampling_probs(logits, [SamplingParams(temperature=0.6, top_k=8, top_p=0.7)] * 4)
     torch.testing.assert_close(probs, reference_probs(logits, 0.6, top_k=8, top_p=0.7).float())
+
+
+def reference_draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """The per-row definition of a draw, written independently of sampling.py: one float64
+    uniform u of the row's generator, then the first token with mass whose float64
+    cumulative probability reaches u times the total."""
+    u = torch.rand((), generator=generator, dtype=torch.float64).item()
+    cdf = probs.double().cumsum(0)
+    return int(((cdf >= u * float(cdf[-1])) & (probs > 0)).nonzero()[0])
+
+
+def test_batched_sampling_equals_each_row_alone():
+    """A decode step's rows sampled together (settings mixed in one batch, greedy rows among
+    them, tied logits, a vocabulary sliced from a padded one) against each row alone: the
+    same probabilities bit for bit, and over three steps the same tokens as the per-row
+    float64 inversion of the same generator streams; greedy rows draw nothing. 576 draws."""
+    g = torch.Generator().manual_seed(0)
+    settings = [dict(temperature=1.0), dict(top_p=0.95), dict(temperature=0.7, top_k=20, top_p=0.9),
+                dict(temperature=0.0), dict(temperature=1.3, top_k=5), dict(temperature=0.6, top_p=0.5)]
+    for vocab, padded in ((48, 48), (1000, 1024)):
+        params = [SamplingParams(**settings[i % len(settings)]) for i in range(64)]
+        gens = [torch.Generator().manual_seed(i) for i in range(64)]
+        refs = [torch.Generator().manual_seed(i) for i in range(64)]
+        for step in range(3):
+            logits = (torch.randn(64, padded, generator=g) * 3)[:, :vocab]
+            if step == 1:
+                logits = (logits * 2).round() / 2  # ties
+            probs = sampling_probs(logits, params)
+            tokens = choose(probs, params, gens).tolist()
+            for i, p in enumerate(params):
+                alone = sampling_probs(logits[i:i + 1], [p])[0]
+                assert torch.equal(probs[i], alone), (vocab, step, i)
+                want = int(alone.argmax()) if p.greedy else reference_draw(alone, refs[i])
+                assert tokens[i] == want, (vocab, step, i)
+        for gen, ref in zip(gens, refs):  # the streams are where the per-row draws left them
+            assert torch.rand((), generator=gen, dtype=torch.float64) == torch.rand((), generator=ref,
+                                                                                    dtype=torch.float64)
+
+
+def test_top_p_row_is_the_same_alone_and_in_a_batch_on_two_threads():
+    """Top-p renormalises by the kept mass. A plain row sum over a 129,280-token row (V3's
+    vocabulary) is split over threads when the row is alone, not in a batch, and so differs
+    in the last bit for about half the rows; the kept mass summed in rank order does not."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 129_280, generator=g) * 2
+    params = [SamplingParams(top_p=0.95)] * 8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = sampling_probs(logits, params)
+        for i in range(8):
+            assert torch.equal(batch[i], sampling_probs(logits[i:i + 1], params[:1])[0]), i
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_seeded_request_does_not_depend_on_its_batch():

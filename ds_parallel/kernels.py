@@ -1,0 +1,155 @@
+"""The model's numeric kernels, and batch-invariant numerics (`with batch_invariant():`).
+
+Generation and training compute the same log-probabilities in different shapes: decoding
+feeds one token per row over a cache, while the training forward runs whole padded
+sequences in micro-batches of another size. The math is equal, the rounding is not: a
+CPU GEMM picks other kernels for a few rows, an elementwise op evaluates the last
+elements of a tensor (and of each thread's share) with scalar code instead of vector code
+(exp, silu, sigmoid, rsqrt and log differ there in the last bit), attention reduces over
+another number of keys, and MLA's absorbed decode multiplies in another order. So a
+rollout's log-probs and the training forward's differ by ~1e-6, and an RL ratio is not
+exactly 1 where it should be (the rollout/training mismatch RL frameworks measure).
+
+Inside `batch_invariant()` every kernel here gives each row a result that depends only on
+that row (and on the keys it may attend to):
+
+    linear              rows padded to at least `min_rows()`, from which the BLAS kernel
+                        no longer depends on the row count (measured, MKL fp32: row counts
+                        below 4 with 1 thread, 12 with 2 or 8, 28 with 16, 52 with 32 and
+                        76 with 64 round differently)
+    silu, sigmoid,      evaluated over a flat copy padded to a multiple of ALIGN, in
+    rsqrt, exp, log     pieces of at most PIECE elements (one thread each), so every
+                        element goes through the vector code
+    attention           keys in chunks of CHUNK; each chunk's scores and its
+                        softmax-weighted values (the denominator as one more column) are
+                        fixed-shape GEMMs, added chunk by chunk in key order, so keys a
+                        query cannot see add exact zeros and the padded length is moot
+
+and MLA decodes with keys and values expanded from the cached latent (as training does)
+instead of absorbing W^UK and W^UV. With the log-probs taken by one function on both sides
+(`parallel.tensor_parallel.vocab_parallel_logprobs`), a token's rollout log-prob equals the
+training forward's bit for bit in fp32 on CPU, whatever the batch, cache slot, micro-batch
+or expert-parallel layout (tests/unit/test_kernels.py, tests/dist/test_grpo.py). Outside the
+context these are torch's kernels, unchanged. The bounds are what this CPU build does
+(ATen's vectorised loops, its 32768-element grain, MKL's small-M paths); GPUs need
+batch-invariant kernels of their own, and there the logged mismatch is the check.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+ALIGN = 128  # elements: a multiple of every vector loop's stride (2 x 64-byte vectors of 1-byte types)
+PIECE = 32768  # elements: ATen's grain size, below which an op runs on one thread
+CHUNK = 64  # keys per attention chunk
+
+_INVARIANT: ContextVar[bool] = ContextVar("batch_invariant", default=False)
+
+
+@contextmanager
+def batch_invariant(enabled: bool = True) -> Iterator[None]:
+    """Within the block (this thread), the kernels are batch-invariant (module docstring)."""
+    token = _INVARIANT.set(enabled)
+    try:
+        yield
+    finally:
+        _INVARIANT.reset(token)
+
+
+def is_batch_invariant() -> bool:
+    return _INVARIANT.get()
+
+
+# ---------------------------------------------------------------------------- GEMMs
+
+
+def min_rows() -> int:
+    """GEMM rows below which the result of a row may depend on the row count."""
+    return max(32, 4 * torch.get_num_threads())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ weight (out, in)^T: every linear's default `gemm`."""
+    if not _INVARIANT.get():
+        return F.linear(x, weight)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    n, least = rows.shape[0], min_rows()
+    if n < least:
+        rows = torch.cat([rows, rows.new_zeros(least - n, rows.shape[1])])
+    return F.linear(rows, weight)[:n].view(*x.shape[:-1], weight.shape[0])
+
+
+def _bmm_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (N, M, K) @ b (N, K, P) with M padded to `min_rows()`."""
+    m, least = a.shape[1], min_rows()
+    if m < least:
+        a = torch.cat([a, a.new_zeros(a.shape[0], least - m, a.shape[2])], dim=1)
+    return torch.bmm(a, b)[:, :m]
+
+
+# ---------------------------------------------------------------------------- elementwise
+
+
+def _elementwise(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def kernel(x: torch.Tensor) -> torch.Tensor:
+        if not _INVARIANT.get() or x.numel() == 0:
+            return fn(x)
+        flat = x.reshape(-1)
+        n = flat.numel()
+        padded = F.pad(flat, (0, (-n) % ALIGN))
+        return torch.cat([fn(piece) for piece in padded.split(PIECE)])[:n].view(x.shape)
+
+    kernel.__name__ = kernel.__qualname__ = fn.__name__
+    kernel.__doc__ = f"torch's {fn.__name__}, position-independent inside batch_invariant()."
+    return kernel
+
+
+silu = _elementwise(F.silu)
+sigmoid = _elementwise(torch.sigmoid)
+rsqrt = _elementwise(torch.rsqrt)
+exp = _elementwise(torch.exp)
+log = _elementwise(torch.log)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Optional[torch.Tensor],
+              scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale over the visible keys) v, per batch and query head; every
+    attention module's core.
+
+    q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv), G dividing H (query head h reads head
+    h // (H/G)); visible (B, 1|H, T, S) bool (True: may attend), or None for causal with
+    T == S. Returns (B, H, T, Dv). Torch's fused kernel, or the chunked batch-invariant one
+    (computed in fp32)."""
+    if not _INVARIANT.get():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    B, H, T, D = q.shape
+    if k.shape[1] != H:
+        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
+    S, Dv = k.shape[2], v.shape[-1]
+    if visible is None:
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril().view(1, 1, T, S)
+    n_chunks = math.ceil(S / CHUNK)
+    pad = n_chunks * CHUNK - S
+    qf = q.float().reshape(B * H, T, D)
+    kf = F.pad(k.float(), (0, 0, 0, pad)).reshape(B * H, n_chunks, CHUNK, D)
+    ones = torch.ones(*v.shape[:-1], 1, dtype=torch.float32, device=v.device)
+    vf = F.pad(torch.cat([v.float(), ones], dim=-1), (0, 0, 0, pad)).reshape(B * H, n_chunks, CHUNK, Dv + 1)
+    vis = F.pad(visible.expand(B, H, T, S), (0, pad)).reshape(B * H, T, n_chunks, CHUNK)
+    scores = [(_bmm_rows(qf, kf[:, c].transpose(1, 2)) * scale).masked_fill(~vis[:, :, c], float("-inf"))
+              for c in range(n_chunks)]  # each (BH, T, CHUNK)
+    top = torch.stack([s.amax(dim=-1) for s in scores], dim=-1).amax(dim=-1, keepdim=True)  # (BH, T, 1)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    acc = None
+    for c in range(n_chunks):  # in key order: a chunk a query cannot see adds exact zeros
+        part = _bmm_rows(exp(scores[c] - top), vf[:, c])  # (BH, T, Dv + 1): numerator | denominator
+        acc = part if acc is None else acc + part
+    return (acc[..., :Dv] / acc[..., Dv:]).view(B, H, T, Dv).to(q.dtype)
