@@ -173,6 +173,7 @@ def _check_engine(rank, world):
     import warnings
 
     warnings.filterwarnings("ignore")
+    from ds_parallel import kernels
     from ds_parallel.config.load import load_config
     from ds_parallel.data import GlobalBatchLoader, build_datasets
     from ds_parallel.fp8.linear import BlockwiseFP8Gemm, BlockwiseFP8GroupedGemm
@@ -189,7 +190,7 @@ def _check_engine(rank, world):
     ctx = build_parallel_context(Topology(world, ep=2))
     engine = build_engine(build_model(cfg.model, ctx, t.seed), cfg, ctx)
     layer = engine.module.layers["1"]
-    assert isinstance(layer.attn.wkv_b.gemm, BlockwiseFP8Gemm) and engine.module.head.gemm is torch.nn.functional.linear
+    assert isinstance(layer.attn.wkv_b.gemm, BlockwiseFP8Gemm) and engine.module.head.gemm is kernels.linear
     assert isinstance(layer.ffn.experts.grouped_gemm, BlockwiseFP8GroupedGemm)
     loader = GlobalBatchLoader(build_datasets(cfg.data, t, cfg.model.vocab_size).train, t.global_batch_size,
                                t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
