@@ -1,6 +1,8 @@
 import os
 import warnings
 
+import pytest
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 
@@ -10,6 +12,20 @@ def pytest_configure(config):
         "dist: spawns gloo processes",
         "slurm: needs the local Slurm cluster",
         "gpu: needs CUDA (skipped without it)",
-        "slow: long-running",
+        "slow: long demos with a short version in the default run; selected with --slow",
     ):
         config.addinivalue_line("markers", marker)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the long demos marked `slow` (e.g. the README's full smoke job)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="long demo: run with `make test PYTEST_ARGS=--slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -30,7 +30,9 @@ def test_many_layouts_are_covered():
 
 @pytest.mark.parametrize("world", [2, 8, 64, 1024, 4096])
 def test_groups_match_megatron_rank_generator(world):
-    for topo in (t for t in LAYOUTS if t.world_size == world):
+    # Every layout up to 1024 ranks; every third at 4096 (each takes ~1 s in megatron-core).
+    layouts = [t for t in LAYOUTS if t.world_size == world]
+    for topo in layouts[::3] if world > 1024 else layouts:
         dense = RankGenerator(tp=topo.tp, ep=1, dp=topo.dp, pp=topo.pp, cp=topo.cp, order="tp-cp-ep-dp-pp")
         expert = RankGenerator(tp=topo.tp, ep=topo.ep, dp=topo.edp, pp=topo.pp, cp=1, order="tp-cp-ep-dp-pp")
         for dims in ("tp", "cp", "dp", "pp", "cp-dp", "tp-pp", "tp-cp"):
