@@ -57,6 +57,7 @@ from ds_parallel.model import build_model
 from ds_parallel.moe.replay import replaying, routing_mismatch
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.parallel.tensor_parallel import vocab_parallel_logprobs
+from ds_parallel.rl.evaluate import evaluate
 from ds_parallel.rl.losses import ADVANTAGES, dynamic_sampling_mask
 from ds_parallel.rl.objective import PolicyObjective, loss_config
 from ds_parallel.rl.prompts import Prompt, build_prompts, prompt_indices
@@ -313,19 +314,9 @@ class GRPO:
     # -------------------------------------------------------------- evaluation
 
     def heldout_accuracy(self, n: Optional[int] = None) -> float:
-        """Greedy accuracy on the held-out prompts (split over data-parallel ranks)."""
+        """Greedy accuracy on the held-out prompts (split over data-parallel ranks; rl/evaluate.py)."""
         prompts = self.heldout[:n] if n else self.heldout
-        mine = prompts[self.ctx.dp_rank::self.ctx.dp]
-        params = SamplingParams(max_new_tokens=self.g.max_new_tokens, temperature=0.0,
-                                stop_token_ids=self.tokenizer.eos_ids)
-        outs = self.generator.generate([self.tokenizer.encode(p.text) for p in mine], params)
-        samples = [Sample(prompt=p.text, completion=self.tokenizer.decode(c.token_ids), answer=p.answer, task=p.task,
-                          completion_tokens=len(c.token_ids), truncated=c.finish_reason == "length", entry=p.entry)
-                   for p, c in zip(mine, outs)]
-        correct = torch.tensor([float(score(samples, {"accuracy": 1.0}, {}).correct.sum()) if samples else 0.0],
-                               dtype=torch.float64)
-        _sum_over_dp(correct, self.ctx)
-        return float(correct.item()) / max(1, len(prompts))
+        return evaluate(self.generator, self.tokenizer, prompts, self.ctx, self.g.max_new_tokens).greedy_accuracy
 
 
 def _sum_over_dp(t: torch.Tensor, ctx) -> None:
