@@ -263,6 +263,16 @@ class GRPOConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation the R1 way (rl/evaluate.py): greedy accuracy, and pass@1 averaged
+    over k samples at temperature 0.6, top-p 0.95 (R1 §3.1)."""
+    k: int = 4  # samples per prompt for pass@1 (R1: 4 to 64); 0 = greedy only
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 0  # 0: post_train.grpo.max_new_tokens
+
+
+@dataclass
 class PostTrainConfig:
     """`launchers/post_train.py`: kind sft | grpo | pipeline (phases, each its own run
     directory under train.out_dir: {name, kind (pretrain | sft | grpo), overrides})."""
@@ -271,6 +281,7 @@ class PostTrainConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     phases: Any = None  # pipeline: list of {name, kind, overrides: {dotted.key: value}}
 
 

@@ -45,6 +45,17 @@ class EvalResult:
         return asdict(self)
 
 
+def check_eval(ecfg) -> None:
+    """post_train.eval's values (one-line ValueErrors naming the key)."""
+    checks = [("k", ecfg.k >= 0, "use 0 (greedy only) or a number of samples per prompt (R1: 4 to 64)"),
+              ("temperature", ecfg.temperature > 0, "use a positive value (R1: 0.6); k=0 gives greedy only"),
+              ("top_p", 0 < ecfg.top_p <= 1, "use a value in (0, 1] (R1: 0.95)"),
+              ("max_new_tokens", ecfg.max_new_tokens >= 0, "use 0 (post_train.grpo.max_new_tokens) or a count")]
+    for name, ok, fix in checks:
+        if not ok:
+            raise ValueError(f"post_train.eval.{name}={getattr(ecfg, name)!r} is invalid: {fix}")
+
+
 def eval_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     """The seed of sample `sample_index` of held-out prompt `prompt_index` (a 63-bit mix)."""
     mixed = (seed * 0x9E3779B1 + prompt_index * 0x85EBCA77 + sample_index * 0xC2B2AE3D + 0x27D4EB2F) % (2**63 - 1)
