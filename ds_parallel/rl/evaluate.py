@@ -27,8 +27,9 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ds_parallel.inference.engine import Generator
 from ds_parallel.inference.sampling import SamplingParams
-from ds_parallel.rl.prompts import Prompt
+from ds_parallel.rl.prompts import Prompt, build_prompts
 from ds_parallel.rl.rewards import Sample, score
 
 
@@ -109,6 +110,28 @@ def evaluate(generator, tokenizer, prompts: Sequence[Prompt], ctx, max_new_token
     return EvalResult(n_prompts=n, k=k, greedy_accuracy=float(counts[0]) / max(1, n),
                       pass_at_1=float(counts[1]) / n_scored if k else None,
                       format_rate=float(counts[2]) / n_scored, mean_length=float(counts[3]) / n_scored)
+
+
+def evaluate_heldout(model, tokenizer, cfg, ctx, max_batch: int = 64) -> EvalResult:
+    """`evaluate` on the held-out prompts of cfg.post_train.prompts (rl/prompts.py; for the
+    arithmetic task with cfg.data's digits and ops) with cfg.post_train.eval's settings:
+    what every phase of a pipeline and launchers/evaluate.py report."""
+    e, pt = cfg.post_train.eval, cfg.post_train
+    check_eval(e)
+    _, heldout = build_prompts(pt.prompts, cfg.train.seed, cfg.data)
+    max_new = e.max_new_tokens or pt.grpo.max_new_tokens
+    longest = max((len(tokenizer.encode(p.text)) for p in heldout), default=0)
+    if longest + max_new > model.cfg.max_seq_len:
+        raise ValueError(f"post_train.eval.max_new_tokens={max_new}: a held-out prompt of {longest} tokens plus it "
+                         f"exceeds model.max_seq_len={model.cfg.max_seq_len}; lower it")
+    generator = Generator(model, ctx, max_batch=max_batch, max_len=longest + max_new,
+                          vocab_size=tokenizer.vocab_size, detokenize=tokenizer.decode, seed=cfg.train.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate(generator, tokenizer, heldout, ctx, max_new, e.k, e.temperature, e.top_p, cfg.train.seed)
+    finally:
+        model.train(was_training)
 
 
 def results_table(rows: Sequence[tuple[str, dict]]) -> str:

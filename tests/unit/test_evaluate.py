@@ -61,3 +61,40 @@ def test_ranks_split_the_prompts_and_their_counts_add_up(k):
         gen = Generator(model, single, max_batch=8, max_len=64, vocab_size=tok.vocab_size)
         lengths = {evaluate(gen, tok, prompts[:1], single, 24, k=1, seed=s).mean_length for s in range(6)}
         assert len(lengths) > 1, lengths
+
+
+def test_cli_equals_the_api_and_refuses_bad_input_in_one_line(tmp_path):
+    """launchers/evaluate.py on a run directory (the arithmetic task, read from the saved
+    config) gives the result of evaluate_heldout in this process; a bad value exits 2 naming
+    the key."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ds_parallel.checkpoint import save_model
+    from ds_parallel.config import load_config
+    from ds_parallel.inference.load import load_for_generation
+    from ds_parallel.rl.evaluate import evaluate_heldout
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_config(None, ["model.preset=debug_v3", "parallel.ep=1", "train.seq_len=32",
+                             "post_train.prompts.n_eval=6", "post_train.eval.k=2", "post_train.grpo.max_new_tokens=16"])
+    run = str(tmp_path / "run")
+    save_model(build_model(cfg.model, ParallelContext.single(), seed=1), run, cfg)
+    loaded = load_for_generation(ckpt=run)
+    want = evaluate_heldout(loaded.model, loaded.tokenizer, cfg, ParallelContext.single()).as_dict()
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    cli = [sys.executable, os.path.join(root, "launchers", "evaluate.py"), "--ckpt", run]
+    proc = subprocess.run([*cli, "--out", str(tmp_path / "r.json")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert {k: got[k] for k in want} == want and want["n_prompts"] == 6 and want["k"] == 2
+    assert "| run | prompts | greedy accuracy |" in proc.stdout
+
+    bad = subprocess.run([*cli, "post_train.eval.top_p=0"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "post_train.eval.top_p=0" in bad.stderr, bad.stderr[-2000:]
+    assert len([line for line in bad.stderr.splitlines() if "error" in line]) == 1
