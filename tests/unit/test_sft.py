@@ -267,3 +267,25 @@ def test_load_sft_tokenizer_paths_and_errors(tmp_path, tok):
     Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "plain" / "tokenizer.json"))
     with pytest.raises(ValueError, match="has no single token for '<｜begin▁of▁sentence｜>'"):
         load_sft_tokenizer(str(tmp_path / "plain" / "tokenizer.json"))
+
+
+def test_plain_rendering_with_the_arithmetic_character_tokenizer():
+    """tokenizer: arithmetic has no chat template: each user turn after an EOS (as pre-training
+    and generation feed problems), each assistant turn supervised and closed by an EOS."""
+    from ds_parallel.data.sft import PlainSFTTokenizer
+    from ds_parallel.data.tokenizer import CharTokenizer
+
+    chars, plain = CharTokenizer(), load_sft_tokenizer("arithmetic")
+    assert isinstance(plain, PlainSFTTokenizer) and plain.vocab_size == CharTokenizer.vocab_size
+    eos = CharTokenizer.eos_id
+    ids, supervised = render({"messages": [{"role": "user", "content": "21+93="},
+                                           {"role": "assistant", "content": "<answer>051</answer>"},
+                                           {"role": "user", "content": "1+1="},
+                                           {"role": "assistant", "content": "20"}]}, plain)
+    want = ([eos] + chars.encode("21+93=") + chars.encode("<answer>051</answer>") + [eos]
+            + [eos] + chars.encode("1+1=") + chars.encode("20") + [eos])
+    mask = [False] * 7 + [True] * 21 + [False] * 5 + [True] * 3
+    assert list(ids) == want and list(supervised) == mask
+    with pytest.raises(ValueError, match="system message needs a chat template"):
+        render({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "1+1="},
+                             {"role": "assistant", "content": "2"}]}, plain)
