@@ -9,15 +9,15 @@
     -> held-out loss on the last `eval_fraction` of the examples; metrics, checkpoints,
        summary.json and plots as in pre-training. Rerunning resumes.
 
-The built-in data (`post_train.sft.data: builtin:arithmetic`) are 2-digit sums as chats, the
-answer worked out in R1's output format: user "21+93=", assistant
-"<think>2+9+0=11 1+3+1=50</think><answer>150</answer>" (data/corpus.py, digits backwards).
+The built-in data (`post_train.sft.data: builtin:arithmetic`) are problems of the arithmetic
+task of `data` (n_digits, ops) as chats, the answer worked out in R1's output format: user
+"21+93=", assistant "<think>2+9+0=11 1+3+1=50</think><answer>150</answer>" (data/corpus.py,
+digits backwards), drawn from the corpus's training side: never a held-out problem.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from typing import Any, Optional
 
@@ -27,7 +27,7 @@ from ds_parallel import checkpoint as ckpt
 from ds_parallel.atomic import write_atomic
 from ds_parallel.config.load import dump_yaml, to_dict
 from ds_parallel.config.schema import Config
-from ds_parallel.data.corpus import format_cot
+from ds_parallel.data.corpus import build_corpus
 from ds_parallel.data.sft import Example, SFTLoader, SFTRows, load_sft_tokenizer, read_sft_jsonl, render
 from ds_parallel.moe import moe_layers
 from ds_parallel.parallel.groups import ParallelContext
@@ -39,13 +39,17 @@ from ds_parallel.train.step import to_device, train_step
 BUILTIN = "builtin:arithmetic"
 
 
-def builtin_examples(n: int, seed: int) -> list[dict[str, str]]:
-    """n chats of 2-digit addition in R1's output format (module docstring)."""
-    rng = random.Random(f"ds_parallel.sft.{seed}")
+def builtin_examples(cfg: Config, n: int = 2000) -> list[dict[str, str]]:
+    """n chats of the arithmetic task of cfg.data in R1's output format (module docstring),
+    drawn from the training side of its corpus: never one of the held-out problems that
+    pre-training (data.n_eval) or GRPO and evaluation (post_train.prompts.n_eval) score."""
+    d = cfg.data
+    held = max(d.n_eval, cfg.post_train.prompts.n_eval)
+    corpus = build_corpus(d.n_digits, d.ops, n, held, cfg.train.seed, cot=1.0)
     out = []
-    for _ in range(n):
-        prompt, completion = format_cot(rng.randrange(100), "+", rng.randrange(100), 2)
-        out.append({"prompt": prompt, "response": completion})
+    for text in corpus.train:  # "21+93=<think>...</think><answer>150</answer>"
+        cut = text.index("=") + 1
+        out.append({"prompt": text[:cut], "response": text[cut:]})
     return out
 
 
@@ -74,7 +78,7 @@ def load_examples(cfg: Config) -> tuple[list[Example], list[Example], int]:
     s, t = cfg.post_train.sft, cfg.train
     tok = load_sft_tokenizer(s.tokenizer)
     if s.data == BUILTIN:
-        rendered = [render(e, tok) for e in builtin_examples(2000, t.seed)]
+        rendered = [render(e, tok) for e in builtin_examples(cfg)]
         examples = [e for e in rendered if len(e.ids) <= t.seq_len]
         dropped = len(rendered) - len(examples)
     else:

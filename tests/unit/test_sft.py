@@ -289,3 +289,19 @@ def test_plain_rendering_with_the_arithmetic_character_tokenizer():
     with pytest.raises(ValueError, match="system message needs a chat template"):
         render({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "1+1="},
                              {"role": "assistant", "content": "2"}]}, plain)
+
+
+def test_builtin_chats_never_hold_a_heldout_problem():
+    """The cold-start chats (builtin:arithmetic) come from the training side of the corpus:
+    none is a problem that pre-training's or GRPO's held-out evaluation scores."""
+    from ds_parallel.config.load import config_from_dict
+    from ds_parallel.rl.prompts import build_prompts
+    from ds_parallel.rl.sft import builtin_examples
+
+    cfg = config_from_dict({"data": {"n_eval": 64}, "post_train": {"prompts": {"n_eval": 300}}})
+    chats = builtin_examples(cfg)
+    _, heldout = build_prompts(cfg.post_train.prompts, cfg.train.seed, cfg.data)
+    assert len(chats) == 2000 and len(heldout) == 300
+    assert not {c["prompt"] for c in chats} & {p.text for p in heldout}
+    assert all(c["response"].startswith("<think>") and c["response"].endswith("</answer>") for c in chats)
+    # Without the exclusion, 2000 draws from the 10^4 sums would hit ~18% of the held-out ones (1 - e^-0.2).
