@@ -1,4 +1,4 @@
-"""Convert checkpoints between Hugging Face DeepSeek-V2/V3 and ds_parallel run directories.
+"""Convert checkpoints between Hugging Face (DeepSeek-V2/V3, Llama, Qwen2) and ds_parallel run directories.
 
     python launchers/convert.py hf-to-ds --hf HF_DIR --out RUN_DIR [--dtype fp32|bf16]
     python launchers/convert.py ds-to-hf --ckpt RUN_OR_STEP_DIR --out HF_DIR [--dtype ...] [--max-shard-gb 5]
@@ -6,7 +6,8 @@
 hf-to-ds writes RUN_DIR/checkpoints/step_0 (fp32 masters, zero AdamW moments) and
 RUN_DIR/config.yaml, so `launchers/train.py --config RUN_DIR/config.yaml` resumes from it.
 ds-to-hf writes config.json + model.safetensors (sharded with an index when large), which
-transformers' DeepseekV2/V3ForCausalLM loads. Both stream tensor by tensor, in one process.
+transformers' DeepseekV2/V3ForCausalLM loads (MLA models), or Llama/Qwen2ForCausalLM (MHA/GQA:
+qwen2 for a model with q/k/v biases). Both stream tensor by tensor, in one process.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Post-train a model: `deepspeed --num_gpus 2 launchers/post_train.py --config configs/X.yaml [key=value ...]`.
 
-`post_train.kind` is sft, grpo or pipeline (phases: pretrain, sft, grpo, each its own run
-directory under train.out_dir); see ds_parallel/rl/run.py. Runs under deepspeed, torchrun,
+`post_train.kind` is sft, grpo, rejection_sample or pipeline (phases: pretrain, sft, grpo,
+rejection_sample, each its own run directory under train.out_dir); see ds_parallel/rl/run.py. Runs under deepspeed, torchrun,
 srun and mpirun like launchers/train.py. Exit status: 0 done, 1 failed, 2 bad config or a
 checkpoint that fails verification (nothing loaded), 75 preempted: rerun to resume.
 """

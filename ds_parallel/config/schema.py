@@ -67,6 +67,8 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.006  # DeepSeek LLM / V3: N(0, 0.006)
     rope_interleave: bool = False  # DeepSeek MLA rotates interleaved pairs; LLaMA split halves
+    qkv_bias: bool = False  # MHA/GQA: biases on the q, k and v projections, none on o (Qwen2)
+    tie_embeddings: bool = False  # the head reads the embedding matrix (Llama 3.2 1B, small Qwen2.5)
 
     # Attention: "mha" (multi-head / grouped-query, DeepSeek LLM) or "mla" (V2/V3).
     attention: Literal["mha", "mla"] = "mha"
@@ -75,9 +77,13 @@ class ModelConfig:
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16  # decoupled RoPE key, shared across heads
     v_head_dim: int = 32
-    # YaRN (V3 §4.3); rope_factor 1.0 disables it.
+    # RoPE frequency scaling by rope_factor (1.0 disables it): "yarn" (V3 §4.3, MLA) or
+    # "llama3" (Llama 3.1, MHA/GQA: model/rope.py), over the original context original_max_seq_len.
+    rope_scaling: Literal["yarn", "llama3"] = "yarn"
     rope_factor: float = 1.0
     original_max_seq_len: int = 4096
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_seq_len / this are divided by s
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_seq_len / this are kept
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float = 1.0

@@ -203,7 +203,23 @@ def _validate_mla_moe(cfg: Config) -> None:
         if m.qk_rope_head_dim % 2:
             raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for RoPE")
     if m.rope_factor < 1.0:
-        raise ConfigError(f"model.rope_factor={m.rope_factor} must be >= 1 (1 disables YaRN)")
+        raise ConfigError(f"model.rope_factor={m.rope_factor} must be >= 1 (1 disables RoPE scaling)")
+    if m.rope_scaling == "llama3":
+        if m.attention != "mha":
+            raise ConfigError("model.rope_scaling=llama3 needs model.attention=mha (MLA scales its RoPE by YaRN)")
+        if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+            raise ConfigError(f"model.rope_low_freq_factor={m.rope_low_freq_factor} and rope_high_freq_factor="
+                              f"{m.rope_high_freq_factor} must satisfy 0 < low < high (Llama 3.1: 1 and 4)")
+        if m.original_max_seq_len <= 0:
+            raise ConfigError(f"model.original_max_seq_len={m.original_max_seq_len} must be positive")
+    elif m.attention == "mha" and m.rope_factor > 1.0:
+        raise ConfigError(f"model.rope_factor={m.rope_factor} with model.attention=mha: YaRN is modelled for MLA "
+                          f"only; set model.rope_scaling=llama3 or rope_factor=1")
+    if m.qkv_bias and m.attention != "mha":
+        raise ConfigError("model.qkv_bias=true needs model.attention=mha (MLA projections have no biases)")
+    if m.tie_embeddings and p.pp > 1:
+        raise ConfigError(f"model.tie_embeddings=true with parallel.pp={p.pp}: the embedding and the head sit on "
+                          f"different pipeline stages; use parallel.pp=1 or untie them")
     if m.mtp_depth < 0 or m.mtp_lambda < 0 or (m.mtp_lambda_late or 0) < 0:
         raise ConfigError("model.mtp_depth, model.mtp_lambda and model.mtp_lambda_late must be >= 0")
     if m.mtp_depth and cfg.train.seq_len <= m.mtp_depth:

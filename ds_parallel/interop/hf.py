@@ -1,5 +1,6 @@
-"""Hugging Face DeepSeek-V2 / V3 checkpoints <-> ds_parallel models (README.md, "Hugging Face
-checkpoints").
+"""Hugging Face DeepSeek-V2 / V3, Llama and Qwen2 checkpoints <-> ds_parallel models (README.md,
+"Hugging Face checkpoints"). config.json's model_type picks the config mapping: interop/hf_config.py
+(deepseek_v2 / _v3: MLA) or interop/hf_dense.py (llama / qwen2: the dense MHA/GQA model).
 
 Weights map 1:1 by name, with no reshuffling (established against transformers 5.24's
 modeling_deepseek_v2 / _v3 and tested in tests/unit/test_hf.py):
@@ -8,6 +9,8 @@ modeling_deepseek_v2 / _v3 and tested in tests/unit/test_hf.py):
     model.layers.{i}.input_layernorm / post_attention_layernorm  layers.{i}.attn_norm / ffn_norm
     ...self_attn.{q_proj, q_a_proj, q_a_layernorm, q_b_proj,   ...attn.{wq, wq_a, q_norm, wq_b,
        kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}     wkv_a, kv_norm, wkv_b, wo}
+    ...self_attn.{k_proj, v_proj}.weight (Llama, Qwen2)        ...attn.{wk, wv}.weight
+    ...self_attn.{q_proj, k_proj, v_proj}.bias (Qwen2)         ...attn.{bq, bk, bv}
     ...mlp.{gate_proj, up_proj, down_proj}                     ...ffn.{w1, w3, w2} (dense FFN; also
                                                                  under shared_experts)
     ...mlp.gate.weight, mlp.gate.e_score_correction_bias       ...ffn.gate.weight, .e_score_correction_bias
@@ -17,6 +20,8 @@ modeling_deepseek_v2 / _v3 and tested in tests/unit/test_hf.py):
     ...<decoder-layer names>                                   mtp.{k}.block.<block names>
     ...{embed_tokens, shared_head.head}                        copies of embed / head: written on
                                                                  export, checked equal on import
+    With tied embeddings (Llama / Qwen2 tie_word_embeddings) the model has no head.weight: no
+    lm_head.weight is written, and one found on import must equal the embedding.
 
 Config keys, and what transformers really computes with them: interop/hf_config.py. Only
 V3 with rope_interleave=False needs more than renaming: transformers rotates split halves
@@ -47,6 +52,7 @@ from ds_parallel.checkpoint.stream import TensorItem, split_by_size, write_safet
 from ds_parallel.checkpoint.weights import build_uninitialised, persistent_buffers
 from ds_parallel.config.schema import ModelConfig
 from ds_parallel.interop.hf_config import V2, V3, config_from_hf, hf_config_from_model
+from ds_parallel.interop.hf_dense import DENSE_TYPES, dense_config_from_hf, hf_config_from_dense
 from ds_parallel.model.transformer import Transformer
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.parallel.shard import ShardSpec, full_shape, gather_full, local_index, shards_of
@@ -59,6 +65,11 @@ _BLOCK_NAMES = {  # ours, inside a Block -> HF, inside a decoder layer
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.bq": "self_attn.q_proj.bias",
+    "attn.bk": "self_attn.k_proj.bias",
+    "attn.bv": "self_attn.v_proj.bias",
     "attn.wq_a.weight": "self_attn.q_a_proj.weight",
     "attn.q_norm.weight": "self_attn.q_a_layernorm.weight",
     "attn.wq_b.weight": "self_attn.q_b_proj.weight",
@@ -246,10 +257,13 @@ def load_hf_weights(model: Transformer, hf: HFCheckpoint) -> None:
 
     for key in sorted(set(hf.weight_map) - used):
         m = re.fullmatch(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)", key)
-        if m and n_layers <= int(m[1]) < n_layers + cfg.mtp_depth:
-            ours = local[_MTP_COPIES[m[2]]]
+        copy_of = _MTP_COPIES[m[2]] if m and n_layers <= int(m[1]) < n_layers + cfg.mtp_depth else None
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            copy_of = "embed.weight"  # a tied checkpoint that still stores the head
+        if copy_of is not None:
+            ours = local[copy_of]
             if not torch.equal(fetch(key, full_shape(ours), shards_of(ours), key).to(ours.dtype), ours):
-                raise ValueError(f"{hf.path}: {key} differs from {_MTP_COPIES[m[2]]}, which the MTP module shares")
+                raise ValueError(f"{hf.path}: {key} differs from {copy_of}, which the model shares with it")
         elif key.endswith(("weight_scale_inv", "rotary_emb.inv_freq")) or 0 in hf.shape(key):
             used.add(key)  # fp8 scales go with their weights; RoPE tables are derived; empty
             # tensors are transformers' zero-width shared experts when n_shared_experts=0
@@ -261,6 +275,8 @@ def load_hf_weights(model: Transformer, hf: HFCheckpoint) -> None:
 def _model_config(hf: HFCheckpoint) -> ModelConfig:
     """The model an HF directory holds: its config.json, with MTP depths only where their
     weights are present."""
+    if hf.config.get("model_type") in DENSE_TYPES:
+        return dense_config_from_hf(hf.config)
     cfg = config_from_hf(hf.config)
     return replace(cfg, mtp_depth=_mtp_layers_present(hf, cfg))
 
@@ -272,7 +288,7 @@ def hf_model_config(path: str) -> ModelConfig:
 
 
 def load_hf(path: str, dtype: torch.dtype = torch.float32, ctx: Optional[ParallelContext] = None) -> Transformer:
-    """Build a model from an HF DeepSeek-V2/V3 checkpoint directory (eval mode). With a
+    """Build a model from an HF DeepSeek-V2/V3, Llama or Qwen2 checkpoint directory (eval mode). With a
     parallel `ctx`, each rank allocates and reads only its own TP/EP slices."""
     ctx = ctx or ParallelContext.single()
     with HFCheckpoint(path) as hf:
@@ -339,10 +355,11 @@ def save_hf(
 ) -> None:
     """Write `model` as an HF checkpoint directory (config.json + model.safetensors, or
     numbered shards + model.safetensors.index.json above `max_shard_bytes`) that
-    transformers' DeepseekV2/V3ForCausalLM loads. `dtype` casts floating weights (the router
-    stays fp32). Under a parallel ctx every rank must call it; rank 0 writes."""
+    transformers' DeepseekV2/V3ForCausalLM (MLA), or Llama/Qwen2ForCausalLM (MHA/GQA), loads.
+    `dtype` casts floating weights (the router stays fp32). Under a parallel ctx every rank
+    must call it; rank 0 writes."""
     cfg = model.cfg
-    hf_config = hf_config_from_model(cfg)
+    hf_config = hf_config_from_model(cfg) if cfg.attention == "mla" else hf_config_from_dense(cfg)
     model_type = hf_config["model_type"]
     for name, t in named_tensors(model):
         if model_type == V2 and name.endswith("e_score_correction_bias") and bool(t.any()):

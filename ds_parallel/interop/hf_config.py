@@ -183,6 +183,8 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     MLA model, deepseek_v2 for softmax routing."""
     if cfg.attention != "mla":
         raise ValueError("model.attention=mha: HF DeepSeek-V2/V3 checkpoints hold MLA models only")
+    if cfg.tie_embeddings:
+        raise ValueError("model.tie_embeddings=true: HF DeepSeek-V2/V3 checkpoints have an untied head")
     if cfg.norm_eps != LATENT_NORM_EPS:
         raise ValueError(f"model.norm_eps={cfg.norm_eps}: transformers' latent norms use 1e-6; only 1e-6 exports exactly")
     model_type = hf_model_type(cfg)

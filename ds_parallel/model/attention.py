@@ -13,6 +13,9 @@ Tensor parallelism splits heads: wq/wk/wv are column parallel, so rank r owns qu
 those query heads read (the head-to-group map is contiguous). wo is row parallel. The
 attention core runs in fp32 (V3 §3.3 keeps attention operators in high precision).
 
+With `qkv_bias` (Qwen2) q, k and v get biases, `bq`, `bk`, `bv` (o has none); each is cut
+over tp with its weight's output rows, so a rank adds exactly its heads' biases.
+
 `mask` (B, 1, T, T) bool, True where query i may read key j, replaces the causal mask for
 rows that pack several examples (transformer.Segments: causal and within one example).
 """
@@ -26,7 +29,16 @@ from torch import nn
 from ds_parallel.kernels import attention
 from ds_parallel.model.cache import KVCache, Rows
 from ds_parallel.model.rope import apply_rotary
+from ds_parallel.parallel.shard import ShardSpec, set_shards
 from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+
+def _column_bias(linear: ColumnParallelLinear, ctx) -> nn.Parameter:
+    """A bias for a column-parallel linear: this rank's out/tp entries, split like its rows."""
+    bias = nn.Parameter(torch.empty(linear.part_out_features))
+    set_shards(bias, ShardSpec(0, ctx.tp_rank, ctx.tp, "tp"))
+    bias.init_constant = 0.0  # model/init.py
+    return bias
 
 
 class Attention(nn.Module):
@@ -46,12 +58,22 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(cfg.dim, self.n_kv_heads * self.head_dim, ctx)
         self.wv = ColumnParallelLinear(cfg.dim, self.n_kv_heads * self.head_dim, ctx)
         self.wo = RowParallelLinear(self.n_heads * self.head_dim, cfg.dim, ctx)
+        for name, linear in (("bq", self.wq), ("bk", self.wk), ("bv", self.wv)):
+            self.register_parameter(name, _column_bias(linear, ctx) if cfg.qkv_bias else None)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections of x (B, T, D) to this rank's heads: q (B, T, H, Dh), k and v (B, T, G, Dh)."""
+        bsz, seqlen, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.bq is not None:
+            q, k, v = q + self.bq, k + self.bk, v + self.bv
+        return (q.view(bsz, seqlen, self.n_local_heads, self.head_dim),
+                k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim),
+                v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim))
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, T, H, Dh)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, G, Dh)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, G, Dh)
+        q, k, v = self._qkv(x)  # (B, T, H, Dh), (B, T, G, Dh), (B, T, G, Dh)
         q = apply_rotary(q, freqs_cis, self.interleaved)
         k = apply_rotary(k, freqs_cis, self.interleaved)
         # Heads before time; query head h reads KV head h // (H/G) (kernels.attention).
@@ -69,9 +91,8 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         rows = pos if isinstance(pos, Rows) else Rows.of(freqs_cis, seqlen, pos, slots, bsz)
         rot = rows.rotations
-        q = apply_rotary(self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim), rot, self.interleaved)
-        k = apply_rotary(self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), rot, self.interleaved)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k, v = self._qkv(x)
+        q, k = apply_rotary(q, rot, self.interleaved), apply_rotary(k, rot, self.interleaved)
         k, v = cache.write_read(rows, k=k, v=v)  # (b, S, G, Dh)
         q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
         o = attention(q, k, v, rows.visible.unsqueeze(1), self.softmax_scale)

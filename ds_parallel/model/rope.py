@@ -16,6 +16,15 @@ low-frequency channels are divided by s, high-frequency ones kept, and a linear 
 
 and attention logits get the extra factor mscale^2 with mscale = 0.1 * m * ln(s) + 1
 (`yarn_softmax_scale`). For V3 (d=64, base 1e4, L0=4096, s=40): low=10, high=23.
+
+Llama 3.1's scaling (HF rope_type "llama3") works on wavelengths lambda_i = 2*pi / f_i with
+two thresholds, lambda_low = L0 / low_freq_factor and lambda_high = L0 / high_freq_factor:
+
+    lambda_i < lambda_high          f_i kept (high frequencies)
+    lambda_i > lambda_low           f_i / s
+    otherwise                       (1 - a) f_i / s + a f_i,   a = (L0 / lambda_i - low) / (high - low)
+
+with no factor on the logits or on cos/sin. For Llama 3.1 (s=8, low=1, high=4, L0=8192).
 """
 from __future__ import annotations
 
@@ -39,6 +48,14 @@ class YarnScaling:
         return self.factor > 1.0
 
 
+@dataclass(frozen=True)
+class Llama3Scaling:
+    factor: float = 8.0  # s
+    original_max_seq_len: int = 8192  # L0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+
 def _yarn_mscale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
 
@@ -55,9 +72,21 @@ def yarn_softmax_scale(base_scale: float, yarn: YarnScaling | None) -> float:
     return base_scale * m * m
 
 
-def rope_frequencies(dim: int, theta: float, yarn: YarnScaling | None = None) -> torch.Tensor:
-    """Per-pair angular frequencies, (dim/2,) float64 -> float32, YaRN-corrected if enabled."""
+def _llama3_scale(freqs: torch.Tensor, llama3: Llama3Scaling) -> torch.Tensor:
+    wavelen = 2 * math.pi / freqs
+    s, low, high = llama3.factor, llama3.low_freq_factor, llama3.high_freq_factor
+    a = (llama3.original_max_seq_len / wavelen - low) / (high - low)
+    out = torch.where(wavelen > llama3.original_max_seq_len / low, freqs / s, (1 - a) * freqs / s + a * freqs)
+    return torch.where(wavelen < llama3.original_max_seq_len / high, freqs, out)
+
+
+def rope_frequencies(dim: int, theta: float, yarn: YarnScaling | None = None,
+                     llama3: Llama3Scaling | None = None) -> torch.Tensor:
+    """Per-pair angular frequencies, (dim/2,) float64 -> float32, YaRN-corrected if enabled,
+    or Llama-3.1-scaled when `llama3` is given."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if llama3 is not None:
+        freqs = _llama3_scale(freqs, llama3)
     if yarn is not None and yarn.enabled:
         def corr_dim(rot: float) -> float:
             return dim * math.log(yarn.original_max_seq_len / (rot * 2 * math.pi)) / (2 * math.log(theta))
@@ -72,9 +101,10 @@ def rope_frequencies(dim: int, theta: float, yarn: YarnScaling | None = None) ->
     return freqs.float()
 
 
-def precompute_freqs_cis(dim: int, seqlen: int, theta: float, yarn: YarnScaling | None = None) -> torch.Tensor:
+def precompute_freqs_cis(dim: int, seqlen: int, theta: float, yarn: YarnScaling | None = None,
+                         llama3: Llama3Scaling | None = None) -> torch.Tensor:
     """Unit complex rotations e^{i * pos * f}, shape (seqlen, dim/2), complex64."""
-    freqs = rope_frequencies(dim, theta, yarn)
+    freqs = rope_frequencies(dim, theta, yarn, llama3)
     angles = torch.outer(torch.arange(seqlen, dtype=torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)
 

@@ -2,7 +2,11 @@
 
     logits = head(norm(block_L(... block_1(embed(ids)))))
 
-Input embedding and output head are separate matrices (untied, DeepSeek LLM and V2/V3).
+Input embedding and output head are separate matrices (untied, DeepSeek LLM and V2/V3),
+or with `tie_embeddings` one: the head's weight is the embedding's Parameter (small Llama
+and Qwen2.5 models), listed once by `named_parameters` as `embed.weight`. Both tables are
+(V, D) and split over the vocab in the same rows, so tying holds under tp; pipeline
+layouts, which put them on different stages, are refused (config/validate.py).
 Both are split over the vocab with tensor parallelism; the logits stay sharded,
 (B, T, V/tp), and the loss is computed on the shards (`vocab_parallel_cross_entropy`).
 Use `parallel.tensor_parallel.gather_logits` where the full distribution is needed.
@@ -61,7 +65,7 @@ from ds_parallel.model.cache import Rows
 from ds_parallel.model.norm import RMSNorm
 from ds_parallel.model.mla import precompute_mla_freqs_cis
 from ds_parallel.model.mtp import MultiTokenPrediction
-from ds_parallel.model.rope import precompute_freqs_cis
+from ds_parallel.model.rope import Llama3Scaling, precompute_freqs_cis
 from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 
@@ -77,11 +81,15 @@ class ModelOutput:
 
 def model_freqs_cis(cfg) -> torch.Tensor:
     """RoPE rotations for the model's attention type, (max_seq_len, rope_dim/2) complex64.
-    MHA rotates whole heads with plain RoPE; MLA rotates only the decoupled
-    qk_rope_head_dim channels, with YaRN when rope_factor > 1 (V3 §4.3)."""
+    MHA rotates whole heads with plain RoPE, Llama-3.1-scaled with rope_scaling=llama3; MLA
+    rotates only the decoupled qk_rope_head_dim channels, with YaRN when rope_factor > 1 (V3 §4.3)."""
     if cfg.attention == "mla":
         return precompute_mla_freqs_cis(cfg)
-    return precompute_freqs_cis(cfg.mha_head_dim, cfg.max_seq_len, cfg.rope_theta)
+    llama3 = None
+    if cfg.rope_scaling == "llama3":
+        llama3 = Llama3Scaling(cfg.rope_factor, cfg.original_max_seq_len, cfg.rope_low_freq_factor,
+                               cfg.rope_high_freq_factor)
+    return precompute_freqs_cis(cfg.mha_head_dim, cfg.max_seq_len, cfg.rope_theta, llama3=llama3)
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,11 @@ class Transformer(nn.Module):
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             # The head stays in high precision (V3 §3.3): no FP8 gemm is ever injected here.
             self.head = ColumnParallelLinear(cfg.dim, cfg.vocab_size, ctx)
+            if cfg.tie_embeddings:
+                if self.embed is None:
+                    raise ValueError("model.tie_embeddings=true needs the embedding and the head on one pipeline "
+                                     "stage: use parallel.pp=1")
+                self.head.weight = self.embed.weight
             self.mtp = MultiTokenPrediction(cfg, ctx)  # empty (no parameters) when mtp_depth = 0
         # Derived from the config, so not saved in checkpoints.
         self.register_buffer("freqs_cis", model_freqs_cis(cfg), persistent=False)

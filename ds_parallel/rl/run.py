@@ -1,23 +1,29 @@
 """`launchers/post_train.py`: one post-training run, or a pipeline of phases.
 
-    post_train.kind: sft | grpo            one run in train.out_dir
-    post_train.kind: pipeline              phases, each a run in train.out_dir/<name>:
-        phases: [{name, kind: pretrain | sft | grpo, overrides: {dotted.key: value}}]
+    post_train.kind: sft | grpo | rejection_sample    one run in train.out_dir
+    post_train.kind: pipeline                         phases, each a run in train.out_dir/<name>:
+        phases: [{name, kind: pretrain | sft | grpo | rejection_sample, overrides: {dotted.key: value},
+                  init: <earlier phase>, data: <earlier rejection_sample phase> (sft only)}]
 
-A phase starts from `post_train.init` if it sets one, else from the previous phase's run
-directory (its latest checkpoint); the first phase from the top-level init (or the seed).
+A phase starts from `post_train.init` if it sets one, else from the phase its `init` names,
+else from the previous phase: its run directory's latest checkpoint, or for a
+rejection-sampling phase, which trains nothing, the weights it sampled; the first phase from
+the top-level init (or the seed). `data` makes an SFT phase train on a rejection-sampling
+phase's samples.jsonl (R1 §2.3.3 retrains the base model on them: init the base phase).
 Every phase's config is built and validated before any process group starts, and all
 phases share one parallel layout (the process groups are made once). Rerunning resumes: a
 finished phase (summary.json at its last step) is skipped, the current one resumes from its
-checkpoint. summary.json of the pipeline holds one entry per phase and the last phase's
-held-out accuracy.
+checkpoint; a rejection-sampling phase stopped early (max_chunks_this_run) ends the pipeline
+there, since the next phase would read its unfinished output. A file an earlier
+rejection-sampling phase writes is checked as the built-in data until then. summary.json of
+the pipeline holds one entry per phase and the last phase's held-out accuracy.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from ds_parallel.atomic import write_atomic
@@ -26,29 +32,42 @@ from ds_parallel.config.load import merge_trees, config_from_dict, parse_overrid
 from ds_parallel.config.schema import Config
 from ds_parallel.config.validate import validate
 
-KINDS = ("pretrain", "sft", "grpo")
+KINDS = ("pretrain", "sft", "grpo", "rejection_sample")
+PHASE_KEYS = {"name", "kind", "overrides", "init", "data"}
 
 
 @dataclass(frozen=True)
 class Phase:
     name: str
-    kind: str  # pretrain | sft | grpo
+    kind: str  # KINDS
     cfg: Config
     init: Optional[str]  # starting weights (None: the seed)
 
 
-def _validate(cfg: Config, kind: str, world_size: Optional[int]) -> None:
+def _validate(cfg: Config, kind: str, world_size: Optional[int], produced: frozenset[str] = frozenset()) -> None:
     """validate() and the rules of one run of `kind`. A GRPO run is validated as the trainer
-    sees it (rl/grpo.py update_config: its global batch is a rollout's minibatch)."""
+    sees it (rl/grpo.py update_config: its global batch is a rollout's minibatch); a
+    rejection-sampling run, which takes no optimizer step, with one sequence per dp rank.
+    `produced`: files earlier phases will write (module docstring)."""
     try:
         if kind == "grpo":
             from ds_parallel.rl.grpo import check_grpo, update_config
             check_grpo(cfg, world_size or 1)
             validate(update_config(cfg), world_size)
             return
+        if kind == "rejection_sample":
+            from ds_parallel.rl.rejection import check_rejection
+            p = cfg.parallel
+            dp = max(1, (world_size or 1) // (p.tp * p.pp * p.cp))
+            check_rejection(cfg, world_size or 1)
+            validate(replace(cfg, train=replace(cfg.train, global_batch_size=dp, micro_batch_size=1)), world_size)
+            return
         validate(cfg, world_size)
         if kind == "sft":
-            from ds_parallel.rl.sft import check_sft
+            from ds_parallel.rl.sft import BUILTIN, check_sft
+            s = cfg.post_train.sft
+            if s.data is not None and os.path.abspath(s.data) in produced:
+                cfg = replace(cfg, post_train=replace(cfg.post_train, sft=replace(s, data=BUILTIN)))
             check_sft(cfg, world_size or 1)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -68,10 +87,13 @@ def plan_phases(path: Optional[str], overrides: list[str], world_size: Optional[
                           "post_train.kind=pipeline")
     out: list[Phase] = []
     previous = pt.init
+    weights: dict[str, Optional[str]] = {}  # phase name -> the weights a later phase starting from it loads
+    produced: dict[str, str] = {}  # rejection-sampling phase name -> its samples.jsonl
     for i, phase in enumerate(phases):
         where = f"post_train.phases[{i}]"
-        if not isinstance(phase, dict) or set(phase) - {"name", "kind", "overrides"} or "kind" not in phase:
-            raise ConfigError(f"{where} must be a mapping with kind (and optional name, overrides), got {phase!r}")
+        if not isinstance(phase, dict) or set(phase) - PHASE_KEYS or "kind" not in phase:
+            optional = ", ".join(sorted(PHASE_KEYS - {"kind"}))
+            raise ConfigError(f"{where} must be a mapping with kind (and optional {optional}), got {phase!r}")
         kind, name = phase["kind"], str(phase.get("name", phase["kind"]))
         if kind not in KINDS:
             raise ConfigError(f"{where}.kind={kind!r} is not one of {', '.join(KINDS)}")
@@ -79,19 +101,35 @@ def plan_phases(path: Optional[str], overrides: list[str], world_size: Optional[
         if not isinstance(sub, dict) or any("parallel" == k.split(".")[0] for k in sub):
             raise ConfigError(f"{where}.overrides must be a mapping of dotted keys, without parallel.* (the "
                               "phases share one layout)")
+        for key, allowed in (("init", weights), ("data", produced)):
+            if key in phase and phase[key] not in allowed:
+                what = "phase" if key == "init" else "rejection_sample phase"
+                raise ConfigError(f"{where}.{key}={phase[key]!r} names no earlier {what} (earlier: "
+                                  f"{', '.join(allowed) or 'none'})")
+        if "data" in phase and kind != "sft":
+            raise ConfigError(f"{where}.data is for kind sft (SFT on a rejection-sampling phase's samples), not {kind}")
         phase_data = copy.deepcopy(data)
         phase_data["post_train"] = {k: v for k, v in data.get("post_train", {}).items() if k not in ("phases", "init")}
         for key, value in sub.items():
             phase_data = merge_trees(phase_data, _nested(key, value))
+        if "data" in phase:
+            phase_data = merge_trees(phase_data, _nested("post_train.sft.data", produced[phase["data"]]))
         phase_data.setdefault("train", {})["out_dir"] = os.path.join(cfg.train.out_dir, name)
         try:
             phase_cfg = config_from_dict(phase_data)
-            _validate(phase_cfg, kind, world_size)
+            if "init" in phase and phase_cfg.post_train.init:
+                raise ConfigError(f"init={phase['init']!r} and post_train.init={phase_cfg.post_train.init!r}: give one")
+            _validate(phase_cfg, kind, world_size, frozenset(map(os.path.abspath, produced.values())))
         except ConfigError as exc:
             raise ConfigError(f"{where} ({name}): {exc}") from None
-        init = phase_cfg.post_train.init or previous
+        init = phase_cfg.post_train.init or (weights[phase["init"]] if "init" in phase else previous)
         out.append(Phase(name, kind, phase_cfg, init))
-        previous = phase_cfg.train.out_dir
+        if kind == "rejection_sample":  # it trains nothing: a phase after it starts from its weights
+            produced[name] = os.path.join(phase_cfg.train.out_dir, "samples.jsonl")
+            weights[name] = init
+        else:
+            weights[name] = phase_cfg.train.out_dir
+        previous = weights[name]
     if len({p.name for p in out}) != len(out):
         raise ConfigError("post_train.phases: names must be unique (each is a run directory)")
     return out
@@ -114,6 +152,8 @@ def _finished(phase: Phase) -> Optional[dict]:
         return None
     with open(path) as fh:
         summary = json.load(fh)
+    if phase.kind == "rejection_sample":
+        return summary if summary.get("finished") else None
     return summary if summary.get("step") == phase.cfg.train.steps else None
 
 
@@ -132,7 +172,7 @@ def run_phases(phases: list[Phase], ctx, top_out_dir: Optional[str] = None) -> d
             print(f"phase {phase.name} ({phase.kind}) -> {phase.cfg.train.out_dir}"
                   + (f", from {phase.init}" if phase.init else ""), flush=True)
         results[phase.name] = _run(phase, ctx)
-        if results[phase.name].get("preempted"):
+        if results[phase.name].get("preempted") or results[phase.name].get("finished") is False:
             break
     last = results[phases[-1].name] if phases[-1].name in results else {}
     if top_out_dir is not None and ctx.rank == 0:
@@ -149,5 +189,8 @@ def _run(phase: Phase, ctx) -> dict[str, Any]:
     if phase.kind == "sft":
         from ds_parallel.rl.sft import sft
         return sft(phase.cfg, ctx, phase.init)
+    if phase.kind == "rejection_sample":
+        from ds_parallel.rl.rejection import rejection_sample
+        return rejection_sample(phase.cfg, ctx, phase.init)
     from ds_parallel.rl.grpo import grpo
     return grpo(phase.cfg, ctx, phase.init)
