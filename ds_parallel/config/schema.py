@@ -278,6 +278,7 @@ class EvalConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     max_new_tokens: int = 0  # 0: post_train.grpo.max_new_tokens
+    at_phase_end: bool = False  # evaluate every phase's last checkpoint (rl/run.py: results.md, plots/phases.png)
 
 
 @dataclass

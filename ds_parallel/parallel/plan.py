@@ -79,8 +79,11 @@ def attention_params(m: ModelConfig, prefix: str) -> list[Param]:
             Param(f"{prefix}wo.weight", d * h * m.v_head_dim, "tp"),
         ]
     hd, kv = m.mha_head_dim, m.mha_kv_heads
-    return [Param(f"{prefix}wq.weight", h * hd * d, "tp"), Param(f"{prefix}wk.weight", kv * hd * d, "tp"),
-            Param(f"{prefix}wv.weight", kv * hd * d, "tp"), Param(f"{prefix}wo.weight", d * h * hd, "tp")]
+    out = [Param(f"{prefix}wq.weight", h * hd * d, "tp"), Param(f"{prefix}wk.weight", kv * hd * d, "tp"),
+           Param(f"{prefix}wv.weight", kv * hd * d, "tp"), Param(f"{prefix}wo.weight", d * h * hd, "tp")]
+    if m.qkv_bias:  # Qwen2
+        out += [Param(f"{prefix}bq", h * hd, "tp"), Param(f"{prefix}bk", kv * hd, "tp"), Param(f"{prefix}bv", kv * hd, "tp")]
+    return out
 
 
 def ffn_params(m: ModelConfig, layer_id: int, prefix: str) -> list[Param]:
@@ -112,7 +115,9 @@ def stage_params(m: ModelConfig, layer_ids, has_embed: bool, has_head: bool) -> 
     for i in layer_ids:
         out += block_params(m, i, f"layers.{i}.")
     if has_head:
-        out += [Param("norm.weight", m.dim), Param("head.weight", m.vocab_size * m.dim, "tp")]
+        out.append(Param("norm.weight", m.dim))
+        if not (m.tie_embeddings and has_embed):  # tied: the head is the embedding's Parameter
+            out.append(Param("head.weight", m.vocab_size * m.dim, "tp"))
         for k in range(m.mtp_depth):
             out += mtp_module_params(m, k)
     return out
@@ -131,7 +136,7 @@ def model_params(m: ModelConfig) -> dict[str, int]:
     main = [q for q in stage_params(m, range(m.n_layers), True, True) if not q.name.startswith("mtp.")]
     return {"total": sum(q.numel for q in main), "active": active_numel(m, main),
             "mtp_total": sum(q.numel for q in mtp), "mtp_active": active_numel(m, mtp),
-            "embed_head": 2 * m.vocab_size * m.dim}
+            "embed_head": (1 if m.tie_embeddings else 2) * m.vocab_size * m.dim}
 
 
 def layer_cost(m: ModelConfig, layer_id: int) -> float:

@@ -12,20 +12,29 @@ from ds_parallel.model import build_model
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.config import ConfigError, load_config
 from ds_parallel.parallel.plan import (GIB, bubble_fraction, check_memory, model_params, peak_bytes, pipeline_layout,
-                                       plan, rank_params, split_layers, suggest_layout)
+                                       plan, rank_params, split_layers, stage_params, suggest_layout)
 from ds_parallel.parallel.topology import Topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.parametrize("preset", ["debug_dense", "debug_dense_gqa", "debug_v2", "debug_v3"])
+@pytest.mark.parametrize("preset", ["debug_dense", "debug_dense_gqa", "debug_v2", "debug_v3", "qwen2_like"])
 def test_parameter_counts_match_built_models(preset):
-    cfg = config_from_dict({"model": {"preset": preset}})
+    # qwen2_like: GQA with q/k/v biases and tied embeddings (the head is the embedding's Parameter)
+    model_cfg = ({"preset": "debug_dense_gqa", "qkv_bias": True, "tie_embeddings": True} if preset == "qwen2_like"
+                 else {"preset": preset})
+    cfg = config_from_dict({"model": model_cfg})
     model = build_model(cfg.model, ParallelContext.single(), 1)
     counts = model_params(cfg.model)
     main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
     mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
     assert (main, mtp) == (counts["total"], counts["mtp_total"])
+    if preset == "qwen2_like":  # and by name, on each tp=2 shard
+        for rank in range(2):
+            ctx = ParallelContext(topo=Topology(2, tp=2), rank=rank)
+            built = {n: q.numel() for n, q in build_model(cfg.model, ctx, 1).named_parameters()}
+            planned = {q.name: q.local(2, 1) for q in stage_params(cfg.model, range(cfg.model.n_layers), True, True)}
+            assert planned == built, set(planned.items()) ^ set(built.items())
 
 
 # (preset, tp, pp, ep, pp_schedule, pp_layers): every rank of each layout is built in this
