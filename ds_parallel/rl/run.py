@@ -13,10 +13,17 @@ phase's samples.jsonl (R1 §2.3.3 retrains the base model on them: init the base
 Every phase's config is built and validated before any process group starts, and all
 phases share one parallel layout (the process groups are made once). Rerunning resumes: a
 finished phase (summary.json at its last step) is skipped, the current one resumes from its
-checkpoint; a rejection-sampling phase stopped early (max_chunks_this_run) ends the pipeline
-there, since the next phase would read its unfinished output. A file an earlier
-rejection-sampling phase writes is checked as the built-in data until then. summary.json of
-the pipeline holds one entry per phase and the last phase's held-out accuracy.
+checkpoint; a phase stopped early (train.max_steps_this_run, a rejection-sampling phase's
+max_chunks_this_run, preemption) ends the pipeline there, since the next phase would start
+from its unfinished output. A file an earlier rejection-sampling phase writes is checked as
+the built-in data until then. summary.json of the pipeline holds one entry per phase and the
+last phase's held-out accuracy.
+
+Lineage and evaluation: each phase's run directory gets lineage.json (kind, the weights it
+starts from, its data, seed, steps). With post_train.eval.at_phase_end every phase that has
+weights of its own (all but rejection sampling) ends with the R1 evaluation of its last
+checkpoint (rl/evaluate.py: greedy accuracy, pass@1 over k samples) in <phase>/eval.json and
+its summary; the pipeline writes results.md (one row per phase) and plots/phases.png.
 """
 from __future__ import annotations
 
@@ -50,6 +57,12 @@ def _validate(cfg: Config, kind: str, world_size: Optional[int], produced: froze
     rejection-sampling run, which takes no optimizer step, with one sequence per dp rank.
     `produced`: files earlier phases will write (module docstring)."""
     try:
+        if cfg.post_train.eval.at_phase_end:
+            from ds_parallel.rl.evaluate import check_eval
+            check_eval(cfg.post_train.eval)
+            if cfg.parallel.pp > 1:
+                raise ValueError(f"post_train.eval.at_phase_end=true with parallel.pp={cfg.parallel.pp}: generation "
+                                 f"needs the whole model on each rank: set parallel.pp=1 or turn the evaluation off")
         if kind == "grpo":
             from ds_parallel.rl.grpo import check_grpo, update_config
             check_grpo(cfg, world_size or 1)
@@ -152,34 +165,117 @@ def _finished(phase: Phase) -> Optional[dict]:
         return None
     with open(path) as fh:
         summary = json.load(fh)
+    return summary if _complete(phase, summary) else None
+
+
+def _complete(phase: Phase, summary: dict) -> bool:
+    """Whether a phase's summary says it ran to its end (not stopped early or preempted)."""
     if phase.kind == "rejection_sample":
-        return summary if summary.get("finished") else None
-    return summary if summary.get("step") == phase.cfg.train.steps else None
+        return bool(summary.get("finished"))
+    return summary.get("step") == phase.cfg.train.steps and not summary.get("preempted")
 
 
 def run_phases(phases: list[Phase], ctx, top_out_dir: Optional[str] = None) -> dict[str, Any]:
     """Run (or resume) the phases in order on context `ctx`; the last phase's summary, and
-    for a pipeline one entry per phase in top_out_dir/summary.json."""
+    for a pipeline one entry per phase in top_out_dir/summary.json, with results.md and
+    plots/phases.png when the phases are evaluated (post_train.eval.at_phase_end)."""
     results: dict[str, Any] = {}
+    evals: list[tuple[str, dict]] = []
     for phase in phases:
         done = _finished(phase)
         if done is not None:
             if ctx.rank == 0:
                 print(f"phase {phase.name}: finished earlier ({phase.cfg.train.out_dir})", flush=True)
             results[phase.name] = done
-            continue
-        if ctx.rank == 0:
-            print(f"phase {phase.name} ({phase.kind}) -> {phase.cfg.train.out_dir}"
-                  + (f", from {phase.init}" if phase.init else ""), flush=True)
-        results[phase.name] = _run(phase, ctx)
-        if results[phase.name].get("preempted") or results[phase.name].get("finished") is False:
-            break
+        else:
+            if ctx.rank == 0:
+                print(f"phase {phase.name} ({phase.kind}) -> {phase.cfg.train.out_dir}"
+                      + (f", from {phase.init}" if phase.init else ""), flush=True)
+                _write_lineage(phase, top_out_dir)
+            results[phase.name] = _run(phase, ctx)
+            if not _complete(phase, results[phase.name]):  # stopped early or preempted: rerun to resume
+                break
+        if phase.cfg.post_train.eval.at_phase_end and phase.kind != "rejection_sample":
+            result = _evaluate_phase(phase, ctx)
+            results[phase.name]["eval"] = result
+            evals.append((phase.name, result))
     last = results[phases[-1].name] if phases[-1].name in results else {}
     if top_out_dir is not None and ctx.rank == 0:
         summary = {"phases": results, "heldout_accuracy": last.get("heldout_accuracy", last.get("exact_match"))}
         os.makedirs(top_out_dir, exist_ok=True)
         write_atomic(os.path.join(top_out_dir, "summary.json"), json.dumps(summary, indent=1))
+        if evals:
+            _report(top_out_dir, evals, phases[0].cfg)
     return last
+
+
+def _write_lineage(phase: Phase, top_out_dir: Optional[str]) -> None:
+    """<phase dir>/lineage.json: where the phase's weights and data come from."""
+    cfg, pt = phase.cfg, phase.cfg.post_train
+    data = {"sft": pt.sft.data, "grpo": f"prompts: {pt.prompts.source}", "rejection_sample":
+            f"prompts: {pt.prompts.source}", "pretrain": f"data: {cfg.data.source}"}[phase.kind]
+    lineage = {"phase": phase.name, "kind": phase.kind, "pipeline": top_out_dir,
+               "init": os.path.abspath(phase.init) if phase.init else None, "data": data,
+               "seed": cfg.train.seed, "steps": cfg.train.steps}
+    os.makedirs(cfg.train.out_dir, exist_ok=True)
+    write_atomic(os.path.join(cfg.train.out_dir, "lineage.json"), json.dumps(lineage, indent=1))
+
+
+def _evaluate_phase(phase: Phase, ctx) -> dict[str, Any]:
+    """The R1 evaluation (rl/evaluate.py) of the phase's last checkpoint, on the run's
+    layout; kept in <phase dir>/eval.json, so a resumed pipeline does not redo it."""
+    path = os.path.join(phase.cfg.train.out_dir, "eval.json")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            return json.load(fh)
+    import torch
+
+    from ds_parallel.inference.load import char_tokenizer, load_source, open_source
+    from ds_parallel.rl.evaluate import evaluate_heldout, results_table
+
+    source = open_source(ckpt=phase.cfg.train.out_dir)
+    dtype = torch.bfloat16 if phase.cfg.precision.dtype == "bf16" else torch.float32
+    model = load_source(source, dtype, ctx).model
+    result = evaluate_heldout(model, source.tokenizer or char_tokenizer(), phase.cfg, ctx).as_dict()
+    del model
+    if ctx.rank == 0:
+        print(results_table([(phase.name, result)]).splitlines()[-1], flush=True)
+        write_atomic(path, json.dumps(result, indent=1))
+    return result
+
+
+def _report(top_out_dir: str, evals: list[tuple[str, dict]], cfg: Config) -> None:
+    """results.md (one row per evaluated phase) and plots/phases.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ds_parallel.rl.evaluate import results_table
+
+    e = cfg.post_train.eval
+    table = results_table(evals)
+    head = (f"Held-out evaluation after each phase: {evals[0][1]['n_prompts']} prompts "
+            f"({cfg.post_train.prompts.source}), greedy and pass@1 over k={e.k} samples at temperature "
+            f"{e.temperature}, top-p {e.top_p} (R1 §3.1).\n\n")
+    write_atomic(os.path.join(top_out_dir, "results.md"), head + table + "\n")
+    print(table, flush=True)
+    names = [n for n, _ in evals]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 3, 4))
+    ax.plot(names, [r["greedy_accuracy"] for _, r in evals], "o-", label="greedy accuracy")
+    if e.k:
+        ax.plot(names, [r["pass_at_1"] for _, r in evals], "s-", label=f"pass@1 (k={e.k}, T={e.temperature})")
+    ax.plot(names, [r["format_rate"] for _, r in evals], "^--", alpha=0.6, label="R1 format")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("phase")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(os.path.basename(os.path.abspath(top_out_dir)))
+    fig.tight_layout()
+    path = os.path.join(top_out_dir, "plots", "phases.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _run(phase: Phase, ctx) -> dict[str, Any]:
