@@ -48,8 +48,25 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 LATENT_NORM_EPS = 1e-6  # transformers' q_a_layernorm / kv_a_layernorm ignore rms_norm_eps
 
 
-def _bad(key: str, value: Any, why: str) -> ValueError:
+def bad_field(key: str, value: Any, why: str) -> ValueError:
+    """The one-line error for a config.json field the model cannot represent."""
     return ValueError(f"HF config {key}={value!r}: {why}")
+
+
+def hf_fields(hf_config: dict[str, Any], type_defaults: dict[str, dict[str, Any]], required: tuple[str, ...],
+              common_defaults: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(model_type, config.json over its type's defaults) for a supported model_type with
+    every required key and a SwiGLU MLP; one-line ValueErrors otherwise."""
+    model_type = hf_config.get("model_type")
+    if model_type not in type_defaults:
+        raise bad_field("model_type", model_type, f"expected {' or '.join(type_defaults)}")
+    for key in required:
+        if key not in hf_config:
+            raise ValueError(f"HF config has no {key}")
+    h = {**common_defaults, **type_defaults[model_type], **hf_config}
+    if h["hidden_act"] != "silu":
+        raise bad_field("hidden_act", h["hidden_act"], "only SwiGLU (silu) is supported")
+    return model_type, h
 
 
 def _yarn_mscale(factor: float, m: float) -> float:
@@ -60,23 +77,23 @@ def _rope_from_hf(h: dict[str, Any]) -> dict[str, Any]:
     """rope_parameters (transformers 5) or rope_scaling + rope_theta (older configs)."""
     rope = h.get("rope_parameters") or h.get("rope_scaling") or {}
     if any(isinstance(v, dict) for v in rope.values()):
-        raise _bad("rope_parameters", rope, "per-layer-type RoPE is not supported")
+        raise bad_field("rope_parameters", rope, "per-layer-type RoPE is not supported")
     out: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", h.get("rope_theta", 10000.0)))}
     kind = rope.get("rope_type", rope.get("type")) or "default"
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _bad("rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"], "only 1.0 is supported")
+        raise bad_field("rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"], "only 1.0 is supported")
     if kind == "default":
         return out
     if kind != "yarn":
-        raise _bad("rope_parameters.rope_type", kind, "only default and yarn RoPE are supported")
+        raise bad_field("rope_parameters.rope_type", kind, "only default and yarn RoPE are supported")
     max_pos = h["max_position_embeddings"]
     # transformers gives a top-level original_max_position_embeddings priority (standardize_rope_params).
     orig = h.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
     factor = float(rope.get("factor") or max_pos / orig)
     if factor < 1.0:
-        raise _bad("rope_parameters.factor", factor, "YaRN needs factor >= 1")
+        raise bad_field("rope_parameters.factor", factor, "YaRN needs factor >= 1")
     if rope.get("truncate", True) is False:
-        raise _bad("rope_parameters.truncate", False, "only the truncated (floor/ceil) YaRN ramp is supported")
+        raise bad_field("rope_parameters.truncate", False, "only the truncated (floor/ceil) YaRN ramp is supported")
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     attention_factor = rope.get("attention_factor")
     if attention_factor is None:
@@ -85,7 +102,7 @@ def _rope_from_hf(h: dict[str, Any]) -> dict[str, Any]:
             if mscale and mscale_all_dim else _yarn_mscale(factor, 1.0)
         )
     if abs(attention_factor - 1.0) > 1e-9:
-        raise _bad("rope_parameters.mscale", mscale, f"transformers would scale cos/sin by {attention_factor:.6g}; "
+        raise bad_field("rope_parameters.mscale", mscale, f"transformers would scale cos/sin by {attention_factor:.6g}; "
                    "only 1 is modelled (set mscale == mscale_all_dim, as shipped DeepSeek configs do)")
     out.update(
         rope_factor=factor, original_max_seq_len=int(orig), beta_fast=float(rope.get("beta_fast") or 32),
@@ -101,33 +118,33 @@ def _routing_from_hf(h: dict[str, Any], model_type: str) -> dict[str, Any]:
     first_dense = h["first_k_dense_replace"] or 0
     if n_experts == 0:
         if first_dense < n_layers:
-            raise _bad("n_routed_experts", n_experts, "a dense model needs first_k_dense_replace >= num_hidden_layers")
+            raise bad_field("n_routed_experts", n_experts, "a dense model needs first_k_dense_replace >= num_hidden_layers")
         return dict(n_routed_experts=0, n_dense_layers=n_layers)
     if not h["num_experts_per_tok"]:
-        raise _bad("num_experts_per_tok", h["num_experts_per_tok"], "a MoE model needs a positive top-k")
+        raise bad_field("num_experts_per_tok", h["num_experts_per_tok"], "a MoE model needs a positive top-k")
     if h.get("moe_layer_freq", 1) != 1:
-        raise _bad("moe_layer_freq", h["moe_layer_freq"], "transformers: every layer from first_k_dense_replace on is MoE")
+        raise bad_field("moe_layer_freq", h["moe_layer_freq"], "transformers: every layer from first_k_dense_replace on is MoE")
     if model_type == V3:
         if h.get("scoring_func", "sigmoid") != "sigmoid":
-            raise _bad("scoring_func", h["scoring_func"], "transformers' DeepseekV3 router is sigmoid only")
+            raise bad_field("scoring_func", h["scoring_func"], "transformers' DeepseekV3 router is sigmoid only")
         if h.get("topk_method", "noaux_tc") != "noaux_tc":
-            raise _bad("topk_method", h["topk_method"], "transformers' DeepseekV3 router is noaux_tc only")
+            raise bad_field("topk_method", h["topk_method"], "transformers' DeepseekV3 router is noaux_tc only")
         score_func, n_groups = "sigmoid", h["n_group"] or 1
         n_limited, norm = h["topk_group"] or n_groups, bool(h["norm_topk_prob"])
     else:
         if h.get("scoring_func", "softmax") != "softmax":
-            raise _bad("scoring_func", h["scoring_func"], "transformers' DeepseekV2 router is softmax only")
+            raise bad_field("scoring_func", h["scoring_func"], "transformers' DeepseekV2 router is softmax only")
         method = h.get("topk_method") or "greedy"
         if method == "greedy":
             n_groups = n_limited = 1
         elif method == "group_limited_greedy":
             n_groups, n_limited = h["n_group"], h["topk_group"]
             if not n_groups or not n_limited:
-                raise _bad("n_group", n_groups, "group_limited_greedy needs n_group and topk_group")
+                raise bad_field("n_group", n_groups, "group_limited_greedy needs n_group and topk_group")
         else:
-            raise _bad("topk_method", method, "DeepseekV2 supports greedy and group_limited_greedy")
+            raise bad_field("topk_method", method, "DeepseekV2 supports greedy and group_limited_greedy")
         if h["norm_topk_prob"]:
-            raise _bad("norm_topk_prob", True, "transformers' DeepseekV2 router never renormalises top-k weights")
+            raise bad_field("norm_topk_prob", True, "transformers' DeepseekV2 router never renormalises top-k weights")
         score_func, norm = "softmax", False
     return dict(
         n_routed_experts=n_experts, n_shared_experts=h["n_shared_experts"] or 0,
@@ -140,23 +157,15 @@ def _routing_from_hf(h: dict[str, Any], model_type: str) -> dict[str, Any]:
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     """An HF DeepSeek-V2/V3 config.json dict -> ModelConfig. ValueError (one line, naming the
     key) for anything the model cannot represent exactly."""
-    model_type = hf_config.get("model_type")
-    if model_type not in _HF_DEFAULTS:
-        raise _bad("model_type", model_type, "expected deepseek_v2 or deepseek_v3")
-    for key in _REQUIRED:
-        if key not in hf_config:
-            raise ValueError(f"HF config has no {key}")
-    h = {**_COMMON_DEFAULTS, **_HF_DEFAULTS[model_type], **hf_config}
-    if h["hidden_act"] != "silu":
-        raise _bad("hidden_act", h["hidden_act"], "only SwiGLU (silu) is supported")
+    model_type, h = hf_fields(hf_config, _HF_DEFAULTS, _REQUIRED, _COMMON_DEFAULTS)
     for key in ("attention_bias", "mlp_bias"):
         if h[key]:
-            raise _bad(key, h[key], "DeepSeek linears have no biases")
+            raise bad_field(key, h[key], "DeepSeek linears have no biases")
     if h["rms_norm_eps"] != LATENT_NORM_EPS:
-        raise _bad("rms_norm_eps", h["rms_norm_eps"], "transformers' latent norms use 1e-6 anyway; one eps is modelled")
+        raise bad_field("rms_norm_eps", h["rms_norm_eps"], "transformers' latent norms use 1e-6 anyway; one eps is modelled")
     quant = h.get("quantization_config")
     if quant and (quant.get("quant_method") != "fp8" or quant.get("fmt", "e4m3") != "e4m3"):
-        raise _bad("quantization_config", quant, "only DeepSeek's blockwise fp8 (e4m3) weights are dequantised")
+        raise bad_field("quantization_config", quant, "only DeepSeek's blockwise fp8 (e4m3) weights are dequantised")
     mtp = hf_config.get("num_nextn_predict_layers", hf_config.get("num_mtp_layers", h["num_nextn_predict_layers"]))
     n_heads, dim = h["num_attention_heads"], h["hidden_size"]
     qk_head_dim = h["qk_nope_head_dim"] + h["qk_rope_head_dim"]

@@ -23,7 +23,7 @@ from typing import Any
 
 from ds_parallel.config.schema import Config, ModelConfig, TrainConfig
 from ds_parallel.config.validate import validate
-from ds_parallel.interop.hf_config import _bad
+from ds_parallel.interop.hf_config import bad_field, hf_fields
 
 LLAMA, QWEN2 = "llama", "qwen2"
 DENSE_TYPES = (LLAMA, QWEN2)
@@ -41,18 +41,18 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 def _rope_from_hf(h: dict[str, Any]) -> dict[str, Any]:
     rope = h.get("rope_parameters") or h.get("rope_scaling") or {}
     if any(isinstance(v, dict) for v in rope.values()):
-        raise _bad("rope_parameters", rope, "per-layer-type RoPE is not supported")
+        raise bad_field("rope_parameters", rope, "per-layer-type RoPE is not supported")
     if rope.get("partial_rotary_factor", h.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise _bad("rope_parameters.partial_rotary_factor", rope.get("partial_rotary_factor"), "only 1.0 is supported")
+        raise bad_field("rope_parameters.partial_rotary_factor", rope.get("partial_rotary_factor"), "only 1.0 is supported")
     out: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", h.get("rope_theta", 10000.0)))}
     kind = rope.get("rope_type", rope.get("type")) or "default"
     if kind == "default":
         return out
     if kind != "llama3":
-        raise _bad("rope_parameters.rope_type", kind, "Llama/Qwen2 import supports default and llama3 RoPE")
+        raise bad_field("rope_parameters.rope_type", kind, "Llama/Qwen2 import supports default and llama3 RoPE")
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         if rope.get(key) is None:
-            raise _bad(f"rope_parameters.{key}", None, "llama3 RoPE needs it")
+            raise bad_field(f"rope_parameters.{key}", None, "llama3 RoPE needs it")
     orig = h.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
         or h["max_position_embeddings"]
     out.update(rope_scaling="llama3", rope_factor=float(rope["factor"]), original_max_seq_len=int(orig),
@@ -70,27 +70,19 @@ def _check_sliding_window(h: dict[str, Any]) -> None:
     types = h["layer_types"] or ["sliding_attention" if i >= h["max_window_layers"] else "full_attention"
                                  for i in range(n_layers)]
     if "sliding_attention" in types:
-        raise _bad("use_sliding_window", True, f"layers {types.index('sliding_attention')}.. would use a sliding "
+        raise bad_field("use_sliding_window", True, f"layers {types.index('sliding_attention')}.. would use a sliding "
                    f"window of {h['sliding_window']}; only full causal attention is modelled")
 
 
 def dense_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     """An HF Llama / Qwen2 config.json dict -> ModelConfig. ValueError (one line, naming the
     key) for anything the model cannot represent exactly."""
-    model_type = hf_config.get("model_type")
-    if model_type not in _HF_DEFAULTS:
-        raise _bad("model_type", model_type, "expected llama or qwen2")
-    for key in _REQUIRED:
-        if key not in hf_config:
-            raise ValueError(f"HF config has no {key}")
-    h = {**_COMMON_DEFAULTS, **_HF_DEFAULTS[model_type], **hf_config}
-    if h["hidden_act"] != "silu":
-        raise _bad("hidden_act", h["hidden_act"], "only SwiGLU (silu) is supported")
+    model_type, h = hf_fields(hf_config, _HF_DEFAULTS, _REQUIRED, _COMMON_DEFAULTS)
     if model_type == LLAMA:
         if h["attention_bias"]:
-            raise _bad("attention_bias", True, "Llama's attention_bias also biases o_proj, which is not modelled")
+            raise bad_field("attention_bias", True, "Llama's attention_bias also biases o_proj, which is not modelled")
         if h["mlp_bias"]:
-            raise _bad("mlp_bias", True, "the SwiGLU FFN has no biases")
+            raise bad_field("mlp_bias", True, "the SwiGLU FFN has no biases")
     else:
         _check_sliding_window(h)
     dim, n_heads = h["hidden_size"], h["num_attention_heads"]

@@ -62,7 +62,7 @@ from ds_parallel.rl.losses import ADVANTAGES, dynamic_sampling_mask
 from ds_parallel.rl.objective import PolicyObjective, loss_config
 from ds_parallel.rl.prompts import Prompt, build_prompts, prompt_indices
 from ds_parallel.rl.rewards import Sample, check_rewards, score
-from ds_parallel.train.metrics import MetricsLog
+from ds_parallel.train.metrics import MetricsLog, pyplot, save_plot
 from ds_parallel.train.setup import TrainParts, load_initial_weights, setup_training
 from ds_parallel.train.step import train_step
 
@@ -439,10 +439,7 @@ def grpo(cfg: Config, ctx: ParallelContext, init: Optional[str] = None) -> dict[
 def plot_grpo(out_dir: str) -> Optional[str]:
     """plots/grpo.png: reward, accuracy (and held-out accuracy), format reward and response
     length over steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from ds_parallel.train.metrics import read_metrics
     records = [r for r in read_metrics(out_dir) if "reward" in r]
@@ -466,9 +463,4 @@ def plot_grpo(out_dir: str) -> Optional[str]:
     ax_len.set_ylabel("response length (tokens)")
     ax_len.grid(alpha=0.3)
     fig.suptitle(os.path.basename(os.path.abspath(out_dir)))
-    fig.tight_layout()
-    path = os.path.join(out_dir, "plots", "grpo.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_plot(fig, out_dir, "grpo.png")

@@ -55,6 +55,7 @@ from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.rl.evaluate import eval_seed
 from ds_parallel.rl.prompts import Prompt, build_prompts
 from ds_parallel.rl.rewards import Sample, check_rewards, format_reward, language_reward, score
+from ds_parallel.train.metrics import pyplot, save_plot
 from ds_parallel.train.setup import load_initial_weights
 
 # Every rule of `select`, in the order it is applied.
@@ -445,10 +446,7 @@ def _stats(progress: Progress, n: int) -> dict[str, Any]:
 def plot_pass_rate(out_dir: str, stats: dict[str, Any]) -> str:
     """plots/pass_rate.png: prompts by their share of verified samples, and the samples each
     rule dropped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, ax_drop) = plt.subplots(1, 2, figsize=(11, 4))
     bins = stats["pass_rate_histogram"]
@@ -463,9 +461,4 @@ def plot_pass_rate(out_dir: str, stats: dict[str, Any]) -> str:
     ax_drop.invert_yaxis()
     ax_drop.grid(alpha=0.3, axis="x")
     fig.suptitle(os.path.basename(os.path.abspath(out_dir)))
-    fig.tight_layout()
-    path = os.path.join(out_dir, "plots", "pass_rate.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_plot(fig, out_dir, "pass_rate.png")

@@ -246,12 +246,10 @@ def _evaluate_phase(phase: Phase, ctx) -> dict[str, Any]:
 
 def _report(top_out_dir: str, evals: list[tuple[str, dict]], cfg: Config) -> None:
     """results.md (one row per evaluated phase) and plots/phases.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from ds_parallel.rl.evaluate import results_table
+    from ds_parallel.train.metrics import pyplot, save_plot
+
+    plt = pyplot()
 
     e = cfg.post_train.eval
     table = results_table(evals)
@@ -271,11 +269,7 @@ def _report(top_out_dir: str, evals: list[tuple[str, dict]], cfg: Config) -> Non
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(os.path.basename(os.path.abspath(top_out_dir)))
-    fig.tight_layout()
-    path = os.path.join(top_out_dir, "plots", "phases.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_plot(fig, top_out_dir, "phases.png")
 
 
 def _run(phase: Phase, ctx) -> dict[str, Any]:

@@ -118,12 +118,29 @@ def read_metrics(out_dir: str, name: str = "metrics.jsonl") -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def plot_run(out_dir: str) -> list[str]:
-    """plots/loss.png (and more as models add metrics). Returns the written paths."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (ranks have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_plot(fig, out_dir: str, name: str, dpi: int = 100) -> str:
+    """Lay out `fig`, write it to <out_dir>/plots/<name>, close it; the path."""
+    fig.tight_layout()
+    path = os.path.join(out_dir, "plots", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def plot_run(out_dir: str) -> list[str]:
+    """plots/loss.png (and more as models add metrics). Returns the written paths."""
+    plt = pyplot()
 
     records = read_metrics(out_dir)
     if not records:
