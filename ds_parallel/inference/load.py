@@ -27,7 +27,7 @@ import torch
 from ds_parallel.checkpoint import load_model, read_meta, resolve_checkpoint, saved_model_config
 from ds_parallel.config.schema import ModelConfig
 from ds_parallel.data.tokenizer import CharTokenizer
-from ds_parallel.interop.hf import hf_model_config, load_hf
+from ds_parallel.interop.hf import hf_model_config, is_hf_directory, load_hf
 from ds_parallel.model import Transformer
 from ds_parallel.parallel.groups import ParallelContext
 
@@ -128,6 +128,20 @@ def open_source(ckpt: Optional[str] = None, hf: Optional[str] = None) -> Source:
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir))) if is_step else ckpt
     saved = read_meta(step_dir)["config"]
     return Source("ckpt", step_dir, saved_model_config(step_dir), _run_tokenizer(step_dir, run_dir, saved))
+
+
+def policy_tokenizer(init: Optional[str], prompt_source: str, needed_by: str) -> Tokenizer:
+    """The tokenizer of the weights at `init` (our run / step directory or an HF directory),
+    else, for the arithmetic prompts, the built-in character tokenizer; a one-line
+    ValueError naming post_train.init otherwise."""
+    if init:
+        tok = open_source(**({"hf": init} if is_hf_directory(init) else {"ckpt": init})).tokenizer
+        if tok is not None:
+            return tok
+    if prompt_source == "arithmetic":
+        return char_tokenizer()
+    raise ValueError(f"post_train.init={init!r} has no tokenizer (tokenizer.json); {needed_by} needs one to read "
+                     "prompts and completions")
 
 
 def load_source(source: Source, dtype: torch.dtype = torch.float32,

@@ -50,9 +50,8 @@ from ds_parallel.kernels import batch_invariant
 from ds_parallel.config.schema import Config, micro_batches_per_step
 from ds_parallel.data.loader import rank_positions
 from ds_parallel.inference.engine import Completion, Generator
-from ds_parallel.inference.load import Tokenizer, char_tokenizer, open_source
+from ds_parallel.inference.load import policy_tokenizer
 from ds_parallel.inference.sampling import SamplingParams
-from ds_parallel.interop.hf import is_hf_directory
 from ds_parallel.model import build_model
 from ds_parallel.moe.replay import replaying, routing_mismatch
 from ds_parallel.parallel.groups import ParallelContext
@@ -156,7 +155,7 @@ class GRPO:
             os.makedirs(cfg.train.out_dir, exist_ok=True)
         self.model = self.parts.model
         self.start_step = self.parts.start_step // self.g.minibatches
-        self.tokenizer = self._tokenizer()
+        self.tokenizer = policy_tokenizer(self.init, cfg.post_train.prompts.source, "GRPO")
         self.train_prompts, self.heldout = build_prompts(cfg.post_train.prompts, cfg.train.seed, cfg.data)
         self.moe_ids = cfg.model.trunk_moe_layer_ids()
         self.reward_options = check_rewards(self.g.rewards, self.g.reward_options, max_new_tokens=self.g.max_new_tokens)
@@ -171,16 +170,6 @@ class GRPO:
                                    seed=cfg.train.seed)
 
     # -------------------------------------------------------------- setup
-
-    def _tokenizer(self) -> Tokenizer:
-        if self.init:
-            tok = open_source(**({"hf": self.init} if is_hf_directory(self.init) else {"ckpt": self.init})).tokenizer
-            if tok is not None:
-                return tok
-        if self.user_cfg.post_train.prompts.source == "arithmetic":
-            return char_tokenizer()
-        raise ValueError(f"post_train.init={self.init!r} has no tokenizer (tokenizer.json); GRPO needs one to read "
-                         "prompts and completions")
 
     def _load_reference(self, step: int) -> None:
         """Reference = the policy at the last reset at or before `step` (module docstring)."""

@@ -46,7 +46,7 @@ from ds_parallel.atomic import write_atomic
 from ds_parallel.config.load import dump_yaml
 from ds_parallel.config.schema import Config, RejectionConfig
 from ds_parallel.inference.engine import Generator
-from ds_parallel.inference.load import Tokenizer, char_tokenizer, open_source
+from ds_parallel.inference.load import Tokenizer, policy_tokenizer
 from ds_parallel.inference.sampling import SamplingParams
 from ds_parallel.interop.hf import is_hf_directory
 from ds_parallel.kernels import batch_invariant
@@ -283,17 +283,6 @@ def _broadcast(value: Any, ctx: ParallelContext) -> Any:
 # ---------------------------------------------------------------------------- the run
 
 
-def _tokenizer(init: Optional[str], source: str) -> Tokenizer:
-    if init:
-        tok = open_source(**({"hf": init} if is_hf_directory(init) else {"ckpt": init})).tokenizer
-        if tok is not None:
-            return tok
-    if source == "arithmetic":
-        return char_tokenizer()
-    raise ValueError(f"post_train.init={init!r} has no tokenizer (tokenizer.json); rejection sampling needs one to "
-                     "read prompts and completions")
-
-
 def _source_name(init: Optional[str]) -> Optional[str]:
     """The checkpoint samples come from: the step directory of ours, the HF directory, or
     None for the seed's weights."""
@@ -409,7 +398,7 @@ def rejection_sample(cfg: Config, ctx: ParallelContext, init: Optional[str] = No
 def _build(cfg: Config, ctx: ParallelContext, init: Optional[str], prompts: list[Prompt]) -> _Run:
     """The model (this rank's shard of `init`, or the seed's), its tokenizer and generator."""
     r = cfg.post_train.rejection
-    tokenizer = _tokenizer(init, cfg.post_train.prompts.source)
+    tokenizer = policy_tokenizer(init, cfg.post_train.prompts.source, "rejection sampling")
     model = build_model(cfg.model, ctx, seed=cfg.train.seed)  # whole on each rank: pp = 1
     if init:
         load_initial_weights(model, init)

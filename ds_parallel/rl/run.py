@@ -230,13 +230,14 @@ def _evaluate_phase(phase: Phase, ctx) -> dict[str, Any]:
             return json.load(fh)
     import torch
 
-    from ds_parallel.inference.load import char_tokenizer, load_source, open_source
+    from ds_parallel.inference.load import load_source, open_source, policy_tokenizer
     from ds_parallel.rl.evaluate import evaluate_heldout, results_table
 
     source = open_source(ckpt=phase.cfg.train.out_dir)
     dtype = torch.bfloat16 if phase.cfg.precision.dtype == "bf16" else torch.float32
     model = load_source(source, dtype, ctx).model
-    result = evaluate_heldout(model, source.tokenizer or char_tokenizer(), phase.cfg, ctx).as_dict()
+    tokenizer = policy_tokenizer(phase.cfg.train.out_dir, phase.cfg.post_train.prompts.source, "evaluation")
+    result = evaluate_heldout(model, tokenizer, phase.cfg, ctx).as_dict()
     del model
     if ctx.rank == 0:
         print(results_table([(phase.name, result)]).splitlines()[-1], flush=True)
