@@ -43,7 +43,7 @@ def prepare(args, world_size: int):
     from ds_parallel.config import ConfigError
     from ds_parallel.config.load import config_from_dict, merge_trees, parse_overrides, read_yaml
     from ds_parallel.config.validate import validate
-    from ds_parallel.inference.load import char_tokenizer, open_source
+    from ds_parallel.inference.load import open_source, policy_tokenizer
     from ds_parallel.rl.evaluate import check_eval
 
     if (args.ckpt is None) == (args.hf is None):
@@ -74,12 +74,10 @@ def prepare(args, world_size: int):
         check_eval(cfg.post_train.eval)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    tokenizer = source.tokenizer
-    if tokenizer is None:
-        if cfg.post_train.prompts.source != "arithmetic":
-            raise ConfigError(f"{source.path} has no tokenizer (tokenizer.json): only the arithmetic task's "
-                              f"character tokenizer is built in")
-        tokenizer = char_tokenizer()
+    try:
+        tokenizer = policy_tokenizer(args.ckpt or args.hf, cfg.post_train.prompts, "evaluation")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return source, cfg, tokenizer
 
 

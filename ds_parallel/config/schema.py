@@ -232,7 +232,9 @@ class PromptConfig:
     task: Optional[str] = None  # reasoning_gym: a task name, e.g. "basic_arithmetic"
     n_train: int = 20000  # prompts drawn for training (arithmetic, reasoning_gym)
     n_eval: int = 128  # held-out prompts, disjoint from training
-    template: Literal["plain", "r1"] = "plain"  # r1: the R1-Zero conversation template (R1 Table 1)
+    # r1: the R1-Zero conversation template (R1 Table 1); chat: the policy's own chat template
+    # (tokenizer_config.json / chat_template.jinja beside its tokenizer.json; data/chat.py)
+    template: Literal["plain", "r1", "chat"] = "plain"
 
 
 @dataclass
@@ -242,6 +244,9 @@ class SFTConfig:
     # built-in character tokenizer: turns back to back, no chat template; data/sft.py)
     tokenizer: str = "deepseek_v3"
     pack: bool = True  # pack examples into train.seq_len rows, each invisible to the others (V3 §5.1)
+    # completion: the lines' responses; answer: each line's reference answer alone, no reasoning
+    # (the distillation baseline; data/sft.py)
+    responses: Literal["completion", "answer"] = "completion"
     eval_fraction: float = 0.05  # examples held out for the validation loss
 
 

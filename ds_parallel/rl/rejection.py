@@ -14,7 +14,7 @@
            pass_rate (the prompt's share of verified samples outside [pass_rate_min, max]),
            duplicate (the same (prompt, completion) kept before), max_per_prompt
     -> samples.jsonl: {"prompt", "response"} lines, the SFT format (data/sft.py), with
-       provenance: source_checkpoint, prompt_id, sample_index, rewards.
+       provenance: the reference answer, source_checkpoint, prompt_id, sample_index, rewards.
 
 R1 keeps only correct samples and filters out chains of thought with mixed languages, long
 paragraphs and code blocks; the pass-rate band is the usual extra (prompts every sample
@@ -122,6 +122,7 @@ class Candidate:
     truncated: bool  # cut by max_new_tokens before a stop token
     rewards: dict[str, float]  # each reward of the run (accuracy always), and "total": the weighted sum
     verified: bool
+    answer: str = ""  # the prompt's reference answer (the distillation baseline trains on it; data/sft.py)
 
 
 @dataclass
@@ -194,7 +195,7 @@ def select(candidates: list[Candidate], r: RejectionConfig, seen: set[tuple[str,
 
 def sft_line(c: Candidate, source: Optional[str]) -> str:
     """One samples.jsonl line: data/sft.py reads prompt and response, the rest is provenance."""
-    return json.dumps({"prompt": c.prompt, "response": c.completion, "source_checkpoint": source,
+    return json.dumps({"prompt": c.prompt, "response": c.completion, "answer": c.answer, "source_checkpoint": source,
                        "prompt_id": c.prompt_id, "sample_index": c.sample_index, "rewards": c.rewards}) + "\n"
 
 
@@ -313,7 +314,7 @@ def _chunk(run: "_Run", chunk: int) -> tuple[list[Candidate], int, int]:
         rewards = {name: float(v[i]) for name, v in result.per_reward.items()}
         rewards["total"] = float(result.total[i])
         local.append(asdict(Candidate(p, s, sample.prompt, sample.completion, sample.completion_tokens,
-                                      sample.truncated, rewards, bool(verified[i]))))
+                                      sample.truncated, rewards, bool(verified[i]), sample.answer)))
     failures = torch.tensor([float(sum(result.failures.values()))], dtype=torch.float64)
     parts = [local]
     if ctx.dp > 1:
@@ -398,7 +399,7 @@ def rejection_sample(cfg: Config, ctx: ParallelContext, init: Optional[str] = No
 def _build(cfg: Config, ctx: ParallelContext, init: Optional[str], prompts: list[Prompt]) -> _Run:
     """The model (this rank's shard of `init`, or the seed's), its tokenizer and generator."""
     r = cfg.post_train.rejection
-    tokenizer = policy_tokenizer(init, cfg.post_train.prompts.source, "rejection sampling")
+    tokenizer = policy_tokenizer(init, cfg.post_train.prompts, "rejection sampling")
     model = build_model(cfg.model, ctx, seed=cfg.train.seed)  # whole on each rank: pp = 1
     if init:
         load_initial_weights(model, init)

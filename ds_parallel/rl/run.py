@@ -3,10 +3,11 @@
     post_train.kind: sft | grpo | rejection_sample    one run in train.out_dir
     post_train.kind: pipeline                         phases, each a run in train.out_dir/<name>:
         phases: [{name, kind: pretrain | sft | grpo | rejection_sample, overrides: {dotted.key: value},
-                  init: <earlier phase>, data: <earlier rejection_sample phase> (sft only)}]
+                  init: <earlier phase> | seed | start, data: <earlier rejection_sample phase> (sft only)}]
 
-A phase starts from `post_train.init` if it sets one, else from the phase its `init` names,
-else from the previous phase: its run directory's latest checkpoint, or for a
+A phase starts from `post_train.init` if it sets one, else from the phase its `init` names
+(`init: seed`: fresh weights, as a student trained from scratch; `init: start`: the
+pipeline's own post_train.init), else from the previous phase: its run directory's latest checkpoint, or for a
 rejection-sampling phase, which trains nothing, the weights it sampled; the first phase from
 the top-level init (or the seed). `data` makes an SFT phase train on a rejection-sampling
 phase's samples.jsonl (R1 §2.3.3 retrains the base model on them: init the base phase).
@@ -40,6 +41,8 @@ from ds_parallel.config.schema import Config
 from ds_parallel.config.validate import validate
 
 KINDS = ("pretrain", "sft", "grpo", "rejection_sample")
+SEED = "seed"  # a phase's `init: seed`: fresh weights from train.seed, not an earlier phase's
+START = "start"  # a phase's `init: start`: the pipeline's own post_train.init (R1 retrains the base)
 PHASE_KEYS = {"name", "kind", "overrides", "init", "data"}
 
 
@@ -86,6 +89,27 @@ def _validate(cfg: Config, kind: str, world_size: Optional[int], produced: froze
         raise ConfigError(str(exc)) from None
 
 
+# The ModelConfig fields that fix the parameters' shapes (and the ones with none).
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "inter_dim", "qkv_bias",
+                "tie_embeddings", "attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim", "n_routed_experts", "n_shared_experts", "moe_inter_dim", "n_dense_layers")
+
+
+def check_init_shape(model, init: Optional[str]) -> None:
+    """An HF directory at post_train.init must hold the model the config builds (a student of
+    another family is described in `model`): one-line ValueError naming the first field that
+    differs, before any process group starts."""
+    from ds_parallel.interop.hf import hf_model_config, is_hf_directory
+
+    if not init or not is_hf_directory(init):
+        return
+    theirs = hf_model_config(init)
+    for name in SHAPE_FIELDS:
+        if getattr(model, name) != getattr(theirs, name):
+            raise ValueError(f"model.{name}={getattr(model, name)!r}, but the HF checkpoint at post_train.init={init} "
+                             f"has {getattr(theirs, name)!r}: set model.{name}={getattr(theirs, name)!r}")
+
+
 def plan_phases(path: Optional[str], overrides: list[str], world_size: Optional[int]) -> list[Phase]:
     """The runs a post-training config describes, each config validated (ConfigError)."""
     data = merge_trees(read_yaml(path) if path else {}, parse_overrides(list(overrides)))
@@ -93,6 +117,11 @@ def plan_phases(path: Optional[str], overrides: list[str], world_size: Optional[
     pt = cfg.post_train
     if pt.kind != "pipeline":
         _validate(cfg, pt.kind, world_size)
+        if pt.kind in ("sft", "grpo"):
+            try:
+                check_init_shape(cfg.model, pt.init)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         return [Phase(pt.kind, pt.kind, cfg, pt.init)]
     phases = pt.phases
     if not isinstance(phases, list) or not phases:
@@ -110,13 +139,17 @@ def plan_phases(path: Optional[str], overrides: list[str], world_size: Optional[
         kind, name = phase["kind"], str(phase.get("name", phase["kind"]))
         if kind not in KINDS:
             raise ConfigError(f"{where}.kind={kind!r} is not one of {', '.join(KINDS)}")
+        if name in (SEED, START):
+            raise ConfigError(f"{where}.name={name!r} is reserved (init: {SEED} / {START}): rename the phase")
         sub = phase.get("overrides") or {}
         if not isinstance(sub, dict) or any("parallel" == k.split(".")[0] for k in sub):
             raise ConfigError(f"{where}.overrides must be a mapping of dotted keys, without parallel.* (the "
                               "phases share one layout)")
         for key, allowed in (("init", weights), ("data", produced)):
+            if key == "init" and phase.get("init") in (SEED, START):
+                continue
             if key in phase and phase[key] not in allowed:
-                what = "phase" if key == "init" else "rejection_sample phase"
+                what = "phase (nor is it seed or start)" if key == "init" else "rejection_sample phase"
                 raise ConfigError(f"{where}.{key}={phase[key]!r} names no earlier {what} (earlier: "
                                   f"{', '.join(allowed) or 'none'})")
         if "data" in phase and kind != "sft":
@@ -135,7 +168,13 @@ def plan_phases(path: Optional[str], overrides: list[str], world_size: Optional[
             _validate(phase_cfg, kind, world_size, frozenset(map(os.path.abspath, produced.values())))
         except ConfigError as exc:
             raise ConfigError(f"{where} ({name}): {exc}") from None
-        init = phase_cfg.post_train.init or (weights[phase["init"]] if "init" in phase else previous)
+        named = {SEED: None, START: pt.init, **weights}
+        init = phase_cfg.post_train.init or (named[phase["init"]] if "init" in phase else previous)
+        if kind in ("sft", "grpo"):
+            try:
+                check_init_shape(phase_cfg.model, init)
+            except ValueError as exc:
+                raise ConfigError(f"{where} ({name}): {exc}") from None
         out.append(Phase(name, kind, phase_cfg, init))
         if kind == "rejection_sample":  # it trains nothing: a phase after it starts from its weights
             produced[name] = os.path.join(phase_cfg.train.out_dir, "samples.jsonl")
@@ -236,7 +275,7 @@ def _evaluate_phase(phase: Phase, ctx) -> dict[str, Any]:
     source = open_source(ckpt=phase.cfg.train.out_dir)
     dtype = torch.bfloat16 if phase.cfg.precision.dtype == "bf16" else torch.float32
     model = load_source(source, dtype, ctx).model
-    tokenizer = policy_tokenizer(phase.cfg.train.out_dir, phase.cfg.post_train.prompts.source, "evaluation")
+    tokenizer = policy_tokenizer(phase.cfg.train.out_dir, phase.cfg.post_train.prompts, "evaluation")
     result = evaluate_heldout(model, tokenizer, phase.cfg, ctx).as_dict()
     del model
     if ctx.rank == 0:

@@ -28,7 +28,8 @@ from ds_parallel.atomic import write_atomic
 from ds_parallel.config.load import dump_yaml, to_dict
 from ds_parallel.config.schema import Config
 from ds_parallel.data.corpus import build_corpus
-from ds_parallel.data.sft import Example, SFTLoader, SFTRows, load_sft_tokenizer, read_sft_jsonl, render
+from ds_parallel.data.sft import (ARITHMETIC, DEEPSEEK_V3, Example, SFTLoader, SFTRows, deepseek_v3_tokenizer_file,
+                                  load_sft_tokenizer, read_sft_jsonl, reference_response, render)
 from ds_parallel.moe import moe_layers
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.train.metrics import MetricsLog, plot_run, step_record
@@ -49,7 +50,8 @@ def builtin_examples(cfg: Config, n: int = 2000) -> list[dict[str, str]]:
     out = []
     for text in corpus.train:  # "21+93=<think>...</think><answer>150</answer>"
         cut = text.index("=") + 1
-        out.append({"prompt": text[:cut], "response": text[cut:]})
+        answer = text[text.index("<answer>") + len("<answer>"): text.index("</answer>")]
+        out.append({"prompt": text[:cut], "response": text[cut:], "answer": answer})
     return out
 
 
@@ -78,13 +80,38 @@ def load_examples(cfg: Config) -> tuple[list[Example], list[Example], int]:
     s, t = cfg.post_train.sft, cfg.train
     tok = load_sft_tokenizer(s.tokenizer)
     if s.data == BUILTIN:
-        rendered = [render(e, tok) for e in builtin_examples(cfg)]
+        chats = builtin_examples(cfg)
+        rendered = [render(reference_response(e) if s.responses == "answer" else e, tok) for e in chats]
         examples = [e for e in rendered if len(e.ids) <= t.seq_len]
         dropped = len(rendered) - len(examples)
     else:
-        examples, dropped = read_sft_jsonl(s.data, tok, t.seq_len)
+        examples, dropped = read_sft_jsonl(s.data, tok, t.seq_len, s.responses)
     n_eval = int(len(examples) * s.eval_fraction)
     return examples[: len(examples) - n_eval], examples[len(examples) - n_eval:], dropped
+
+
+def save_tokenizer(spec: str, out_dir: str) -> None:
+    """The run's tokenizer beside its checkpoints, so that what loads them later (generation,
+    evaluation, the next phase) reads and prompts the model as it was trained: tokenizer.json,
+    and tokenizer_config.json with the EOS and the chat template (the DeepSeek-V3 template of
+    data/chat.py, or the tokenizer directory's own). The built-in character tokenizer needs
+    nothing: the saved config's data.source names it."""
+    if spec == ARITHMETIC:
+        return
+    from ds_parallel.data.chat import DEEPSEEK_V3_TEMPLATE
+    from ds_parallel.data.sft import BOS, EOS, TemplateSFTTokenizer
+
+    tok = load_sft_tokenizer(spec)
+    source = deepseek_v3_tokenizer_file() if spec == DEEPSEEK_V3 else (
+        os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec)
+    with open(source, "rb") as fh:
+        write_atomic(os.path.join(out_dir, "tokenizer.json"), fh.read())
+    if isinstance(tok, TemplateSFTTokenizer):
+        t = tok.template
+        config = {"bos_token": t.bos_token, "eos_token": t.eos_token, "chat_template": t.source}
+    else:
+        config = {"bos_token": BOS, "eos_token": EOS, "chat_template": DEEPSEEK_V3_TEMPLATE}
+    write_atomic(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=1, ensure_ascii=False))
 
 
 @torch.no_grad()
@@ -119,6 +146,7 @@ def sft(cfg: Config, ctx: ParallelContext, init: Optional[str] = None) -> dict[s
     if is_rank0:
         os.makedirs(out_dir, exist_ok=True)
         write_atomic(os.path.join(out_dir, "config.yaml"), dump_yaml(cfg))
+        save_tokenizer(s.tokenizer, out_dir)
         print(f"sft: {len(train_examples)} examples in {len(rows)} rows of {t.seq_len} "
               f"({'packed' if s.pack else 'one per row'}), {len(eval_examples)} held out, {dropped} longer than "
               f"train.seq_len dropped", flush=True)

@@ -6,6 +6,8 @@ from ds_parallel.config import ConfigError
 from ds_parallel.rl.run import plan_phases
 
 CONFIGS = {"r1_zero_cpu": (2, ["base:pretrain", "rl:grpo"]), "sft_cpu": (2, ["sft:sft"]),
+           "r1_cpu": (2, ["base:pretrain", "cold_start:sft", "reasoning:grpo", "sampled:rejection_sample",
+                          "sft_again:sft", "all:grpo"]),
            "grpo_r1_zero": (16, ["grpo:grpo"]), "grpo_deepseekmath": (16, ["grpo:grpo"]),
            "grpo_dapo": (16, ["grpo:grpo"])}
 R1 = "configs/r1_zero_cpu.yaml"
@@ -74,3 +76,77 @@ def test_initial_weights_from_our_checkpoint_and_an_hf_directory(tmp_path):
         load_initial_weights(model, str(tmp_path / path))
         for (name, a), b in zip(source.state_dict().items(), model.state_dict().values()):
             assert torch.equal(a, b), (path, name)
+
+
+def _deepseek_style_tokenizer(directory) -> None:
+    """A tiny tokenizer.json with the DeepSeek-V3 chat template's special tokens."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from ds_parallel.data.sft import ASSISTANT, BOS, EOS, USER
+
+    directory.mkdir(parents=True)
+    tok = Tokenizer(WordLevel({"[UNK]": 0, "x": 1}, unk_token="[UNK]"))
+    tok.add_special_tokens([BOS, EOS, USER, ASSISTANT])
+    tok.save(str(directory / "tokenizer.json"))
+
+
+def test_r1_cluster_config_has_the_four_phases_and_the_papers_numbers(tmp_path):
+    """configs/r1.yaml with its PATHs given as overrides plans on 32 ranks: R1's four phases,
+    sft_again from the pipeline's base (init: start) on the sampled phase's file."""
+    import json
+
+    base = tmp_path / "base"
+    _deepseek_style_tokenizer(base)
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1", "answer": str(i + 1)}) + "\n"
+                                                 for i in range(200)))
+    (tmp_path / "cold.jsonl").write_text(json.dumps({"prompt": "1+1", "response": "<think>.</think>2"}) + "\n")
+    out = tmp_path / "r1"
+    phases = plan_phases("configs/r1.yaml", [f"post_train.init={base}", f"post_train.sft.tokenizer={base}",
+                                             f"post_train.sft.data={tmp_path / 'cold.jsonl'}",
+                                             f"post_train.prompts.path={tmp_path / 'math.jsonl'}",
+                                             f"train.out_dir={out}"], 32)
+    assert [f"{p.name}:{p.kind}" for p in phases] == ["cold_start:sft", "reasoning:grpo", "sampled:rejection_sample",
+                                                      "sft_again:sft", "all:grpo"]
+    cold, reasoning, sampled, again, last = phases
+    assert cold.init == str(base) and reasoning.init == str(out / "cold_start")
+    assert sampled.init == str(out / "reasoning") and again.init == str(base) and last.init == str(out / "sft_again")
+    assert again.cfg.post_train.sft.data == str(out / "sampled" / "samples.jsonl")
+    g = reasoning.cfg.post_train.grpo
+    assert (reasoning.cfg.train.lr, g.kl_coef, g.group_size, g.temperature) == (3e-6, 0.001, 16, 1.0)
+    assert g.prompts_per_step // g.minibatches == 32 and g.ref_reset_every * g.minibatches == 400
+    assert g.loss_overrides["clip_high"] == 10.0 and set(g.rewards) == {"accuracy", "format", "language"}
+    assert last.cfg.post_train.grpo.temperature == 0.7 and cold.cfg.train.lr == 5e-6
+    e = last.cfg.post_train.eval
+    assert (e.k, e.temperature, e.top_p) == (64, 0.6, 0.95)
+
+
+def test_distill_config_plans_both_students(tmp_path, monkeypatch):
+    """configs/distill_cpu.yaml: our student from the seed, the HF Llama student from its
+    directory in its own tokenizer and chat template, each on traces and on answers alone; an
+    HF student whose shape the config does not describe is refused before any process starts."""
+    import json
+    import os
+
+    from benchmarks.distill_cpu import write_llama_student
+
+    config = os.path.abspath("configs/distill_cpu.yaml")
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt": "12+34=", "response": "<think>.</think><answer>46</answer>",
+                                   "answer": "46"}) + "\n")
+    monkeypatch.chdir(tmp_path)  # the config's relative paths (runs/distill_cpu/...) resolve here
+    student = tmp_path / "runs" / "distill_cpu" / "llama_student"
+    write_llama_student(str(student), ["12+34=", "<think>.</think><answer>46</answer>"] * 10, bpe_size=280)
+    phases = plan_phases(config, [f"post_train.sft.data={samples}"], 2)
+    assert [p.name for p in phases] == ["ours_traces", "ours_answers", "llama_traces", "llama_answers"]
+    assert [p.init for p in phases] == [None, None, "runs/distill_cpu/llama_student", "runs/distill_cpu/llama_student"]
+    assert [p.cfg.post_train.sft.responses for p in phases] == ["completion", "answer"] * 2
+    assert [p.cfg.post_train.prompts.template for p in phases] == ["plain", "plain", "chat", "chat"]
+    assert phases[2].cfg.model.n_kv_heads == 2 and phases[0].cfg.model.n_kv_heads is None
+    with pytest.raises(ConfigError, match=r"post_train.phases\[0\] \(llama_traces\): model.vocab_size=512, but the HF "
+                                          r"checkpoint at post_train.init=runs/distill_cpu/llama_student has 384: "
+                                          r"set model.vocab_size=384"):
+        plan_phases(config, [f"post_train.sft.data={samples}", "model.vocab_size=512",
+                             "post_train.phases=[{name: llama_traces, kind: sft, overrides: {post_train.init: "
+                             "runs/distill_cpu/llama_student, post_train.sft.tokenizer: runs/distill_cpu/llama_student, "
+                             "model.preset: debug_dense_gqa}}]"], 2)

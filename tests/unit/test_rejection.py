@@ -178,9 +178,10 @@ def test_interrupted_run_resumes_to_the_same_output(tmp_path):
     prompts, _ = build_prompts(cfg.post_train.prompts, cfg.train.seed, cfg.data)
     for r in rows:
         assert r["prompt"] == prompts[r["prompt_id"]].text and r["source_checkpoint"] is None
+        assert r["answer"] == prompts[r["prompt_id"]].answer
         share = sum(ch.isdigit() for ch in r["response"]) / max(1, len(r["response"]))
         assert r["rewards"][REWARD] == pytest.approx(share) and share >= 0.25
-        assert set(r) == {"prompt", "response", "source_checkpoint", "prompt_id", "sample_index", "rewards"}
+        assert set(r) == {"prompt", "response", "answer", "source_checkpoint", "prompt_id", "sample_index", "rewards"}
     assert stats["kept"] == len(rows) and stats["kept"] + sum(stats["dropped"].values()) == stats["drawn"] == 36
     assert sum(stats["pass_rate_histogram"].values()) == stats["prompts"] == 9
     # Random text has no backticks and too few words for a repeated 4-gram, so every verified

@@ -305,3 +305,82 @@ def test_builtin_chats_never_hold_a_heldout_problem():
     assert not {c["prompt"] for c in chats} & {p.text for p in heldout}
     assert all(c["response"].startswith("<think>") and c["response"].endswith("</answer>") for c in chats)
     # Without the exclusion, 2000 draws from the 10^4 sums would hit ~18% of the held-out ones (1 - e^-0.2).
+
+
+# ---------------------------------------------------------------------------- a student's own chat template
+
+@pytest.fixture(scope="module")
+def llama_student(tmp_path_factory):
+    """A random LlamaForCausalLM with its own byte-level BPE and Llama 3 chat template, written by
+    transformers (benchmarks/distill_cpu.py)."""
+    from benchmarks.distill_cpu import write_llama_student
+
+    path = tmp_path_factory.mktemp("student")
+    texts = ["21+93=", "<think>2+9+0=11 1+3+1=50</think><answer>150</answer>", "What is 2+2? Four, since 2+2=4."]
+    write_llama_student(str(path), texts * 20, bpe_size=300)
+    return path
+
+
+def test_student_template_renders_as_transformers_and_masks_the_assistant(llama_student, tmp_path):
+    """The student's chat template rendered without transformers gives transformers' ids
+    (apply_chat_template) on a multi-turn chat with a system message; the supervised ids are
+    exactly each assistant turn and its end of turn; prompts for generation (template chat)
+    equal transformers' add_generation_prompt=True ids."""
+    from transformers import AutoTokenizer
+
+    from ds_parallel.config.schema import PromptConfig
+    from ds_parallel.data.sft import TemplateSFTTokenizer
+    from ds_parallel.inference.load import policy_tokenizer
+
+    theirs = AutoTokenizer.from_pretrained(str(llama_student))
+    ours = load_sft_tokenizer(str(llama_student))
+    assert isinstance(ours, TemplateSFTTokenizer) and ours.eos_id == theirs.convert_tokens_to_ids("<|eot_id|>")
+    chat = {"messages": [
+        {"role": "system", "content": "Add."}, {"role": "user", "content": "21+93="},
+        {"role": "assistant", "content": "<think>2+9+0=11 1+3+1=50</think><answer>150</answer>"},
+        {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four, since 2+2=4."}]}
+    ids, supervised = render(chat, ours)
+
+    def hf_ids(messages, **kw):
+        out = theirs.apply_chat_template(messages, tokenize=True, **kw)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    assert list(ids) == hf_ids(chat["messages"])
+    learned = [ours.decode([i for i, s in zip(ids, supervised) if s])]
+    assert learned == ["<think>2+9+0=11 1+3+1=50</think><answer>150</answer><|eot_id|>Four, since 2+2=4.<|eot_id|>"]
+    # The prompt side: what generation feeds the student before its reply.
+    tok = policy_tokenizer(str(llama_student), PromptConfig(source="arithmetic", template="chat"), "test")
+    assert tok.encode("21+93=") == hf_ids([{"role": "user", "content": "21+93="}], add_generation_prompt=True)
+    assert tok.eos_ids == (ours.eos_id,)
+    with pytest.raises(ValueError, match="post_train.prompts.template=chat, but the tokenizer of"):
+        policy_tokenizer(None, PromptConfig(source="arithmetic", template="chat"), "test")
+
+
+def test_saved_deepseek_template_renders_as_the_code_template(tmp_path, tok):
+    """An SFT run saves its tokenizer with DeepSeek-V3's template as Jinja (rl/sft.py
+    save_tokenizer); loading the run directory renders every chat as the code template does,
+    ids and mask, and generation then stops on its EOS."""
+    from ds_parallel.data.sft import TemplateSFTTokenizer
+    from ds_parallel.inference.load import hf_tokenizer
+    from ds_parallel.rl.sft import save_tokenizer
+
+    save_tokenizer("deepseek_v3", str(tmp_path))
+    saved = load_sft_tokenizer(str(tmp_path))
+    assert isinstance(saved, TemplateSFTTokenizer) and saved.eos_id == tok.eos_id
+    for example in (CHAT, {"prompt": "Hi", "response": "Hello!"}):
+        assert render(example, saved) == render(example, tok)
+    loaded = hf_tokenizer(str(tmp_path))
+    assert loaded.eos_ids == (tok.eos_id,)
+    assert loaded.chat("Hi") == [tok.bos_id, tok.user_id] + tok.encode("Hi") + [tok.assistant_id]
+
+
+def test_reference_answer_responses(tmp_path, tok):
+    """post_train.sft.responses=answer trains on the reference answer alone, in R1's tags."""
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"prompt": "21+93=", "response": "<think>x</think><answer>150</answer>",
+                                "answer": "150"}) + "\n")
+    (example,), _ = read_sft_jsonl(str(path), tok, SEQ_LEN, responses="answer")
+    assert tok.decode([i for i, s in zip(example.ids, example.supervised) if s]) == "<answer>150</answer>" + EOS
+    path.write_text(json.dumps({"prompt": "21+93=", "response": "150"}) + "\n")
+    with pytest.raises(ValueError, match="line 1: post_train.sft.responses=answer needs 'prompt' and a string 'answer'"):
+        read_sft_jsonl(str(path), tok, SEQ_LEN, responses="answer")
