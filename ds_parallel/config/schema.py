@@ -180,6 +180,9 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 100  # 0 = only at the end
     max_steps_this_run: int = 0  # stop early after this many steps (tests, preemption drills)
+    # TensorBoard event files in <out_dir>/tensorboard beside metrics.jsonl, when the
+    # tensorboard package is installed (train/metrics.py)
+    tensorboard: bool = True
 
 
 @dataclass

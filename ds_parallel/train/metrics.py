@@ -4,6 +4,11 @@ Each logged step is one JSON object with at least step, loss, lm_loss, lr, grad_
 tokens_per_s (docs/architecture.md, "Metrics and the run directory"); `step_record` is the
 one schema of that object. On resume the file is cut back to the checkpoint's step so that
 steps are never logged twice.
+
+TensorBoard (`train.tensorboard`, on by default when the tensorboard package is installed):
+every numeric field of metrics.jsonl and evals.jsonl is also a scalar of the same name
+(evaluations under "eval/") in <out_dir>/tensorboard; a resumed run purges the events after
+its checkpoint's step, as the JSONL files are cut.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ class MetricsLog:
     per-layer expert loads of the step and the router biases after its update."""
 
     def __init__(self, out_dir: str, enabled: bool, total_steps: int, start_step: int = 0,
-                 show: tuple[str, ...] = ()):
+                 show: tuple[str, ...] = (), tensorboard: bool = False):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.experts_path = os.path.join(out_dir, "experts.jsonl")
         self.evals_path = os.path.join(out_dir, "evals.jsonl")  # held-out evaluations, step 0 included
@@ -57,9 +62,20 @@ class MetricsLog:
         self.total_steps = total_steps
         self.start_step = start_step
         self.t0 = time.perf_counter()
+        self.writer = None
         if enabled:
             for path in (self.path, self.experts_path, self.evals_path, os.path.join(out_dir, "samples.jsonl")):
                 _truncate_after(path, start_step)
+            if tensorboard:
+                self.writer = tensorboard_writer(os.path.join(out_dir, "tensorboard"), start_step)
+
+    def _scalars(self, record: dict, prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(prefix + key, value, record["step"])
+        self.writer.flush()
 
     def log_experts(self, step: int, loads: dict, biases: dict) -> None:
         if not self.enabled:
@@ -77,6 +93,7 @@ class MetricsLog:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self._scalars(record)
         step = record["step"]
         done = step - self.start_step
         elapsed = time.perf_counter() - self.t0
@@ -95,10 +112,22 @@ class MetricsLog:
             return
         with open(self.evals_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self._scalars(record, "eval/")
         print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
 
     def evals(self) -> list[dict]:
         return read_metrics(self.out_dir, "evals.jsonl") if self.enabled else []
+
+
+def tensorboard_writer(log_dir: str, start_step: int):
+    """A SummaryWriter on log_dir whose events after start_step are purged (a resumed run), or
+    None when the tensorboard package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    # purge_step: TensorBoard drops the events at this step and after, when it reads the files
+    return SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
 
 
 def _truncate_after(path: str, step: int) -> None:

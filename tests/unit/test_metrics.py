@@ -1,4 +1,6 @@
 """The metric schema: which keys a step record holds, in the order metrics.jsonl has always had."""
+import pytest
+
 from ds_parallel.train.metrics import step_record
 
 LOSSES = {"loss": 2.0, "lm_loss": 1.5, "aux_loss": 0.1, "mtp_loss": 0.4}
@@ -15,3 +17,30 @@ def test_step_record_keys_and_order():
     # MTP without MoE (a dense model with multi-token prediction), and a MoE step between log steps.
     assert list(step_record(3, LOSSES, 1e-3, 0.5, 100.0, moe=False, mtp=True))[3] == "mtp_loss"
     assert "expert_load_imbalance" not in step_record(3, LOSSES, 1e-3, 0.5, 100.0, moe=True, mtp=False)
+
+
+def test_tensorboard_scalars_equal_the_jsonl_and_a_resume_purges_later_steps(tmp_path):
+    """Every numeric field logged is a TensorBoard scalar of the same value (evaluations under
+    eval/); a run resumed from step 2 rewrites steps 3.. without keeping the first run's."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ds_parallel.train.metrics import MetricsLog, read_metrics
+
+    def run(start, steps, loss_of):
+        log = MetricsLog(str(tmp_path), True, 4, start, tensorboard=True)
+        for step in steps:
+            log.log({"step": step, "loss": loss_of(step), "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 100.0})
+        log.log_eval({"step": steps[-1], "heldout_accuracy": 0.25})
+        log.writer.close()
+
+    run(0, [1, 2, 3, 4], lambda s: 10.0 - s)
+    run(2, [3, 4], lambda s: 20.0 - s)  # resumed from the step-2 checkpoint: 3 and 4 again, other values
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    jsonl = read_metrics(str(tmp_path))
+    assert [r["step"] for r in jsonl] == [1, 2, 3, 4]
+    assert scalars["loss"] == [(r["step"], pytest.approx(r["loss"])) for r in jsonl] == [(1, 9), (2, 8), (3, 17), (4, 16)]
+    assert scalars["eval/heldout_accuracy"] == [(4, 0.25)]
+    assert set(scalars) == {"loss", "lr", "grad_norm", "tokens_per_s", "eval/heldout_accuracy"}
