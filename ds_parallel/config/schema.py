@@ -183,6 +183,16 @@ class TrainConfig:
     # TensorBoard event files in <out_dir>/tensorboard beside metrics.jsonl, when the
     # tensorboard package is installed (train/metrics.py)
     tensorboard: bool = True
+    # Held-out LM loss every N steps (0: off) over the first eval_samples windows of the
+    # validation data (data.valid_path, or the arithmetic corpus's held-out problems); evals.jsonl
+    eval_every: int = 0
+    eval_samples: int = 64
+    # Activation recomputation (V3 §3.2.3; Megatron's selective / full): none | selective (the
+    # recompute_modules below, recomputed in the backward) | full (whole blocks; recompute_layers
+    # of them per pipeline stage, 0 = all)
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_layers: int = 0
+    recompute_modules: list[str] = field(default_factory=lambda: ["norm", "mla_up_proj", "swiglu"])
 
 
 @dataclass
@@ -197,6 +207,11 @@ class DataConfig:
     # arithmetic corpus: share of training problems written in the R1 format
     # ("<think>...</think><answer>...</answer>", data/corpus.py), as a base model for R1-Zero
     cot: float = 0.0
+    # source=indexed from several datasets mixed by weight instead of data.path (data/blend.py):
+    # [{path, weight, name?}]; blend_schedule: [{step, weights: [...]}], new weights from a step on
+    blend: list[dict[str, Any]] = field(default_factory=list)
+    blend_schedule: list[dict[str, Any]] = field(default_factory=list)
+    valid_path: Optional[str] = None  # indexed validation data (prefix) for train.eval_every
 
 
 @dataclass
