@@ -43,6 +43,8 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    if t.recompute != "none":  # being built (issue 17): refused rather than silently ignored
+        raise ConfigError(f"train.recompute={t.recompute!r} is not implemented yet: use train.recompute=none")
 
     # Model shape rules.
     if m.head_dim is None and m.dim % m.n_heads:
