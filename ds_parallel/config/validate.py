@@ -126,19 +126,35 @@ def _validate_data(cfg: Config, purpose: str) -> None:
     needs no data files."""
     from ds_parallel.data.loader import check_data
 
-    d = cfg.data
+    d, t = cfg.data, cfg.train
+    if t.eval_every < 0 or t.eval_samples < 1:
+        raise ConfigError(f"train.eval_every={t.eval_every} must be >= 0 and train.eval_samples={t.eval_samples} >= 1")
+    if t.eval_every and cfg.parallel.pp > 1:
+        raise ConfigError(f"train.eval_every={t.eval_every} with parallel.pp={cfg.parallel.pp}: the held-out loss runs "
+                          "the whole model on each rank; set train.eval_every=0 or parallel.pp=1")
     if d.source == "indexed":
-        if not d.path:
-            raise ConfigError("data.source=indexed needs data.path: the prefix of a .bin/.idx pair")
+        if bool(d.path) == bool(d.blend):
+            raise ConfigError("data.source=indexed needs exactly one of data.path (the prefix of a .bin/.idx pair) "
+                              "and data.blend (several, with weights)")
+        if d.blend_schedule and not d.blend:
+            raise ConfigError("data.blend_schedule changes data.blend's weights: give data.blend")
+        if t.eval_every and not d.valid_path:
+            raise ConfigError(f"train.eval_every={t.eval_every} on indexed data needs data.valid_path, the prefix of "
+                              "a validation .bin/.idx pair (or set train.eval_every=0)")
         if purpose != "train":
             return
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(d.path + ext):
-                raise ConfigError(f"data.path={d.path!r}: {d.path + ext} does not exist")
-    elif d.path:
-        raise ConfigError(f"data.path is set but data.source={d.source!r}: set data.source=indexed")
+        paths = [("data.path", d.path)] if d.path else [(f"data.blend[{i}].path", e.get("path"))
+                                                        for i, e in enumerate(d.blend) if isinstance(e, dict)]
+        for key, path in paths + ([("data.valid_path", d.valid_path)] if d.valid_path else []):
+            for ext in (".bin", ".idx"):
+                if not isinstance(path, str) or not os.path.isfile(path + ext):
+                    raise ConfigError(f"{key}={path!r}: {path}{ext} does not exist")
+    else:
+        for key in ("path", "blend", "blend_schedule", "valid_path"):
+            if getattr(d, key):
+                raise ConfigError(f"data.{key} is set but data.source={d.source!r}: set data.source=indexed")
     try:
-        check_data(d, cfg.train.seq_len, cfg.model.vocab_size)
+        check_data(d, t.seq_len, cfg.model.vocab_size, t.steps)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

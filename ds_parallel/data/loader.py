@@ -140,11 +140,12 @@ def rank_positions(global_batch_size: int, micro_batch_size: int, dp: int, dp_ra
 @dataclass
 class Datasets:
     train: PackedSamples
-    eval: Optional[PackedSamples]  # held-out problems packed the same way; None for indexed data
+    eval: Optional[PackedSamples]  # held-out problems packed the same way; indexed: data.valid_path or None
     tokenizer: Optional[CharTokenizer]  # None for indexed data (ids come pre-tokenized)
     heldout: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer) pairs
     chance_accuracy: Optional[float] = None  # exact-match of the best operand-blind guess
     completion_chars: int = 0  # the longest completion of a held-out prompt (answer or chain of thought)
+    sources: list[PackedSamples] = field(default_factory=list)  # data.blend: each source's samples (train unused)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """A held-out prompt as the model saw problems in training: after an EOS."""
@@ -165,29 +166,49 @@ def _arithmetic_stream(tok: CharTokenizer, problems: list[str], loss_on: str, se
     return tokens, seq_len, np.concatenate(parts)
 
 
-def check_data(data_cfg, seq_len: int, vocab_size: int) -> None:
+def _check_indexed(key: str, path: str, seq_len: int, vocab_size: int) -> None:
+    """One indexed dataset: readable, token ids inside the vocabulary, at least one sample."""
+    try:
+        ds = IndexedDataset(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{key}={path!r} is not a readable indexed dataset ({exc}): point it at the "
+                         f"prefix of a Megatron .bin/.idx pair") from None
+    if ds.dtype.kind not in "iu":
+        raise ValueError(f"{key}={path!r} holds {ds.dtype} values, not token ids: retokenize")
+    span = ds.token_range()
+    if span is not None and (span[0] < 0 or span[1] >= vocab_size):
+        fix = "retokenize" if span[0] < 0 else f"raise model.vocab_size to at least {span[1] + 1} or retokenize"
+        raise ValueError(f"{key}={path!r} holds token ids in [{span[0]}, {span[1]}], outside "
+                         f"model.vocab_size={vocab_size}: {fix}")
+    if n_samples(ds.tokens.size, seq_len) < 1:
+        raise ValueError(f"{key}={path!r} holds {ds.tokens.size} tokens, too few for one training sample of "
+                         f"train.seq_len + 1 = {seq_len + 1}: use more data or lower train.seq_len")
+
+
+def indexed_paths(data_cfg) -> list[tuple[str, str]]:
+    """(config key, prefix) of every training dataset of data.source=indexed."""
+    if data_cfg.blend:
+        return [(f"data.blend[{i}].path", e["path"]) for i, e in enumerate(data_cfg.blend)]
+    return [("data.path", data_cfg.path)]
+
+
+def check_data(data_cfg, seq_len: int, vocab_size: int, steps: int = 1) -> None:
     """The rules that need the data itself: a ValueError of one line naming the key and the
     fix. config/validate.py runs them before any process starts; build_datasets again (cheap:
     the indexed token range is computed once, see data/indexed.py)."""
     if data_cfg.source == "indexed":
-        path = data_cfg.path
         if data_cfg.cot:
             raise ValueError(f"data.cot={data_cfg.cot} writes arithmetic problems with chain of thought: it needs "
                              f"data.source=arithmetic, set data.cot=0 for indexed data")
-        try:
-            ds = IndexedDataset(path)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"data.path={path!r} is not a readable indexed dataset ({exc}): point it at the "
-                             f"prefix of a Megatron .bin/.idx pair") from None
-        if ds.dtype.kind not in "iu":
-            raise ValueError(f"data.path={path!r} holds {ds.dtype} values, not token ids: retokenize")
-        span = ds.token_range()
-        if span is not None and (span[0] < 0 or span[1] >= vocab_size):
-            fix = "retokenize" if span[0] < 0 else f"raise model.vocab_size to at least {span[1] + 1} or retokenize"
-            raise ValueError(f"data.path={path!r} holds token ids in [{span[0]}, {span[1]}], outside "
-                             f"model.vocab_size={vocab_size}: {fix}")
-        n_tokens, what, fix = ds.tokens.size, f"data.path={path!r} holds", "use more data or lower train.seq_len"
-    elif data_cfg.source == "arithmetic":
+        if data_cfg.blend:
+            from ds_parallel.data.blend import blend_phases
+
+            blend_phases(data_cfg, steps)
+        for key, path in indexed_paths(data_cfg) + ([("data.valid_path", data_cfg.valid_path)]
+                                                    if data_cfg.valid_path else []):
+            _check_indexed(key, path, seq_len, vocab_size)
+        return
+    if data_cfg.source == "arithmetic":
         ops = check_split(data_cfg.n_digits, data_cfg.ops, data_cfg.n_train, data_cfg.n_eval)
         check_cot(data_cfg.cot)
         if vocab_size < CharTokenizer.vocab_size:
@@ -195,22 +216,23 @@ def check_data(data_cfg, seq_len: int, vocab_size: int) -> None:
                              f"arithmetic tokenizer (data.source=arithmetic): raise model.vocab_size")
         # Each problem and its EOS; the shortest operator, written plain, bounds the stream from below.
         n_tokens = data_cfg.n_train * min(problem_chars(op, data_cfg.n_digits) + 1 for op in ops)
-        what = f"data.n_train={data_cfg.n_train} problems make as few as"
-        fix = "raise data.n_train or lower train.seq_len"
-    else:
-        raise ValueError(f"data.source={data_cfg.source!r} must be 'arithmetic' or 'indexed'")
-    if n_samples(n_tokens, seq_len) < 1:
-        raise ValueError(f"{what} {n_tokens} tokens, too few for one training sample of "
-                         f"train.seq_len + 1 = {seq_len + 1}: {fix}")
+        if n_samples(n_tokens, seq_len) < 1:
+            raise ValueError(f"data.n_train={data_cfg.n_train} problems make as few as {n_tokens} tokens, too few "
+                             f"for one training sample of train.seq_len + 1 = {seq_len + 1}: raise data.n_train or "
+                             f"lower train.seq_len")
+        return
+    raise ValueError(f"data.source={data_cfg.source!r} must be 'arithmetic' or 'indexed'")
 
 
 def build_datasets(data_cfg, train_cfg, vocab_size: int) -> Datasets:
     """Training samples (and held-out problems) for `data.source`; see module docstring."""
     seq_len = train_cfg.seq_len
-    check_data(data_cfg, seq_len, vocab_size)
+    check_data(data_cfg, seq_len, vocab_size, train_cfg.steps)
     if data_cfg.source == "indexed":
         # Megatron's preprocessing appends EOD itself (--append-eod): the stream is the .bin.
-        return Datasets(train=PackedSamples(IndexedDataset(data_cfg.path).tokens, seq_len), eval=None, tokenizer=None)
+        sources = [PackedSamples(IndexedDataset(path).tokens, seq_len) for _, path in indexed_paths(data_cfg)]
+        valid = PackedSamples(IndexedDataset(data_cfg.valid_path).tokens, seq_len) if data_cfg.valid_path else None
+        return Datasets(train=sources[0], eval=valid, tokenizer=None, sources=sources if data_cfg.blend else [])
     tok = CharTokenizer()
     corpus = build_corpus(data_cfg.n_digits, data_cfg.ops, data_cfg.n_train, data_cfg.n_eval, train_cfg.seed,
                           cot=data_cfg.cot)

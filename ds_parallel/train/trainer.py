@@ -24,10 +24,11 @@ from ds_parallel.atomic import write_atomic
 from ds_parallel.config.load import dump_yaml, to_dict
 from ds_parallel.config.schema import Config
 from ds_parallel.data import GlobalBatchLoader, build_datasets
+from ds_parallel.data.blend import BlendedLoader, blend_phases, source_names, tokens_per_source
 from ds_parallel.fp8.apply import fp8_memory_report
 from ds_parallel.moe import expert_load_imbalance, moe_layers
 from ds_parallel.parallel.groups import ParallelContext
-from ds_parallel.train.evaluate import exact_match
+from ds_parallel.train.evaluate import exact_match, heldout_lm_loss
 from ds_parallel.train.metrics import MetricsLog, plot_run, step_record
 from ds_parallel.train.pipeline import PipelineForward, gather_layer_tensors
 from ds_parallel.train.setup import setup_training
@@ -74,7 +75,12 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
     model, start_step = parts.model, parts.start_step
 
     data = build_datasets(cfg.data, t, m.vocab_size)
-    loader = GlobalBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
+    if data.sources:  # data.blend: several sources mixed by weight (data/blend.py)
+        names = source_names(cfg.data)
+        loader = BlendedLoader(data.sources, blend_phases(cfg.data, t.steps), t.global_batch_size,
+                               t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
+    else:
+        loader = GlobalBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, ctx.dp_rank, ctx.dp, t.seed)
     if cfg.precision.fp8.enabled and parts.runner is None:  # measured once, on the first micro-batch
         first = to_device(lm_micro_batches(loader.micro_batches(start_step)), ctx.device)[0]
         report = fp8_memory_report(model, first["input_ids"], first["labels"])
@@ -99,10 +105,16 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
                 biases = {g.layer_id: g.gate.e_score_correction_bias for g in moe_layers(model)}
                 biases = gather_layer_tensors(biases, moe_ids, m.n_routed_experts, ctx)
                 imbalance = expert_load_imbalance(loads)
-            metrics.log(step_record(last, result.losses, result.lr, result.grad_norm, tokens_per_s,
-                                    moe=bool(moe_ids), mtp=bool(m.mtp_depth), expert_load_imbalance=imbalance))
+            record = step_record(last, result.losses, result.lr, result.grad_norm, tokens_per_s,
+                                 moe=bool(moe_ids), mtp=bool(m.mtp_depth), expert_load_imbalance=imbalance)
+            if data.sources:
+                record.update(tokens_per_source(loader, names, last, t.seq_len))
+            metrics.log(record)
             if moe_ids:
                 metrics.log_experts(last, loads, biases)
+        if t.eval_every and (last % t.eval_every == 0 or last == t.steps) and data.eval is not None:
+            loss = heldout_lm_loss(parts.engine.module, data.eval, t.eval_samples)
+            metrics.log_eval({"step": last, "valid_loss": loss})
         stop = preempt.agreed()
         if stop or last == stop_at or (t.save_every and last % t.save_every == 0):
             ckpt.save_checkpoint(out_dir, last, parts.engine, ctx, to_dict(cfg))

@@ -402,3 +402,83 @@ def test_cot_loss_mask_supervises_the_whole_completion():
         build_datasets(DataConfig(n_train=300, n_eval=10, cot=-0.1), train_cfg, vocab_size=128)
     with pytest.raises(ValueError, match="data.cot=0.5 writes arithmetic problems"):
         build_datasets(DataConfig(source="indexed", path="/nonexistent", cot=0.5), train_cfg, vocab_size=128)
+
+
+# ---------------------------------------------------------------------------- blended sources (data/blend.py)
+
+def _blend_loader(weights_by_step, gbs=20, mbs=20, dp=1, rank=0, sizes=(53, 29)):
+    """Two sources whose windows are told apart by their tokens: source i's tokens are
+    1000 * (i + 1) + position, so a window names its source and its place."""
+    from ds_parallel.data.blend import BlendPhase, BlendedLoader
+
+    sources = [PackedSamples(1000 * (i + 1) + np.arange(n * 4 + 1, dtype=np.int64), seq_len=4)
+               for i, n in enumerate(sizes)]
+    phases = [BlendPhase(step, tuple(w / sum(ws) for w in ws)) for step, ws in weights_by_step]
+    return BlendedLoader(sources, phases, gbs, mbs, rank, dp, seed=5)
+
+
+def test_blend_follows_its_weights_at_every_step_and_each_source_streams_its_epochs():
+    loader = _blend_loader([(0, [0.7, 0.3])])
+    seen = {0: [], 1: []}
+    for step in range(40):
+        batch = loader.global_batch(step)
+        src = batch[:, 0] // 1000 - 1
+        for s in (0, 1):
+            seen[s] += [int(row[0] % 1000) // 4 for row in batch[src == s]]  # the window's index in its source
+        # After every step the counts are within one sample of the weights (not only on average).
+        counts = loader.samples_per_source(step + 1)
+        assert counts.sum() == 20 * (step + 1) and np.abs(counts - np.array([0.7, 0.3]) * 20 * (step + 1)).max() <= 1
+        assert [len(seen[0]), len(seen[1])] == counts.tolist()
+    # Each source runs through its windows epoch by epoch, a seeded permutation each time.
+    for s, n in ((0, 53), (1, 29)):
+        for e in range(len(seen[s]) // n):
+            assert sorted(seen[s][e * n:(e + 1) * n]) == list(range(n))
+    # Pure function of the step (resume), and the union over dp ranks is the global batch.
+    assert np.array_equal(_blend_loader([(0, [0.7, 0.3])]).global_batch(17), loader.global_batch(17))
+    for step in (0, 9, 33):
+        expected = torch.from_numpy(loader.global_batch(step))
+        rows = {}
+        for rank in range(2):
+            ranked = _blend_loader([(0, [0.7, 0.3])], mbs=5, dp=2, rank=rank)
+            for m, (inputs, labels) in enumerate(ranked.micro_batches(step)):
+                full = torch.cat([inputs, labels[:, -1:]], 1)
+                for j in range(5):
+                    rows[(m * 2 + rank) * 5 + j] = full[j]
+        torch.testing.assert_close(torch.stack([rows[p] for p in range(20)]), expected, rtol=0, atol=0)
+
+
+def test_blend_weights_change_at_a_step_without_reshuffling_what_was_consumed():
+    before = _blend_loader([(0, [0.7, 0.3])])
+    after = _blend_loader([(0, [0.7, 0.3]), (25, [0.2, 0.8])])
+    for step in range(25):  # up to the change, the same batches
+        assert np.array_equal(before.global_batch(step), after.global_batch(step))
+    consumed = after.samples_per_source(25)
+    for step in range(25, 60):
+        counts = after.samples_per_source(step + 1) - consumed
+        assert np.abs(counts - np.array([0.2, 0.8]) * 20 * (step + 1 - 25)).max() <= 1
+    # Each source's stream continues where it stopped: sample numbers 0, 1, 2, ... with no gap or repeat.
+    for s in (0, 1):
+        numbers = np.concatenate([after.slot_sources(step)[1][after.slot_sources(step)[0] == s] for step in range(60)])
+        assert np.array_equal(numbers, np.arange(len(numbers)))
+
+
+def test_blend_config_errors_are_one_line(tmp_path):
+    from ds_parallel.config import ConfigError, load_config
+
+    for i, n in enumerate((40, 30)):
+        _write(str(tmp_path / f"s{i}"), [list(range(1, 20))] * n)
+    blend = f"data.blend=[{{path: {tmp_path / 's0'}, weight: 3}}, {{path: {tmp_path / 's1'}, weight: 1}}]"
+    base = ["data.source=indexed", "train.seq_len=16", blend]
+    cfg = load_config(None, base)
+    datasets = build_datasets(cfg.data, cfg.train, cfg.model.vocab_size)
+    assert [len(s) for s in datasets.sources] == [(40 * 19 - 1) // 16, (30 * 19 - 1) // 16]  # 19-token documents
+    for extra, message in [
+        ([f"data.path={tmp_path / 's0'}"], "needs exactly one of data.path"),
+        (["data.blend_schedule=[{step: 5, weights: [1]}]"], "data.blend_schedule[0].weights=[1] must be 2"),
+        (["data.blend_schedule=[{step: 500, weights: [1, 1]}]"], "below train.steps=200"),
+        (["train.eval_every=10"], "needs data.valid_path"),
+        ([f"data.blend=[{{path: {tmp_path / 'nope'}, weight: 1}}]"], "data.blend[0].path="),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, base + extra)
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
