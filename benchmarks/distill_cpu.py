@@ -40,6 +40,7 @@ LLAMA3_TEMPLATE = (
     "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
+CONFIG = "configs/distill_cpu.yaml"
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
@@ -89,18 +90,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", default="runs/r1_cpu/sampled/samples.jsonl",
                         help="the teacher's rejection samples (configs/r1_cpu.yaml's `sampled` phase)")
-    parser.add_argument("--out", default="runs/distill_cpu", help="run directory of the distillation pipeline")
+    parser.add_argument("--out", default="runs/distill_cpu", help="run directory of the distillation pipeline (the "
+                                                                  "student is written where the config reads it)")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for configs/distill_cpu.yaml")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.samples):
         sys.exit(f"{args.samples} not found: run the teacher first (deepspeed --num_gpus 2 launchers/post_train.py "
                  f"--config configs/r1_cpu.yaml), or pass --samples")
-    student = os.path.join(args.out, "llama_student")
+    from ds_parallel.config.load import read_yaml
+
+    phases = read_yaml(os.path.join(REPO, CONFIG))["post_train"]["phases"]
+    student = next(p["overrides"]["post_train.init"] for p in phases if p["name"] == "llama_traces")
+    student = os.path.join(REPO, student)  # the config's path: its phases load the student from there
     if not os.path.isfile(os.path.join(student, "config.json")):
         write_llama_student(student, sample_texts(args.samples))
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(args.nproc),
-           "launchers/post_train.py", "--config", "configs/distill_cpu.yaml", f"train.out_dir={args.out}",
+           "launchers/post_train.py", "--config", CONFIG, f"train.out_dir={args.out}",
            f"post_train.sft.data={args.samples}", *args.overrides]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     rc = subprocess.call(cmd, cwd=REPO, env=env)

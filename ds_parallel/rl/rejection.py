@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -376,10 +377,16 @@ def rejection_sample(cfg: Config, ctx: ParallelContext, init: Optional[str] = No
             write_atomic(os.path.join(out_dir, "config.yaml"), dump_yaml(cfg))
             print(f"rejection sampling: {n_prompts} prompts x {r.samples_per_prompt} samples from "
                   f"{source or 'the seed'}, chunks {progress.chunks_done}..{stop - 1} of {n_chunks}", flush=True)
+        tic, first = time.perf_counter(), progress.chunks_done
         for chunk in range(progress.chunks_done, stop):
             candidates, n_here, failures = _chunk(run, chunk)
             if is_rank0:
                 _record(out_dir, progress, select(candidates, r, seen), source, n_here, len(candidates), failures)
+                done = chunk + 1 - first
+                eta = (time.perf_counter() - tic) / done * (stop - chunk - 1)
+                if done == 1 or (chunk + 1) % 8 == 0 or chunk + 1 == stop:
+                    print(f"chunk {chunk + 1}/{n_chunks} | kept {progress.kept} of {progress.drawn} | "
+                          f"ETA {eta:.0f}s", flush=True)
             else:
                 progress.chunks_done += 1
     finished = progress.chunks_done == n_chunks
