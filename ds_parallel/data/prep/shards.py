@@ -52,7 +52,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from ds_parallel.atomic import write_atomic
 from ds_parallel.data.indexed import IndexedDataset, IndexedDatasetWriter
-from ds_parallel.data.prep.tokenizer import eod_id, load_tokenizer, padded_vocab_size, tokenizer_hash
+from ds_parallel.data.prep.tokenizer import eod_id, load_tokenizer, model_vocab_size, tokenizer_hash
 
 SUFFIX = "_text_document"
 DOCS_SUFFIX = ".docs.json"
@@ -84,25 +84,34 @@ class IndexedShardWriter(PipelineStep):
 
     def __init__(self, shard_dir: str, tokenizer_path: str, vocab_size: Optional[int] = None,
                  eod_token: Optional[str] = None, batch_size: int = 256,
-                 order_key: Callable[[Document], OrderKey] = document_order_key) -> None:
+                 order_key: Callable[[Document], OrderKey] = document_order_key, preset: Optional[str] = None,
+                 tp: int = 1) -> None:
+        """vocab_size: the model's (token dtype); None = model_vocab_size(tokenizer, preset, tp).
+        The tokenizer is read when a task runs: a pipeline may plan this step before an earlier
+        stage has written it (data/prep/pipeline.py)."""
         super().__init__()
         self.shard_dir, self.tokenizer_path = str(shard_dir), str(tokenizer_path)
+        self.requested_vocab, self.eod_token, self.preset, self.tp = vocab_size, eod_token, preset, tp
+        self.batch_size, self.order_key = batch_size, order_key
+
+    def _setup(self):
         tokenizer = load_tokenizer(self.tokenizer_path)
-        self.eod = eod_id(tokenizer, eod_token)
+        self.eod = eod_id(tokenizer, self.eod_token)
         self.tokenizer_hash = tokenizer_hash(tokenizer)
         n_ids = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.vocab_size = padded_vocab_size(n_ids) if vocab_size is None else int(vocab_size)
+        self.vocab_size = (model_vocab_size(tokenizer, self.preset, self.tp) if self.requested_vocab is None
+                           else int(self.requested_vocab))
         if self.vocab_size < n_ids:
             raise ValueError(f"model.vocab_size={self.vocab_size} is below the tokenizer's {n_ids} ids")
-        self.batch_size, self.order_key = batch_size, order_key
+        tokenizer.encode_special_tokens = True  # text is text: no special ids from page contents
+        return tokenizer
 
     def _encode(self, tokenizer, batch: list[Document]) -> Iterator[tuple[Document, list[int]]]:
         for doc, enc in zip(batch, tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)):
             yield doc, enc.ids + [self.eod]
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        tokenizer = load_tokenizer(self.tokenizer_path)
-        tokenizer.encode_special_tokens = True  # text is text: no special ids from page contents
+        tokenizer = self._setup()
         os.makedirs(self.shard_dir, exist_ok=True)
         stem = os.path.join(self.shard_dir, f"{rank:05d}")
         if os.path.exists(stem + DOCS_SUFFIX):  # a finished-shard mark must never outlive its shard
@@ -137,9 +146,11 @@ def _bump(table: dict, key: str, n_tokens: int) -> None:
     row["tokens"] += n_tokens
 
 
-def merge_shards(shard_dir: str, prefix: str, extra: Optional[Mapping[str, Any]] = None) -> dict:
+def merge_shards(shard_dir: str, prefix: str, extra: Optional[Mapping[str, Any]] = None,
+                 sources: Optional[set[str]] = None) -> dict:
     """Merge every finished shard of `shard_dir` into `<prefix>_text_document.bin/.idx` and
-    `<prefix>.manifest.json` (module doc, phase 2); returns the manifest."""
+    `<prefix>.manifest.json` (module doc, phase 2); returns the manifest. `sources`: only the
+    documents of these sources (one dataset per source, for remixing)."""
     metas = sorted(glob.glob(os.path.join(glob.escape(str(shard_dir)), "*" + DOCS_SUFFIX)))
     if not metas:
         raise ValueError(f"{shard_dir} holds no finished shard (*{DOCS_SUFFIX}): run the shard step first")
@@ -152,7 +163,8 @@ def merge_shards(shard_dir: str, prefix: str, extra: Optional[Mapping[str, Any]]
             raise ValueError(f"{path} lists {len(meta['documents'])} documents, its shard has {ds.n_documents}")
         shards.append((meta, ds))
         # Each shard's documents sorted by key; heapq.merge then interleaves the shards.
-        keyed.append(sorted((tuple(rec[0]), s, j) for j, rec in enumerate(meta["documents"])))
+        keyed.append(sorted((tuple(rec[0]), s, j) for j, rec in enumerate(meta["documents"])
+                            if sources is None or rec[1] in sources))
     first = shards[0][0]
     for (meta, ds), path in zip(shards, metas):
         for field in ("tokenizer_hash", "eod_id", "vocab_size"):
