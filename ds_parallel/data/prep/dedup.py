@@ -525,7 +525,7 @@ class JsonlShardWriter(PipelineStep):
 STAGES = ("signatures", "buckets", "merge", "filter")
 
 
-def _claim_work_dir(work_dir: str, config: DedupConfig, n_shards: int) -> None:
+def claim_work_dir(work_dir: str, config: DedupConfig, n_shards: int) -> None:
     """Completion markers say a task is done, not with which settings: a work folder serves one
     (config, n_shards) only, so a rerun with other settings cannot reuse stale files."""
     want = json.dumps({"config": vars(config), "n_shards": n_shards}, sort_keys=True)
@@ -545,8 +545,8 @@ def dedup_stages(reader: PipelineStep, n_shards: int, work_dir: str, config: Ded
                  after_filter: list | None = None) -> list[tuple[str, list, int]]:
     """(stage, datatrove pipeline, tasks) in run order, for any executor. `reader` yields shard
     r's documents as task r of n_shards (a datatrove reader over n_shards files does);
-    `after_filter`: steps fed with the kept documents (a writer, filters, a tokenizer)."""
-    _claim_work_dir(work_dir, config, n_shards)
+    `after_filter`: steps fed with the kept documents (a writer, filters, a tokenizer). Writes
+    nothing: a runner claims the work folder first (`claim_work_dir`)."""
     args = (work_dir, config, n_shards)
     stages = [("signatures", [copy.deepcopy(reader), MinHashSignatures(*args)], n_shards)]
     if config.mode != "exact":
@@ -562,6 +562,7 @@ def build_dedup_executors(reader: PipelineStep, n_shards: int, work_dir: str, co
     markers go to `<work_dir>/logs/<stage>`; `executor_kwargs` go to every executor (start_method)."""
     from datatrove.executor import LocalPipelineExecutor
 
+    claim_work_dir(work_dir, config, n_shards)
     return {stage: LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
                                          logging_dir=os.path.join(work_dir, "logs", stage), **executor_kwargs)
             for stage, pipeline, tasks in dedup_stages(reader, n_shards, work_dir, config, after_filter)}

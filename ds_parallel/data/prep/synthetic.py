@@ -191,3 +191,37 @@ def threshold_scores(keep: np.ndarray, truth: dict[tuple[int, int], float], thre
     """(recall, precision) at best >= threshold, with `score_removal`'s definitions."""
     row = score_removal(keep, truth, edges=(threshold, 1.0001), floor=floor)[0]
     return row["recall"], row["precision_at_lo"]
+
+
+def write_jsonl(corpus: SyntheticCorpus, out_dir: str) -> list[dict[str, str]]:
+    """The corpus as JSONL files `<out_dir>/<source>/<dump>.jsonl` ({"text"} per line, in corpus
+    order); returns the data_prep.inputs entries that read them."""
+    import json
+    import os
+
+    from ds_parallel.atomic import write_atomic
+
+    files: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for text, dump, source in zip(corpus.texts, corpus.dumps, corpus.sources):
+        files[(source, dump)].append(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    inputs = []
+    for (source, dump), lines in sorted(files.items()):
+        path = os.path.join(out_dir, source, f"{dump}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, "".join(lines))
+        inputs.append({"path": path, "source": source, "dump": dump})
+    return inputs
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a synthetic corpus with planted near-duplicates as JSONL "
+                                                 "(<out>/<source>/<dump>.jsonl), for configs/data/demo_cpu.yaml")
+    parser.add_argument("--out", default="runs/data_demo/raw")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--singletons", type=int, default=2000)
+    args = parser.parse_args()
+    corpus = make_corpus(seed=args.seed, n_singletons=args.singletons)
+    for entry in write_jsonl(corpus, args.out):
+        print(entry)
