@@ -1,4 +1,4 @@
-"""Data preparation throughput, MB/s per core: our MinHash signature step
+"""Data preparation throughput, MB/s per core: our MinHash signature step and Gopher filters
 (`ds_parallel.data.prep.dedup.MinHashSignatures`: regex word splitter, numpy MinHash, band keys,
 exact hashes, atomic writes) against datatrove's own `MinhashDedupSignature` (its word
 tokenizer, per-n-gram hashing, signature and sorted bucket files), both FineWeb's 5-grams and
@@ -106,10 +106,40 @@ def bench_signatures(docs: list[Document], pairs: list[tuple[int, int]], args) -
     return rows
 
 
-def bench_filters(docs: list[Document], args) -> list[list[str]]:
-    """Quality filters (ours vs datatrove's Gopher filters on the same documents): to be added
-    with the filter steps; return rows in `bench_signatures`' format."""
-    return []
+def bench_filters(args) -> list[list[str]]:
+    """Gopher quality + repetition filters on the same documents: ours (data/prep/filters.py,
+    datatrove's filter code given our offline regex word splitter) against datatrove's as
+    FineWeb runs them (spaCy words), or with `str.split` words where spaCy is missing."""
+    import copy
+
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+
+    from ds_parallel.data.prep.filters import build_filters
+
+    has_spacy = importlib.util.find_spec("spacy") is not None
+    # English prose, which the Gopher rules were written for (random words fail the stop-word
+    # rule at once): the Python documentation's topics, shipped with Python.
+    from pydoc_data.topics import topics
+
+    docs = [Document(text=text, id=name) for name, text in sorted(topics.items())]
+    label = f"datatrove ({'spaCy' if has_spacy else 'str.split'} words)"
+    words = "en" if has_spacy else SplitWords()
+    mb = sum(len(d.text.encode("utf-8")) for d in docs) / 1e6
+
+    def run(steps):
+        data = iter(copy.deepcopy(docs))  # filters may annotate documents
+        for step in steps:
+            data = step.run(data)
+        return sum(1 for _ in data)
+
+    ours = build_filters({"gopher_quality": {}, "gopher_repetition": {}})
+    theirs = [GopherQualityFilter(language=words), GopherRepetitionFilter(language=words)]
+    print(f"documents kept by the Gopher filters: ours {run(ours)}, {label} {run(theirs)} of {len(docs)}")
+    timing = time_interleaved({"ours": lambda: run(ours), label: lambda: run(theirs)}, args.warmup, args.repeats,
+                              label="filters ")
+    base = mb / (timing[label].cpu_ms / 1e3)
+    return [[f"gopher filters: {name}", f"{mb:.2f}", f"{t.wall_ms / 1e3:.2f}", f"{t.cpu_ms / 1e3:.2f}",
+             f"{mb / (t.cpu_ms / 1e3):.2f}", f"{mb / (t.cpu_ms / 1e3) / base:.1f}x"] for name, t in timing.items()]
 
 
 def main() -> None:
@@ -124,7 +154,7 @@ def main() -> None:
     docs = [Document(text=t, id=str(i), metadata={"dump": d, "source": s})
             for i, (t, d, s) in enumerate(zip(corpus.texts, corpus.dumps, corpus.sources))]
     pairs = [p for p, v in exact_jaccard(corpus.texts).items() if v >= 0.9]
-    rows = bench_signatures(docs, pairs, args) + bench_filters(docs, args)
+    rows = bench_signatures(docs, pairs, args) + bench_filters(args)
     print(table(["step", "MB", "wall s", "cpu s", "MB/s per core", "vs datatrove"], rows))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
