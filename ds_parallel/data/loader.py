@@ -166,6 +166,19 @@ def _arithmetic_stream(tok: CharTokenizer, problems: list[str], loss_on: str, se
     return tokens, seq_len, np.concatenate(parts)
 
 
+def _manifest(path: str) -> dict:
+    """The manifest launchers/prepare_data.py writes beside `<output>_text_document` (data/prep/
+    shards.py), or {}."""
+    import json
+    import os
+
+    stem = path[: -len("_text_document")] if path.endswith("_text_document") else None
+    if stem is None or not os.path.isfile(stem + ".manifest.json"):
+        return {}
+    with open(stem + ".manifest.json") as fh:
+        return json.load(fh)
+
+
 def _check_indexed(key: str, path: str, seq_len: int, vocab_size: int) -> None:
     """One indexed dataset: readable, token ids inside the vocabulary, at least one sample."""
     try:
@@ -175,6 +188,10 @@ def _check_indexed(key: str, path: str, seq_len: int, vocab_size: int) -> None:
                          f"prefix of a Megatron .bin/.idx pair") from None
     if ds.dtype.kind not in "iu":
         raise ValueError(f"{key}={path!r} holds {ds.dtype} values, not token ids: retokenize")
+    manifest = _manifest(path)
+    if manifest and vocab_size < manifest.get("vocab_size", 0):
+        raise ValueError(f"model.vocab_size={vocab_size} is below the {manifest['vocab_size']} of the tokenizer that "
+                         f"wrote {key}={path!r} (its manifest): set model.vocab_size={manifest['vocab_size']}")
     span = ds.token_range()
     if span is not None and (span[0] < 0 or span[1] >= vocab_size):
         fix = "retokenize" if span[0] < 0 else f"raise model.vocab_size to at least {span[1] + 1} or retokenize"

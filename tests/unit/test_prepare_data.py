@@ -162,3 +162,15 @@ def test_a_rerun_with_other_settings_is_refused(corpus, runs):
     assert _outputs(tmp / "one" / "out") == before
     assert np.array_equal(np.fromfile(str(tmp / "one" / "out") + "_text_document.bin", dtype=np.uint16),
                           np.frombuffer(before["_text_document.bin"], dtype=np.uint16))
+
+
+def test_training_config_is_checked_against_the_manifest_vocabulary(runs):
+    from ds_parallel.config import ConfigError
+
+    tmp, manifest = runs
+    data = [f"data.source=indexed", f"data.path={tmp / 'one' / 'out'}_text_document", "train.seq_len=16"]
+    with pytest.raises(ConfigError, match=f"model.vocab_size=128 is below the {manifest['vocab_size']} of the "
+                                          f"tokenizer"):
+        load_config(None, data)
+    load_config(None, data + [f"model.vocab_size={manifest['vocab_size']}"])
+
