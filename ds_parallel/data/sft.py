@@ -77,13 +77,9 @@ class Example(NamedTuple):
 
 
 @dataclass(frozen=True)
-class SFTTokenizer:
-    """A `tokenizers.Tokenizer` and the ids of the template's special tokens."""
+class _TokenizerFile:
+    """A `tokenizers.Tokenizer`: pieces are encoded without added special tokens."""
     tokenizer: Tokenizer
-    bos_id: int
-    eos_id: int
-    user_id: int
-    assistant_id: int
 
     @property
     def vocab_size(self) -> int:
@@ -94,6 +90,15 @@ class SFTTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+@dataclass(frozen=True)
+class SFTTokenizer(_TokenizerFile):
+    """A tokenizer file and the ids of the DeepSeek-V3 template's special tokens."""
+    bos_id: int
+    eos_id: int
+    user_id: int
+    assistant_id: int
 
 
 class PlainSFTTokenizer:
@@ -118,21 +123,10 @@ class PlainSFTTokenizer:
 
 
 @dataclass(frozen=True)
-class TemplateSFTTokenizer:
-    """A `tokenizers.Tokenizer` with its directory's own chat template (data/chat.py)."""
-    tokenizer: Tokenizer
+class TemplateSFTTokenizer(_TokenizerFile):
+    """A tokenizer file with its directory's own chat template (data/chat.py)."""
     template: ChatTemplate
     eos_id: int  # the template's eos_token: the pad id of rows
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
 AnySFTTokenizer = SFTTokenizer | TemplateSFTTokenizer | PlainSFTTokenizer
