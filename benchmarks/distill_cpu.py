@@ -2,11 +2,12 @@
 reference answers alone, same prompts, same steps (DeepSeek-R1 §2.4, §4.1).
 
     deepspeed --num_gpus 2 launchers/post_train.py --config configs/r1_cpu.yaml   # the teacher (~11 min)
-    python benchmarks/distill_cpu.py                                               # ~10 min
+    python benchmarks/distill_cpu.py                                               # ~15 min
 
-The teacher is configs/r1_cpu.yaml's pipeline; its rejection-sampling phase (`sampled`: the
-phase-2 model's verified samples, R1 §2.3.3) is the distillation data, as R1 distils on the
-800k samples of that stage. configs/distill_cpu.yaml then trains two students, each twice:
+The teacher is configs/r1_cpu.yaml's final model (runs/r1_cpu/all; --teacher). The
+pipeline of configs/distill_cpu.yaml samples it once per training prompt and keeps the
+verified samples (rejection sampling, R1 §2.3.3: R1 distils on that stage's samples), then
+trains two students, each twice:
 
     ours     the dense (V1) model from the seed, the built-in character tokenizer
     llama    a random LlamaForCausalLM written by transformers (GQA) with a tokenizer and
@@ -20,7 +21,7 @@ phase-2 model's verified samples, R1 §2.3.3) is the distillation data, as R1 di
 
 and prints each phase's R1 evaluation (greedy accuracy and pass@1 over 4 samples at T 0.6,
 top-p 0.95 on 256 held-out sums, prompted in each student's format). The student is written
-by `write_llama_student`, which tests/unit/test_sft.py also uses.
+by `write_llama_student`, which the tests also use.
 """
 from __future__ import annotations
 
@@ -79,35 +80,39 @@ def write_llama_student(path: str, texts, vocab_size: int = 384, bpe_size: int =
     return {"model.preset": "debug_dense_gqa", "model.vocab_size": vocab_size}
 
 
-def sample_texts(samples: str) -> list[str]:
-    """Prompts and responses of a samples.jsonl: what the student's BPE is trained on."""
-    with open(samples) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    return [r["prompt"] for r in rows] + [r["response"] for r in rows]
+def task_texts(config: str = CONFIG) -> list[str]:
+    """The task's text (problems worked in R1's format, from the training side of the corpus):
+    what the student's BPE is trained on."""
+    from ds_parallel.config.load import config_from_dict, read_yaml
+    from ds_parallel.rl.sft import builtin_examples
+
+    tree = read_yaml(os.path.join(REPO, config))
+    cfg = config_from_dict({k: tree[k] for k in ("data", "train") if k in tree})
+    return [e["prompt"] + e["response"] for e in builtin_examples(cfg)]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", default="runs/r1_cpu/sampled/samples.jsonl",
-                        help="the teacher's rejection samples (configs/r1_cpu.yaml's `sampled` phase)")
+    parser.add_argument("--teacher", default="runs/r1_cpu/all",
+                        help="the teacher's run directory (configs/r1_cpu.yaml's last phase)")
     parser.add_argument("--out", default="runs/distill_cpu", help="run directory of the distillation pipeline (the "
                                                                   "student is written where the config reads it)")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for configs/distill_cpu.yaml")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.samples):
-        sys.exit(f"{args.samples} not found: run the teacher first (deepspeed --num_gpus 2 launchers/post_train.py "
-                 f"--config configs/r1_cpu.yaml), or pass --samples")
+    if not os.path.isdir(os.path.join(REPO, args.teacher)):
+        sys.exit(f"{args.teacher} not found: train the teacher first (deepspeed --num_gpus 2 launchers/post_train.py "
+                 f"--config configs/r1_cpu.yaml), or pass --teacher")
     from ds_parallel.config.load import read_yaml
 
     phases = read_yaml(os.path.join(REPO, CONFIG))["post_train"]["phases"]
     student = next(p["overrides"]["post_train.init"] for p in phases if p["name"] == "llama_traces")
     student = os.path.join(REPO, student)  # the config's path: its phases load the student from there
     if not os.path.isfile(os.path.join(student, "config.json")):
-        write_llama_student(student, sample_texts(args.samples))
+        write_llama_student(student, task_texts())
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(args.nproc),
            "launchers/post_train.py", "--config", CONFIG, f"train.out_dir={args.out}",
-           f"post_train.sft.data={args.samples}", *args.overrides]
+           f"post_train.init={args.teacher}", *args.overrides]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     rc = subprocess.call(cmd, cwd=REPO, env=env)
     if rc:

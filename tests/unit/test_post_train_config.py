@@ -122,31 +122,33 @@ def test_r1_cluster_config_has_the_four_phases_and_the_papers_numbers(tmp_path):
 
 
 def test_distill_config_plans_both_students(tmp_path, monkeypatch):
-    """configs/distill_cpu.yaml: our student from the seed, the HF Llama student from its
-    directory in its own tokenizer and chat template, each on traces and on answers alone; an
-    HF student whose shape the config does not describe is refused before any process starts."""
-    import json
+    """configs/distill_cpu.yaml: the teacher sampled once, then our student from the seed and
+    the HF Llama student from its directory in its own tokenizer and chat template, each on
+    traces and on answers alone; an HF student whose shape the config does not describe is
+    refused before any process starts."""
     import os
 
-    from benchmarks.distill_cpu import write_llama_student
+    from benchmarks.distill_cpu import task_texts, write_llama_student
 
     config = os.path.abspath("configs/distill_cpu.yaml")
-    samples = tmp_path / "samples.jsonl"
-    samples.write_text(json.dumps({"prompt": "12+34=", "response": "<think>.</think><answer>46</answer>",
-                                   "answer": "46"}) + "\n")
-    monkeypatch.chdir(tmp_path)  # the config's relative paths (runs/distill_cpu/...) resolve here
-    student = tmp_path / "runs" / "distill_cpu" / "llama_student"
-    write_llama_student(str(student), ["12+34=", "<think>.</think><answer>46</answer>"] * 10, bpe_size=280)
-    phases = plan_phases(config, [f"post_train.sft.data={samples}"], 2)
-    assert [p.name for p in phases] == ["ours_traces", "ours_answers", "llama_traces", "llama_answers"]
-    assert [p.init for p in phases] == [None, None, "runs/distill_cpu/llama_student", "runs/distill_cpu/llama_student"]
-    assert [p.cfg.post_train.sft.responses for p in phases] == ["completion", "answer"] * 2
-    assert [p.cfg.post_train.prompts.template for p in phases] == ["plain", "plain", "chat", "chat"]
-    assert phases[2].cfg.model.n_kv_heads == 2 and phases[0].cfg.model.n_kv_heads is None
+    texts = task_texts()
+    monkeypatch.chdir(tmp_path)  # the config's relative paths (runs/...) resolve here
+    student = "runs/distill_cpu/llama_student"
+    write_llama_student(student, texts[:200])
+    phases = plan_phases(config, [], 2)
+    assert [p.name for p in phases] == ["teacher_samples", "ours_traces", "ours_answers", "llama_traces",
+                                        "llama_answers"]
+    assert [p.init for p in phases] == ["runs/r1_cpu/all", None, None, student, student]
+    samples = "runs/distill_cpu/teacher_samples/samples.jsonl"
+    assert all(p.cfg.post_train.sft.data == samples for p in phases[1:])
+    assert [p.cfg.post_train.sft.responses for p in phases[1:]] == ["completion", "answer"] * 2
+    assert [p.cfg.post_train.prompts.template for p in phases[1:]] == ["plain", "plain", "chat", "chat"]
+    assert phases[3].cfg.model.n_kv_heads == 2 and phases[1].cfg.model.n_kv_heads is None
+    assert phases[0].cfg.model.attention == "mla"  # the teacher's shape
     with pytest.raises(ConfigError, match=r"post_train.phases\[0\] \(llama_traces\): model.vocab_size=512, but the HF "
                                           r"checkpoint at post_train.init=runs/distill_cpu/llama_student has 384: "
                                           r"set model.vocab_size=384"):
-        plan_phases(config, [f"post_train.sft.data={samples}", "model.vocab_size=512",
+        plan_phases(config, ["model.vocab_size=512", "post_train.sft.data=builtin:arithmetic",
                              "post_train.phases=[{name: llama_traces, kind: sft, overrides: {post_train.init: "
                              "runs/distill_cpu/llama_student, post_train.sft.tokenizer: runs/distill_cpu/llama_student, "
                              "model.preset: debug_dense_gqa}}]"], 2)
