@@ -154,6 +154,7 @@ class ParallelConfig:
     pp_schedule: Literal["1f1b", "dualpipev"] = "1f1b"
     pp_layers: Optional[str] = None  # layers per stage, "4,5,5,..."; default: balanced by cost
     timeout_s: float = 120.0  # collective timeout: a dead rank ends the job, not a hang
+    threads: int = 0  # CPU intra-op threads per rank; 0 = the cores it owns (parallel/init.py)
     # GiB per rank the planner's memory estimate must fit before training starts
     # (parallel/plan.py check_memory); None = the CUDA device's memory less 10%, no check on CPU.
     memory_budget_gib: Optional[float] = None

@@ -39,6 +39,7 @@ class DistEnv:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun", "slurm", "mpi" or "single"
+    local_world_size: int = 0  # ranks on this node; 0 = unknown (taken as world_size)
 
 
 def _free_port() -> int:
@@ -69,6 +70,7 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=default_port,
             launcher="torchrun",
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", 0)),
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         master = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
@@ -79,6 +81,9 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
             master_addr=master,
             master_port=default_port,
             launcher="slurm",
+            # "2" or "2(x3)": tasks on each node of a homogeneous job
+            local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "0"))
+                                 .split("(")[0].split(",")[0] or 0),
         )
     if any(v in env for v in _MPI_RANK_VARS):
         from mpi4py import MPI  # only imported when an MPI launcher started us
@@ -88,8 +93,8 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
         addr = env.get("MASTER_ADDR") or socket.gethostname()
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
         addr, port = comm.bcast((addr, port) if rank == 0 else None, root=0)
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-        return DistEnv(rank, world, local, addr, port, "mpi")
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        return DistEnv(rank, world, node.Get_rank(), addr, port, "mpi", node.Get_size())
     return DistEnv(0, 1, 0, "127.0.0.1", default_port, "single")
 
 
@@ -140,6 +145,20 @@ def init_distributed(env: DistEnv, timeout_s: float, backend: str | None = None)
     )
 
 
+def intra_op_threads(env: DistEnv, override: int = 0) -> int:
+    """A CPU rank's intra-op threads: `override` (parallel.threads) if set; else the cores it
+    owns: all of its CPU affinity when the launcher pinned it to fewer than the machine's
+    cores, otherwise the machine's cores shared by the ranks on this node (more threads than
+    cores make the ranks' threads preempt each other inside every parallel op)."""
+    if override > 0:
+        return override
+    total = os.cpu_count() or 1
+    owned = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    if owned < total:
+        return max(1, owned)
+    return max(1, total // max(1, env.local_world_size or env.world_size))
+
+
 def init_parallel(cfg: Config, env: DistEnv) -> ParallelContext:
     """Launch: intra-op threads -> default process group -> every parallel group ->
     megatron-core's `parallel_state` when `parallel.megatron_groups` asks for it. DeepSpeed's
@@ -147,8 +166,7 @@ def init_parallel(cfg: Config, env: DistEnv) -> ParallelContext:
     engine that reads it. `cfg` was validated for `env.world_size` (launchers/train.py)."""
     p = cfg.parallel
     if not use_cuda():
-        # 2 ranks on 2 cores: one intra-op thread each avoids oversubscription.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.world_size)))
+        torch.set_num_threads(intra_op_threads(env, p.threads))
     init_distributed(env, p.timeout_s)
     ctx = build_parallel_context(Topology(env.world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep))
     if p.megatron_groups:

@@ -83,3 +83,22 @@ def test_env_detection():
     assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.launcher) == (5, 16, 5, "gpu7", "slurm")
     e = detect_env({})
     assert (e.rank, e.world_size, e.launcher) == (0, 1, "single")
+
+
+def test_intra_op_threads_are_the_cores_a_rank_owns(monkeypatch):
+    """parallel.threads overrides; a rank pinned to some cores uses them all; otherwise the
+    machine's cores are shared by the ranks on its node (not by the whole world)."""
+    import os
+
+    from ds_parallel.parallel.init import intra_op_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    four_per_node = detect_env({"RANK": "5", "WORLD_SIZE": "32", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
+    assert intra_op_threads(four_per_node) == 4 and intra_op_threads(four_per_node, override=3) == 3
+    slurm = detect_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                        "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_NODELIST": "n1,n2"})
+    assert slurm.local_world_size == 8 and intra_op_threads(slurm) == 2
+    assert intra_op_threads(detect_env({"RANK": "0", "WORLD_SIZE": "2"})) == 8  # node size unknown: the world's
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3, 4})  # pinned by the launcher
+    assert intra_op_threads(four_per_node) == 3
