@@ -132,6 +132,38 @@ def test_r1_pipeline_runs_every_phase_and_resumes_exactly(tmp_path):
     third = post_train(R1, *SMALL, PHASES, f"train.out_dir={straight}")
     assert "phase all: finished earlier" in third
 
+    # Distillation from this pipeline's last model (configs/distill_cpu.yaml, shrunk): the teacher
+    # sampled, then our dense student from the seed and an HF Llama student (transformers'
+    # weights, its own BPE and chat template) trained on the samples re-rendered in its format,
+    # each on traces and on answers alone.
+    from benchmarks.distill_cpu import LLAMA3_TEMPLATE, task_texts, write_llama_student
+
+    distill, student = tmp_path / "distill", tmp_path / "distill" / "llama_student"
+    write_llama_student(str(student), task_texts()[:300])
+    llama = (f"post_train.init: {student}, post_train.sft.tokenizer: {student}, post_train.prompts.template: chat, "
+             f"model.preset: debug_dense_gqa, model.vocab_size: 384")
+    phases = (f"post_train.phases=[{{name: teacher_samples, kind: rejection_sample, overrides: {{model.preset: "
+              f"debug_v3, {_KEEP_ALL}}}}}, "
+              "{name: ours_traces, kind: sft, init: seed, data: teacher_samples}, "
+              "{name: ours_answers, kind: sft, init: seed, data: teacher_samples, "
+              "overrides: {post_train.sft.responses: answer}}, "
+              f"{{name: llama_traces, kind: sft, data: teacher_samples, overrides: {{{llama}}}}}, "
+              f"{{name: llama_answers, kind: sft, data: teacher_samples, overrides: {{{llama}, "
+              "post_train.sft.responses: answer}}]")
+    out = post_train(os.path.join(ROOT, "configs", "distill_cpu.yaml"), "train.steps=2", "train.log_every=1",
+                     "train.micro_batch_size=4", "post_train.prompts.n_eval=16", "post_train.eval.k=2",
+                     f"post_train.init={straight / 'all'}", f"train.out_dir={distill}", phases)
+    assert out.count("sft: 16 examples") == 4, out[-3000:]
+    for name in ("ours_traces", "ours_answers", "llama_traces", "llama_answers"):
+        lineage = json.loads((distill / name / "lineage.json").read_text())
+        assert lineage["init"] == (str(student) if name.startswith("llama") else None), lineage
+        assert lineage["data"] == str(distill / "teacher_samples" / "samples.jsonl")
+        assert json.loads((distill / name / "eval.json").read_text())["n_prompts"] == 16
+    # The student's run directory keeps its tokenizer and template for whatever loads it next.
+    assert (distill / "llama_traces" / "tokenizer.json").read_bytes() == (student / "tokenizer.json").read_bytes()
+    assert json.loads((distill / "llama_traces" / "tokenizer_config.json").read_text())["chat_template"] == \
+        LLAMA3_TEMPLATE
+
 
 @pytest.mark.slow
 def test_r1_cpu_pipeline_killed_in_phase_2_resumes_and_phase_4_beats_phase_1(tmp_path):
