@@ -1,7 +1,8 @@
 """Plan a layout without processes: `python launchers/plan.py --config configs/v3_671b.yaml --world 2048`.
 
 Validates the config for `--world` ranks and prints parameter counts, per-stage memory
-estimates per rank and the pipeline bubble of the chosen schedule (ds_parallel/parallel/plan.py).
+estimates per rank and the pipeline bubble of the chosen schedule (ds_parallel/parallel/plan.py),
+and the busiest rank's activations and total under each train.recompute mode.
 With `--gpu-mem-gib G` (or parallel.memory_budget_gib) it also says whether the plan fits, by
 the same check launchers/train.py runs before training, and which layout would if it does not.
 """
@@ -30,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from ds_parallel.config import ConfigError, load_config
-    from ds_parallel.parallel.plan import GPU_HEADROOM, device_budget, memory_budget, memory_verdict, plan
+    from ds_parallel.parallel.plan import (GPU_HEADROOM, device_budget, memory_budget, memory_verdict, plan,
+                                          recompute_modes)
 
     try:
         cfg = load_config(args.config, args.overrides, world_size=args.world, purpose="plan")
         report = plan(cfg, args.world)
+        modes = recompute_modes(cfg, args.world)
         verdict = None
         if args.gpu_mem_gib is not None:
             budget = (device_budget(args.gpu_mem_gib * 2**30),
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         if verdict is not None:
             report["fits"], report["memory"] = verdict
+        report["recompute_modes"] = {mode: {"activation_bytes": a, "total_bytes": total}
+                                     for mode, (a, total) in modes.items()}
         report = dict(report, stages=[dict(vars(s), total_bytes=s.total_bytes) for s in report["stages"]],
                       layout=[list(stage) for stage in report["layout"].stages])
         print(json.dumps(report, indent=1))
@@ -66,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         span = ",".join(f"{ids[0]}-{ids[-1]}" if ids else "-" for ids in spans)
         print(f"{s.stage:5d}  {span:12s}  {s.params / 1e9:9.3f}B {_gib(s.weights_bytes)} {_gib(s.grads_bytes)} "
               f"{_gib(s.optimizer_bytes)} {_gib(s.activation_bytes)} {_gib(s.total_bytes)}")
+    t = cfg.train
+    for mode, (acts, total) in modes.items():
+        what = {"selective": ",".join(t.recompute_modules) or "all modules",
+                "full": f"{t.recompute_layers or 'all'} blocks per stage"}.get(mode, "")
+        mark = "  <- train.recompute" if mode == t.recompute else ""
+        print(f"recompute {mode:9s} activations {_gib(acts).strip()} GiB, total {_gib(total).strip()} GiB "
+              f"on the busiest rank{f' ({what})' if what else ''}{mark}")
     if verdict is not None:
         print(f"memory: {verdict[1]}")
     return 0

@@ -11,6 +11,9 @@ from ds_parallel.config.errors import ConfigError
 from ds_parallel.config.schema import (DUALPIPEV, Config, data_parallel_size, micro_batches_per_step,
                                       n_pipeline_stages, stage_layer_counts)
 
+# train.recompute_modules (model/recompute.py): RMSNorms, MLA's up-projections, SwiGLU.
+RECOMPUTE_MODULES = ("norm", "mla_up_proj", "swiglu")
+
 _POSITIVE = {
     "model": ["vocab_size", "dim", "n_layers", "n_heads", "inter_dim", "max_seq_len"],
     "parallel": ["tp", "pp", "ep", "cp"],
@@ -43,8 +46,17 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
-    if t.recompute != "none":  # being built (issue 17): refused rather than silently ignored
-        raise ConfigError(f"train.recompute={t.recompute!r} is not implemented yet: use train.recompute=none")
+    unknown = [name for name in t.recompute_modules if name not in RECOMPUTE_MODULES]
+    if unknown:
+        raise ConfigError(f"train.recompute_modules has unknown {unknown}: use any of {list(RECOMPUTE_MODULES)}")
+    if t.recompute == "selective" and not t.recompute_modules:
+        raise ConfigError(f"train.recompute=selective with empty train.recompute_modules recomputes nothing: "
+                          f"list some of {list(RECOMPUTE_MODULES)} or set train.recompute=none")
+    if t.recompute_layers < 0:
+        raise ConfigError(f"train.recompute_layers={t.recompute_layers} must be >= 0 (0: every block of each stage)")
+    if t.recompute_layers and t.recompute != "full":
+        raise ConfigError(f"train.recompute_layers={t.recompute_layers} applies to train.recompute=full only "
+                          f"(train.recompute={t.recompute}): set it to 0 or use full")
 
     # Model shape rules.
     if m.head_dim is None and m.dim % m.n_heads:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ds_parallel.model.init import init_weights
+from ds_parallel.model.recompute import apply_recompute
 from ds_parallel.model.transformer import ModelOutput, Transformer
 
 
@@ -20,4 +21,4 @@ def build_model(model_cfg, ctx, seed: int, layout=None) -> Transformer:
     return init_weights(construct_model(model_cfg, ctx, layout), seed)
 
 
-__all__ = ["ModelOutput", "Transformer", "build_model", "construct_model", "init_weights"]
+__all__ = ["ModelOutput", "Transformer", "apply_recompute", "build_model", "construct_model", "init_weights"]

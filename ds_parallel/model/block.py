@@ -7,6 +7,12 @@
 or MLA) and which FFN (dense SwiGLU or DeepSeekMoE) a layer gets; new kinds are added
 there, never as `if` inside the block. An FFN may return `y` or `(y, aux_loss)` (MoE
 balance losses); the block always returns `(x, aux_loss)` so the Transformer can sum them.
+
+With a `region` (train.recompute=full; model/recompute.py injects a checkpointing runner)
+the block keeps only its input for backward and recomputes the rest (Megatron's full
+recompute): a dense block as one region; a MoE block as the attention half plus ffn_norm,
+and inside the MoE layer the experts and shared experts (moe/layer.py `experts_region`), so
+that routing and the EP all-to-alls run once and the recomputed experts see the same routed rows.
 """
 from __future__ import annotations
 
@@ -45,14 +51,31 @@ class Block(nn.Module):
         self.attn = build_attention(layer_id, cfg, ctx)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = build_ffn(layer_id, cfg, ctx)
+        self.region = None  # runner of the whole block under full recompute; None: direct
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`mask`: None for causal attention, else (B, 1, T, T) bool for packed rows (transformer.Segments)."""
-        x = x + self.attn(self.attn_norm(x), freqs_cis, mask)  # (B, T, D)
-        out = self.ffn(self.ffn_norm(x))
+        if self.region is None or not torch.is_grad_enabled():
+            return self._forward(x, freqs_cis, mask)
+        if not isinstance(self.ffn, MoE):
+            return self.region(self._forward, x, freqs_cis, mask)
+        x, h = self.region(self._attend, x, freqs_cis, mask)
+        out, aux = self.ffn(h)  # its experts recompute themselves (ffn.experts_region)
+        return x + out, aux
+
+    def _forward(self, x: torch.Tensor, freqs_cis: torch.Tensor,
+                 mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, h = self._attend(x, freqs_cis, mask)
+        out = self.ffn(h)
         out, aux = out if isinstance(out, tuple) else (out, x.new_zeros((), dtype=torch.float32))
         return x + out, aux
+
+    def _attend(self, x: torch.Tensor, freqs_cis: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention half and the FFN's input: (x + attn(attn_norm(x)), ffn_norm of that)."""
+        x = x + self.attn(self.attn_norm(x), freqs_cis, mask)  # (B, T, D)
+        return x, self.ffn_norm(x)
 
     @torch.no_grad()
     def forward_decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache, pos, slots=None) -> torch.Tensor:

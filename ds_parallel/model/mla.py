@@ -11,6 +11,9 @@ W^UK from being folded into the query at decode time. Two forwards compute the s
 
   * `forward` (training / prefill): expand c into per-head k and v with wkv_b and run
     causal attention over H heads of width qk_nope + qk_rope.
+    Under selective recompute ("mla_up_proj", model/recompute.py) the up-projections with
+    their norms run under checkpoints (`_expand_q`, `_expand_kv`), so backward keeps the
+    latents, not the normed latents wq_b and wkv_b read (V3 §3.2.3).
   * `forward_decode` (absorbed; the expanded path of `forward` inside
     kernels.batch_invariant(), so that decode rounds as training does): the cache holds only c and the roped k^R per token
     (kv_lora_rank + qk_rope_head_dim values, `MLACache`). W^UK is absorbed into the query,
@@ -92,6 +95,7 @@ class MLA(nn.Module):
         self.wo = RowParallelLinear(self.n_heads * self.v_head_dim, self.dim, ctx)
         # V3 §4.3 / inference/model.py: 1/sqrt(d_h + d_h^R), times mscale^2 under YaRN.
         self.softmax_scale = yarn_softmax_scale(self.qk_head_dim ** -0.5, yarn_scaling(cfg))
+        self.up_proj_region = None  # runner of `_expand_q` / `_expand_kv` (selective "mla_up_proj")
 
     def _query(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bsz, seqlen, _ = x.shape
@@ -108,12 +112,40 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Causal self-attention over x (B, T, D) at positions 0..T-1; freqs_cis (>= T, rope/2).
         `mask` (B, 1, T, T) bool (True: may attend) replaces the causal mask for packed rows
-        (transformer.Segments)."""
-        bsz, seqlen, _ = x.shape
-        q_nope, q_pe = self._query(x, freqs_cis)
-        kv, k_pe = self._latent(x, freqs_cis)
+        (transformer.Segments). The down-projections run here; the up-projections of the
+        latents in `_expand_q` / `_expand_kv`, under checkpoints when `up_proj_region` is set
+        (without query compression, wq is no up-projection and its heads are kept as they are)."""
+        q_lat = self.wq(x) if self.q_lora_rank == 0 else self.wq_a(x)  # (B, T, H_l*qk) or (B, T, q_lora)
+        kv_a = self.wkv_a(x)  # (B, T, C + rope)
+        region = self.up_proj_region if torch.is_grad_enabled() else None
+        if region is not None and self.q_lora_rank:
+            q = region(self._expand_q, q_lat, freqs_cis)
+        else:
+            q = self._expand_q(q_lat, freqs_cis)
+        k, v = region(self._expand_kv, kv_a, freqs_cis) if region is not None else self._expand_kv(kv_a, freqs_cis)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.softmax_scale)
+        return self.wo(o.transpose(1, 2).flatten(2))  # (B, T, D)
+
+    def _expand_q(self, q_lat: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        """Per-head queries (B, T, H_l, nope + rope): q_norm and wq_b (an up-projection, V3
+        §3.2.3's recomputed set), RoPE on the rope part. `_query` and `_attend_expanded`'s steps."""
+        bsz, seqlen, _ = q_lat.shape
+        q = q_lat if self.q_lora_rank == 0 else self.wq_b(self.q_norm(q_lat))
+        q_nope, q_pe = q.view(bsz, seqlen, self.n_local_heads, self.qk_head_dim).split(
+            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return torch.cat([q_nope, apply_rotary(q_pe, freqs_cis)], dim=-1)
+
+    def _expand_kv(self, kv_a: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys (B, T, H_l, nope + rope) and values (B, T, H_l, v) from wkv_a's output:
+        kv_norm and wkv_b (the other up-projection), RoPE on the shared k^R. `_latent` and
+        `_attend_expanded`'s steps."""
+        bsz, seqlen, _ = kv_a.shape
+        kv, k_pe = kv_a.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rotary(k_pe.unsqueeze(2), freqs_cis).squeeze(2)
         k_pe = copy_to_group(k_pe, self.tp_group)  # shared by the local heads of every rank
-        return self._attend_expanded(q_nope, q_pe, kv, k_pe, mask)
+        kv = self.wkv_b(self.kv_norm(kv)).view(bsz, seqlen, self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        return torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_local_heads, -1)], dim=-1), v
 
     def _attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                          visible: Optional[torch.Tensor]) -> torch.Tensor:

@@ -14,6 +14,10 @@ rank holds, for init, checkpoints and gather_full), `init_per_expert` (the model
 seeds each expert by its global id) and DeepSpeed's MoE convention, `allreduce = False`
 plus `group_name = "ep_size_<ep>"` (deepspeed/moe/utils.py `is_moe_param`), so its
 optimizer groups reduce their gradients over the expert-data-parallel group only.
+
+Selective recompute (V3 §3.2.3: SwiGLU inputs cached, its output recomputed in backward):
+`swiglu_region`, a runner model/recompute.py injects, runs silu(a) * b under a checkpoint, so
+backward keeps a and b and recomputes silu(a) instead of keeping it.
 """
 from __future__ import annotations
 
@@ -36,6 +40,17 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(fctx, grad):
         return grad.contiguous()
+
+
+def _swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return silu(a) * b
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor, region=None) -> torch.Tensor:
+    """silu(a) * b; with grad enabled and a `region` runner, as region(fn, a, b)."""
+    if region is not None and torch.is_grad_enabled():
+        return region(_swiglu, a, b)
+    return _swiglu(a, b)
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
@@ -88,11 +103,12 @@ class GroupedExperts(nn.Module):
         # Injection point for the grouped GEMM, as `gemm` is for the linears (fp8/recipe.py
         # swaps in an FP8 one); signature of `grouped_linear`.
         self.grouped_gemm = grouped_linear
+        self.swiglu_region = None  # `swiglu`'s runner (model/recompute.py); None: no checkpoint
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (P, dim) rows sorted by local expert, counts (n_local_experts,) -> (P, dim)."""
         gm, gemm = self.use_grouped_mm, self.grouped_gemm
-        h = silu(gemm(x, self.w1, counts, gm)) * gemm(x, self.w3, counts, gm)
+        h = swiglu(gemm(x, self.w1, counts, gm), gemm(x, self.w3, counts, gm), self.swiglu_region)
         return gemm(h, self.w2, counts, gm)
 
 
@@ -104,6 +120,7 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(dim, inter_dim)
         for lin in (self.w1, self.w2, self.w3):
             nn.init.normal_(lin.weight, std=init_std)
+        self.swiglu_region = None  # as GroupedExperts'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.swiglu_region))

@@ -12,6 +12,14 @@ local tokens only (every loss is per sequence), to be added to the training loss
 Per-expert loads accumulate in each router over micro-batches; `update_moe_biases` sums
 them over the data-parallel ranks once per optimizer step, moves the V3 bias and resets
 them. Residual connection and normalisation belong to the block, not here.
+
+Full recompute of a MoE block (train.recompute=full, model/block.py) injects
+`experts_region`, a checkpointing runner (model/recompute.py): the expert computation on the
+received rows (sort, grouped SwiGLU, gate-weighted sum) and the shared experts run under it,
+while routing, the dispatch plan and both all-to-alls stay outside. So backward keeps the
+received rows and the routing, the recomputed experts see exactly the routed rows (routing
+is never re-run, so it cannot route differently and the expert loads are counted once), and
+no all-to-all is repeated.
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ class MoE(nn.Module):
         # How token rows cross the dispatch all-to-all: None sends them as they are;
         # fp8/apply.py sets fp8/dispatch.py's FP8Codec (FP8 payloads, V3 §3.3.3).
         self.dispatch_codec = None
+        self.experts_region = None  # runner of the expert computation (full recompute); None: direct
 
     def capacity(self, seqlen: int) -> int:
         """Pairs one expert may take from one sequence (capacity_factor > 0). Per sequence,
@@ -76,13 +85,22 @@ class MoE(nn.Module):
             h[plan.send_token], gates, plan.local_mask, plan.send_counts, self.ep_group, self.ep_rank, self.dispatch_codec
         )
         rows, experts, counts = sort_by_expert(mask_recv)
-        out = self.experts(x_recv[rows], counts)  # (P, D), pairs sorted by local expert
-        y_recv = combine_pairs(out, rows, gates_recv[rows, experts], x_recv.shape[0])
+        region = self.experts_region if torch.is_grad_enabled() else None
+        if region is not None:
+            y_recv = region(self._expert_rows, x_recv, gates_recv, rows, experts, counts)
+        else:
+            y_recv = self._expert_rows(x_recv, gates_recv, rows, experts, counts)
         y = unpermute(combine(y_recv, handle), plan.send_token, h.shape[0])
         self.last_comm = {"dispatch_bytes": handle.dispatch_bytes, "combine_bytes": handle.combine_bytes}
         if self.shared_experts is not None:
-            y = y + self.shared_experts(h)
+            y = y + (region(self.shared_experts, h) if region is not None else self.shared_experts(h))
         return y.view(bsz, seqlen, dim), aux_loss
+
+    def _expert_rows(self, x_recv: torch.Tensor, gates_recv: torch.Tensor, rows: torch.Tensor,
+                     experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Received rows x_recv (S', D) -> (S', D), each the gate-weighted sum of its local experts."""
+        out = self.experts(x_recv[rows], counts)  # (P, D), pairs sorted by local expert
+        return combine_pairs(out, rows, gates_recv[rows, experts], x_recv.shape[0])
 
     def _local(self, h: torch.Tensor, r) -> torch.Tensor:
         """Every expert on this rank and no dropping (inference at ep = 1): the pairs sorted by

@@ -18,6 +18,9 @@ bytes, for mixed precision with an fp32 master:
                 dense-MLP parts divided by tp), + 5 h s x width/2
                 where the attention probabilities are stored (fp32 math kernel, not flash),
                 + MLA latents and expanded heads, + k (3 i_moe + d) x width for MoE layers;
+                train.recompute=selective subtracts what its modules no longer keep
+                (`selective_saving_per_token`), full keeps each recomputed block's input
+                and, in MoE blocks, the routing and received rows (`full_bytes_per_token`);
                 1F1B keeps pp - i micro-batches in flight on stage i; DualPipeV's two
                 chunks on rank r keep 2 pp - r and about r + 2 (`in_flight`), about pp + 1
                 micro-batches of a whole rank's layers (V3 report Table 2: pp + 1)
@@ -269,6 +272,78 @@ def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: i
     return out
 
 
+def _norm_bytes(width: int) -> float:
+    """Bytes per channel an RMSNorm keeps beyond its input (model/norm.py computes in fp32):
+    the normalised fp32 x, and in a bf16 run also the fp32 copy of its input, less the bf16
+    input a checkpoint keeps instead."""
+    return 4 + (0 if width == 4 else 4 - width)
+
+
+def selective_saving_per_token(m: ModelConfig, layer_id: int, tp: int, width: int, modules) -> float:
+    """Bytes per token one layer no longer keeps under selective recompute of `modules`
+    (model/recompute.py), exact for the code as written (tests/unit/test_recompute.py):
+    norm: each RMSNorm's fp32 intermediates (per channel `_norm_bytes`, plus its 4-byte rsqrt);
+    mla_up_proj: the normed latents wq_b and wkv_b read (and their norms' intermediates when
+    "norm" is not also set); swiglu: silu(w1 x), one hidden of every SwiGLU (dense split over
+    tp; routed experts K per token; shared experts)."""
+    modules, out = set(modules), 0.0
+    latents = []
+    if m.attention == "mla":
+        latents = ([m.q_lora_rank] if m.q_lora_rank else []) + [m.kv_lora_rank]
+    if "norm" in modules:
+        out += sum(c * _norm_bytes(width) + 4 for c in [m.dim, m.dim] + latents)
+    if "mla_up_proj" in modules:
+        out += sum(c * width for c in latents)
+        if "norm" not in modules:
+            out += sum(c * _norm_bytes(width) + 4 for c in latents)
+    if "swiglu" in modules:
+        if m.is_moe_layer(layer_id):
+            out += (m.n_activated_experts + m.n_shared_experts) * m.moe_inter_dim * width
+        else:
+            out += m.inter_dim / tp * width
+    return out
+
+
+def full_bytes_per_token(m: ModelConfig, layer_id: int, ep: int, width: int) -> float:
+    """Bytes per token a fully recomputed block keeps (model/block.py, moe/layer.py): its
+    input; a MoE block also the FFN input (which the router and shared experts read; the
+    router's fp32 copy in bf16 runs), the received rows of the dispatch (one per destination
+    rank, at most min(K, ep)) and their combined outputs, and the routing in fp32 (scores
+    and balance-loss terms, about 2 E, plus gate values and expert ids, about 10 K + 4)."""
+    out = m.dim * width
+    if m.is_moe_layer(layer_id):
+        k = m.n_activated_experts
+        out += (2 + min(k, ep)) * m.dim * width + (0 if width == 4 else 4 * m.dim)
+        out += (2 * m.n_routed_experts + 10 * k + 4) * 4
+    return out
+
+
+def layer_activation_bytes(m: ModelConfig, layer_id: int, seqlen: int, tp: int, ep: int, width: int,
+                           recompute: str = "none", modules=(), full: bool = False) -> float:
+    """Saved bytes per token of one layer under train.recompute `recompute`; `full`: this
+    block is one of the fully recomputed ones (`full_recompute_blocks`)."""
+    if recompute == "full" and full:
+        return full_bytes_per_token(m, layer_id, ep, width)
+    out = activation_bytes_per_token(m, layer_id, seqlen, tp, width)
+    if recompute == "selective":
+        out -= selective_saving_per_token(m, layer_id, tp, width, modules)
+    return out
+
+
+def stage_blocks(stage_layers, n_layers: int, mtp_depth: int) -> list[list[int]]:
+    """Each stage's block ids in order; MTP depth k (block id n_layers + k) after the last
+    stage's layers."""
+    out = [list(ids) for ids in stage_layers]
+    out[-1] += [n_layers + k for k in range(mtp_depth)]
+    return out
+
+
+def full_recompute_blocks(stage_blocks_: list[list[int]], recompute_layers: int) -> list[int]:
+    """Block ids fully recomputed under train.recompute=full (Megatron's "block" method): of
+    each stage's blocks in order, the first `recompute_layers`, or all with 0."""
+    return [i for ids in stage_blocks_ for i in (ids if recompute_layers == 0 else ids[:recompute_layers])]
+
+
 def bubble_fraction(schedule: str, pp: int, n_micro: int) -> float:
     if pp == 1:
         return 0.0
@@ -353,10 +428,15 @@ def plan(cfg: Config, world_size: int) -> dict:
 
         acts = 0.0
         for stage in layout.stages_of(rank):
-            ids = list(layout.stages[stage]) + (mtp_ids if stage == layout.n_stages - 1 else [])
-            stage_acts = tokens * sum(activation_bytes_per_token(m, i, t.seq_len, tp, width) for i in ids)
-            if stage == layout.n_stages - 1:
+            last = stage == layout.n_stages - 1
+            ids = list(layout.stages[stage]) + (mtp_ids if last else [])
+            full = set(full_recompute_blocks([ids], t.recompute_layers)) if t.recompute == "full" else set()
+            stage_acts = tokens * sum(layer_activation_bytes(m, i, t.seq_len, tp, ep, width, t.recompute,
+                                                             t.recompute_modules, i in full) for i in ids)
+            if last:
                 stage_acts += tokens * (m.vocab_size / tp) * 4 * (1 + m.mtp_depth)  # fp32 logits for the loss
+                if t.recompute == "selective" and "norm" in t.recompute_modules:  # final norm, MTP's three
+                    stage_acts -= tokens * (1 + 3 * m.mtp_depth) * (m.dim * _norm_bytes(width) + 4)
             acts += stage_acts * in_flight(layout, stage, n_micro)
         n_layers_here = len(layout.layers_of(rank)) + (m.mtp_depth if layout.has_head(rank) else 0)
         notes = [f"{n_layers_here} layers"] + (["embedding copy (tied)"] if layout.tied_embedding and rank == pp - 1 else [])
@@ -369,6 +449,24 @@ def plan(cfg: Config, world_size: int) -> dict:
         "bubble_fraction": bubble_fraction(p.pp_schedule, pp, n_micro),
         "params": counts, "stages": out, "layout": layout,
     }
+
+
+def recompute_modes(cfg: Config, world_size: int) -> dict[str, tuple[float, float]]:
+    """{mode: (activation bytes, total bytes) of the busiest rank} for train.recompute = none,
+    selective (cfg's recompute_modules, or all when it lists none) and full (cfg's
+    recompute_layers), the rest of cfg as it is (launchers/plan.py prints them)."""
+    import dataclasses
+
+    from ds_parallel.config.validate import RECOMPUTE_MODULES
+
+    out = {}
+    for mode in ("none", "selective", "full"):
+        train = dataclasses.replace(cfg.train, recompute=mode,
+                                    recompute_modules=list(cfg.train.recompute_modules or RECOMPUTE_MODULES),
+                                    recompute_layers=cfg.train.recompute_layers if mode == "full" else 0)
+        busiest = max(plan(dataclasses.replace(cfg, train=train), world_size)["stages"], key=lambda s: s.total_bytes)
+        out[mode] = (busiest.activation_bytes, busiest.total_bytes)
+    return out
 
 
 def peak_bytes(report: dict) -> float:

@@ -27,6 +27,14 @@ the last stage); under 1F1B the last rank holds a copy, initialised identically 
 by name), whose gradient is summed with the first rank's over `ctx.embed_group` before the
 optimizer step, so the two copies stay equal, and which DeepSpeed's norm skips
 (`ds_pipe_replicated`).
+
+Activation recomputation needs nothing here: its regions are non-reentrant checkpoints
+inside the blocks (model/recompute.py, applied by train/setup.py per stage, the first
+train.recompute_layers blocks of each of this rank's stages), which both schedules'
+backwards, DualPipeV's split input / weight backward included, recompute on use. The split
+backward recomputes a region in each of its two passes (torch's checkpoint releases what it
+recomputed once it has been read), so recompute costs DualPipeV more time than 1F1B.
+tests/dist/test_recompute.py checks gradients and the measured cut against the planner.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ds_parallel import checkpoint as ckpt
 from ds_parallel.config.schema import Config
 from ds_parallel.interop.hf import HFCheckpoint, is_hf_directory, load_hf_weights
-from ds_parallel.model import build_model
+from ds_parallel.model import apply_recompute, build_model
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.parallel.plan import PipelineLayout, pipeline_layout
 from ds_parallel.train.engine import build_engine, gradient_accumulation_steps
@@ -54,6 +54,10 @@ def setup_training(cfg: Config, ctx: ParallelContext, objective: Optional[Object
     torch.manual_seed(t.seed)
     layout = pipeline_layout(cfg.model, ctx.pp, cfg.parallel.pp_schedule, cfg.parallel.pp_layers)
     model = build_model(cfg.model, ctx, seed=t.seed, layout=layout)
+    # Which activations backward keeps (model/recompute.py): flags on the modules, no
+    # parameter changes, so its place among the post-construction steps does not matter.
+    apply_recompute(model, t.recompute, t.recompute_modules, t.recompute_layers,
+                    [layout.stages[s] for s in layout.stages_of(ctx.pp_rank)], layout.has_head(ctx.pp_rank))
     start_step = 0
     if resume_dir:
         reader = ckpt.CheckpointReader(resume_dir)
