@@ -13,6 +13,7 @@ Megatron shards, run by datatrove's local executor.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -133,16 +134,21 @@ def test_bad_settings_are_refused_in_one_line_and_nothing_is_written(corpus, tmp
     out = tmp_path / "out"
     cli = [sys.executable, os.path.join(ROOT, "launchers", "prepare_data.py"), "--config",
            os.path.join(ROOT, "configs", "data", "demo_cpu.yaml")]
+    from ds_parallel.data.prep.pipeline import check_prep
+
     for extra, message in [
-        (["data_prep.remix={news: 1}"], "data_prep.remix.news: no input has source 'news'"),
         (["data_prep.filters={nope: {}}"], "filters.nope is not a filter"),
         (["data_prep.tokenizer.path=/no/such.json"], "needs exactly one of preset"),
         (["data_prep.inputs=[{path: /no/such/*.jsonl}]"], "matches no file"),
     ]:
-        proc = subprocess.run(cli + _overrides(inputs, out) + extra, capture_output=True, text=True, timeout=120,
-                              cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu"))
-        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr[-2000:])
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        with pytest.raises(ValueError, match=re.escape(message)) as err:
+            check_prep(load_config(None, _overrides(inputs, out) + extra).data_prep)
+        assert "\n" not in str(err.value)
+    # Through the launcher: exit 2, one line on stderr, before anything runs.
+    proc = subprocess.run(cli + _overrides(inputs, out) + ["data_prep.remix={news: 1}"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert proc.returncode == 2 and "data_prep.remix.news: no input has source 'news'" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not os.path.exists(tmp_path / "out.work") and not os.path.exists(str(out) + "_text_document.bin")
     # The dry run prints the stages and writes nothing.
     proc = subprocess.run(cli + _overrides(inputs, out) + ["--dry-run"], capture_output=True, text=True, timeout=120,
