@@ -180,3 +180,31 @@ def test_training_config_is_checked_against_the_manifest_vocabulary(runs):
         load_config(None, data)
     load_config(None, data + [f"model.vocab_size={manifest['vocab_size']}"])
 
+
+
+def test_inputs_read_jsonl_parquet_and_text_with_their_source_and_dump(tmp_path):
+    """Each input kind as the reader gives it to the stages: a JSONL line, a parquet row, a whole
+    text file is one document, with id "<file>/<n>" and the entry's source and dump; task r of W
+    reads files r, r + W, ..."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ds_parallel.data.prep.pipeline import InputReader, input_files
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    pq.write_table(pa.table({"text": ["three", "four"], "url": ["u3", "u4"]}), tmp_path / "b.parquet")
+    (tmp_path / "c.txt").write_text("five\nstill five")
+    cfg = load_config(None, [f"data_prep.inputs=[{{path: {tmp_path}/a.jsonl, source: web, dump: d1}}, "
+                             f"{{path: '{tmp_path}/[bc].*', source: books, dump: d2}}]"])
+    files = input_files(cfg.data_prep)
+    assert [(os.path.basename(f.path), f.source, f.dump) for f in files] == [
+        ("a.jsonl", "web", "d1"), ("b.parquet", "books", "d2"), ("c.txt", "books", "d2")]
+    reader = InputReader(files)
+    docs = [d for r in range(2) for d in reader.run(None, r, 2)]
+    assert [(d.text, d.id.split("/")[-2:], d.metadata["source"], d.metadata["dump"]) for d in docs] == [
+        ("one", ["a.jsonl", "0"], "web", "d1"), ("two", ["a.jsonl", "2"], "web", "d1"),  # task 0: files 0 and 2
+        ("five\nstill five", ["c.txt", "0"], "books", "d2"),
+        ("three", ["b.parquet", "0"], "books", "d2"), ("four", ["b.parquet", "1"], "books", "d2")]
+    (tmp_path / "a.jsonl").write_text('{"txt": "no text field"}\n')
+    with pytest.raises(ValueError, match="a.jsonl line 1: no string 'text' field"):
+        list(reader.run(None, 0, 1))
