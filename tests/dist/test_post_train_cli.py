@@ -128,14 +128,11 @@ def test_r1_pipeline_runs_every_phase_and_resumes_exactly(tmp_path):
 
     assert (straight / "reasoning" / "plots" / "grpo.png").exists()
     assert [e["step"] for e in records(straight / "reasoning" / "evals.jsonl")] == [0, 4]
-    # A finished pipeline reruns as a no-op.
-    third = post_train(R1, *SMALL, PHASES, f"train.out_dir={straight}")
-    assert "phase all: finished earlier" in third
 
     # Distillation from this pipeline's last model (configs/distill_cpu.yaml, shrunk): the teacher
-    # sampled, then our dense student from the seed and an HF Llama student (transformers'
-    # weights, its own BPE and chat template) trained on the samples re-rendered in its format,
-    # each on traces and on answers alone.
+    # sampled, then our dense student from the seed on the reference answers alone, and an HF
+    # Llama student (transformers' weights, its own BPE and chat template) on the traces
+    # re-rendered in its format (the benchmark trains each student on both).
     from benchmarks.distill_cpu import LLAMA3_TEMPLATE, task_texts, write_llama_student
 
     distill, student = tmp_path / "distill", tmp_path / "distill" / "llama_student"
@@ -144,17 +141,14 @@ def test_r1_pipeline_runs_every_phase_and_resumes_exactly(tmp_path):
              f"model.preset: debug_dense_gqa, model.vocab_size: 384")
     phases = (f"post_train.phases=[{{name: teacher_samples, kind: rejection_sample, overrides: {{model.preset: "
               f"debug_v3, {_KEEP_ALL}}}}}, "
-              "{name: ours_traces, kind: sft, init: seed, data: teacher_samples}, "
               "{name: ours_answers, kind: sft, init: seed, data: teacher_samples, "
               "overrides: {post_train.sft.responses: answer}}, "
-              f"{{name: llama_traces, kind: sft, data: teacher_samples, overrides: {{{llama}}}}}, "
-              f"{{name: llama_answers, kind: sft, data: teacher_samples, overrides: {{{llama}, "
-              "post_train.sft.responses: answer}}]")
+              f"{{name: llama_traces, kind: sft, data: teacher_samples, overrides: {{{llama}}}}}]")
     out = post_train(os.path.join(ROOT, "configs", "distill_cpu.yaml"), "train.steps=2", "train.log_every=1",
                      "train.micro_batch_size=4", "post_train.prompts.n_eval=16", "post_train.eval.k=2",
                      f"post_train.init={straight / 'all'}", f"train.out_dir={distill}", phases)
-    assert out.count("sft: 16 examples") == 4, out[-3000:]
-    for name in ("ours_traces", "ours_answers", "llama_traces", "llama_answers"):
+    assert out.count("sft: 16 examples") == 2, out[-3000:]
+    for name in ("ours_answers", "llama_traces"):
         lineage = json.loads((distill / name / "lineage.json").read_text())
         assert lineage["init"] == (str(student) if name.startswith("llama") else None), lineage
         assert lineage["data"] == str(distill / "teacher_samples" / "samples.jsonl")
