@@ -184,6 +184,9 @@ class TrainConfig:
     # TensorBoard event files in <out_dir>/tensorboard beside metrics.jsonl, when the
     # tensorboard package is installed (train/metrics.py)
     tensorboard: bool = True
+    # Weights & Biases project to log to as well (needs the wandb package; WANDB_MODE=offline
+    # keeps the run local); the run resumes with the training run (train/metrics.py)
+    wandb_project: Optional[str] = None
     # Held-out LM loss every N steps (0: off) over the first eval_samples windows of the
     # validation data (data.valid_path, or the arithmetic corpus's held-out problems); evals.jsonl
     eval_every: int = 0
@@ -194,6 +197,9 @@ class TrainConfig:
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_layers: int = 0
     recompute_modules: list[str] = field(default_factory=lambda: ["norm", "mla_up_proj", "swiglu"])
+    # Regional compilation (torchtitan's per-block torch.compile; model/compile.py): each block's
+    # and MTP depth's dense parts compiled, routing and the all-to-alls eager
+    compile: bool = False
 
 
 @dataclass

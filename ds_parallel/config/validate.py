@@ -5,6 +5,7 @@ Each failure is one `ConfigError` line naming the key, the value and the fix.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from ds_parallel.config.errors import ConfigError
@@ -46,6 +47,9 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    if t.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb_project={t.wandb_project!r} needs the wandb package: pip install wandb, or "
+                          "set train.wandb_project=null")
     unknown = [name for name in t.recompute_modules if name not in RECOMPUTE_MODULES]
     if unknown:
         raise ConfigError(f"train.recompute_modules has unknown {unknown}: use any of {list(RECOMPUTE_MODULES)}")
@@ -57,6 +61,12 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
     if t.recompute_layers and t.recompute != "full":
         raise ConfigError(f"train.recompute_layers={t.recompute_layers} applies to train.recompute=full only "
                           f"(train.recompute={t.recompute}): set it to 0 or use full")
+    if t.compile and p.tp > 1:
+        raise ConfigError(f"train.compile=true with parallel.tp={p.tp}: the tensor-parallel all-reduces inside the "
+                          f"blocks are not compiled yet; set parallel.tp=1 or train.compile=false")
+    if t.compile and p.zero_stage == 3:
+        raise ConfigError("train.compile=true with parallel.zero_stage=3: ZeRO-3 gathers parameters in module hooks "
+                          "inside the compiled blocks; use zero_stage 0-2 or train.compile=false")
 
     # Model shape rules.
     if m.head_dim is None and m.dim % m.n_heads:

@@ -395,7 +395,7 @@ def grpo(cfg: Config, ctx: ParallelContext, init: Optional[str] = None) -> dict[
     out_dir, is_rank0 = t.out_dir, ctx.rank == 0
     if is_rank0:
         write_atomic(os.path.join(out_dir, "config.yaml"), dump_yaml(cfg))
-    metrics = MetricsLog(out_dir, is_rank0, t.steps, run.start_step, show=SHOWN, tensorboard=t.tensorboard)
+    metrics = MetricsLog.for_run(cfg, is_rank0, run.start_step, show=SHOWN)
     if run.start_step == 0:
         metrics.log_eval({"step": 0, "heldout_accuracy": run.heldout_accuracy()})
     last, accuracy = run.start_step, None

@@ -150,7 +150,7 @@ def sft(cfg: Config, ctx: ParallelContext, init: Optional[str] = None) -> dict[s
         print(f"sft: {len(train_examples)} examples in {len(rows)} rows of {t.seq_len} "
               f"({'packed' if s.pack else 'one per row'}), {len(eval_examples)} held out, {dropped} longer than "
               f"train.seq_len dropped", flush=True)
-    metrics = MetricsLog(out_dir, is_rank0, t.steps, parts.start_step, tensorboard=t.tensorboard)
+    metrics = MetricsLog.for_run(cfg, is_rank0, parts.start_step)
     last = parts.start_step
     stop_at = t.steps if not t.max_steps_this_run else min(t.steps, parts.start_step + t.max_steps_this_run)
     for step in range(parts.start_step, stop_at):

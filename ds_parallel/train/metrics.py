@@ -9,6 +9,10 @@ TensorBoard (`train.tensorboard`, on by default when the tensorboard package is 
 every numeric field of metrics.jsonl and evals.jsonl is also a scalar of the same name
 (evaluations under "eval/") in <out_dir>/tensorboard; a resumed run purges the events after
 its checkpoint's step, as the JSONL files are cut.
+
+Weights & Biases (`train.wandb_project`): the same scalars, in a W&B run whose id is kept in
+<out_dir>/wandb_id, so a resumed training run continues its W&B run (steps already logged
+are not logged again: a resumed run starts after its checkpoint's step).
 """
 from __future__ import annotations
 
@@ -52,7 +56,8 @@ class MetricsLog:
     per-layer expert loads of the step and the router biases after its update."""
 
     def __init__(self, out_dir: str, enabled: bool, total_steps: int, start_step: int = 0,
-                 show: tuple[str, ...] = (), tensorboard: bool = False):
+                 show: tuple[str, ...] = (), tensorboard: bool = False, wandb_project: Optional[str] = None,
+                 config: Optional[dict] = None):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.experts_path = os.path.join(out_dir, "experts.jsonl")
         self.evals_path = os.path.join(out_dir, "evals.jsonl")  # held-out evaluations, step 0 included
@@ -68,14 +73,26 @@ class MetricsLog:
                 _truncate_after(path, start_step)
             if tensorboard:
                 self.writer = tensorboard_writer(os.path.join(out_dir, "tensorboard"), start_step)
+        self.wandb = wandb_run(out_dir, wandb_project, config) if enabled and wandb_project else None
+
+    @classmethod
+    def for_run(cls, cfg, enabled: bool, start_step: int, show: tuple[str, ...] = ()) -> "MetricsLog":
+        """The log of a run of `cfg` (train.out_dir, steps, tensorboard, wandb_project)."""
+        from ds_parallel.config.load import to_dict
+
+        t = cfg.train
+        return cls(t.out_dir, enabled, t.steps, start_step, show, tensorboard=t.tensorboard,
+                   wandb_project=t.wandb_project, config=to_dict(cfg) if t.wandb_project else None)
 
     def _scalars(self, record: dict, prefix: str = "") -> None:
-        if self.writer is None:
-            return
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(prefix + key, value, record["step"])
-        self.writer.flush()
+        scalars = {prefix + k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def log_experts(self, step: int, loads: dict, biases: dict) -> None:
         if not self.enabled:
@@ -128,6 +145,24 @@ def tensorboard_writer(log_dir: str, start_step: int):
         return None
     # purge_step: TensorBoard drops the events at this step and after, when it reads the files
     return SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
+
+
+def wandb_run(out_dir: str, project: str, config: Optional[dict]):
+    """A W&B run for the run directory: a new one, or the one its wandb_id names (resume)."""
+    import wandb
+
+    id_path = os.path.join(out_dir, "wandb_id")
+    if os.path.exists(id_path):
+        with open(id_path) as fh:
+            run_id = fh.read().strip()
+    else:
+        import uuid
+
+        run_id = uuid.uuid4().hex[:12]
+        os.makedirs(out_dir, exist_ok=True)
+        write_atomic(id_path, run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", dir=out_dir, config=config,
+                      name=os.path.basename(os.path.abspath(out_dir)))
 
 
 def _truncate_after(path: str, step: int) -> None:

@@ -86,7 +86,7 @@ def train(cfg: Config, ctx: ParallelContext) -> dict[str, Any]:
         report = fp8_memory_report(model, first["input_ids"], first["labels"])
         if is_rank0:
             print(report, flush=True)
-    metrics = MetricsLog(out_dir, is_rank0, t.steps, start_step, tensorboard=t.tensorboard)
+    metrics = MetricsLog.for_run(cfg, is_rank0, start_step)
     preempt = PreemptionFlag(ctx.device)
     moe_ids = m.moe_layer_ids()
 

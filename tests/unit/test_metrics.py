@@ -44,3 +44,40 @@ def test_tensorboard_scalars_equal_the_jsonl_and_a_resume_purges_later_steps(tmp
     assert scalars["loss"] == [(r["step"], pytest.approx(r["loss"])) for r in jsonl] == [(1, 9), (2, 8), (3, 17), (4, 16)]
     assert scalars["eval/heldout_accuracy"] == [(4, 0.25)]
     assert set(scalars) == {"loss", "lr", "grad_norm", "tokens_per_s", "eval/heldout_accuracy"}
+
+
+def test_wandb_offline_run_gets_the_scalars_and_a_resume_continues_it(tmp_path, monkeypatch):
+    """train.wandb_project (W&B offline): the run logs every numeric field at its step, and a
+    resumed training run reopens the same W&B run (wandb_id in the run directory)."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from ds_parallel.config import load_config
+    from ds_parallel.train.metrics import MetricsLog
+
+    cfg = load_config(None, [f"train.out_dir={tmp_path}", "train.wandb_project=dsp-test", "train.steps=4"])
+    seen = []
+    log = MetricsLog.for_run(cfg, True, 0)
+    monkeypatch.setattr(log.wandb, "log", lambda data, step: seen.append((step, data)))
+    log.log({"step": 1, "loss": 3.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0})
+    log.log_eval({"step": 1, "valid_loss": 2.5})
+    first_id = log.wandb.id
+    log.wandb.finish()
+    assert seen == [(1, {"loss": 3.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0}),
+                    (1, {"eval/valid_loss": 2.5})]
+    assert (tmp_path / "wandb_id").read_text() == first_id
+    again = MetricsLog.for_run(cfg, True, 1)
+    assert again.wandb.id == first_id and again.wandb.config["train"]["steps"] == 4
+    again.wandb.finish()
+    assert wandb.run is None
+
+
+def test_wandb_project_without_the_package_is_refused_in_one_line(monkeypatch):
+    import importlib.util
+
+    from ds_parallel.config import ConfigError, load_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="train.wandb_project='p' needs the wandb package: pip install wandb"):
+        load_config(None, ["train.wandb_project=p"])
