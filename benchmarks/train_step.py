@@ -15,11 +15,15 @@ Fairness choices:
   * Plain `torch.optim.AdamW` (same hyper-parameters) on both, no DeepSpeed engine: this
     times the model code, not the engine.
 
+With --compile, a third candidate is ours under train.compile (model/compile.py: each block's
+dense parts compiled by inductor; compiled in its first step, before the timing) on the same
+weights, and its step time is printed against ours eager.
+
 The losses of the first step must agree to 1e-4, and so must the losses after the timed
 steps (every candidate takes the same number of steps), which checks gradients and
 optimizer updates as well.
 
-    .venv/bin/python benchmarks/train_step.py [--bsz 8 --seqlen 256 --threads 1 --repeats 7]
+    .venv/bin/python benchmarks/train_step.py [--bsz 8 --seqlen 256 --threads 1 --repeats 7 --compile]
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from transformers.utils import logging as hf_logging
 from ds_parallel.config.presets import MODEL_PRESETS
 from ds_parallel.config.schema import ModelConfig
 from ds_parallel.interop.hf import save_hf
+from ds_parallel.model.compile import apply_compile
 from ds_parallel.model.init import init_weights
 from ds_parallel.model.transformer import Transformer
 from ds_parallel.parallel.groups import ParallelContext
@@ -73,6 +78,7 @@ def main() -> None:
     parser = base_parser(__doc__, repeats=7, warmup=2)
     parser.add_argument("--bsz", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--compile", action="store_true", help="also time ours with train.compile (regional torch.compile)")
     args = parser.parse_args()
     set_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -107,6 +113,11 @@ def main() -> None:
     ids, labels = tokens[:, :-1], tokens[:, 1:]  # labels[:, t] follows ids[:, :t+1]
     fns = {"ours": ours_step(ours, adamw(ours), ids, labels)}
     fns.update({f"hf-{impl}": hf_step(hf, adamw(hf), ids, labels) for impl, hf in theirs.items()})
+    if args.compile:
+        compiled = Transformer(cfg, ParallelContext.single()).train()
+        compiled.load_state_dict(ours.state_dict())  # before any step: the same weights and router bias
+        apply_compile(compiled, verbose=True)
+        fns["ours-compiled"] = ours_step(compiled, adamw(compiled), ids, labels)
 
     first = {name: fn() for name, fn in fns.items()}  # step 1 of every candidate, from identical weights
     print("  step-1 loss: " + ", ".join(f"{n} {v:.7f}" for n, v in first.items()), flush=True)
@@ -123,6 +134,10 @@ def main() -> None:
     print(f"  max |loss - ours loss|: step 1 {d1:.2e}, step {steps} {dn:.2e}", flush=True)
 
     o = ms["ours"]
+    if args.compile:
+        c = ms["ours-compiled"]
+        print(f"  ours compiled vs eager: wall {c.wall_ms:.1f} vs {o.wall_ms:.1f} ms ({o.wall_ms / c.wall_ms:.2f}x), "
+              f"cpu {c.cpu_ms:.1f} vs {o.cpu_ms:.1f} ms ({o.cpu_ms / c.cpu_ms:.2f}x)", flush=True)
     rows = []
     for impl in theirs:
         t = ms[f"hf-{impl}"]

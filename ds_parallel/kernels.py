@@ -62,7 +62,10 @@ def batch_invariant(enabled: bool = True) -> Iterator[None]:
 
 
 def is_batch_invariant() -> bool:
-    return _INVARIANT.get()
+    """Whether the kernels run batch-invariant here. Inside torch.compile'd code: never (the
+    compiled regions run eager while the mode is on, model/compile.py), which also keeps
+    dynamo from tracing the ContextVar."""
+    return not torch.compiler.is_compiling() and _INVARIANT.get()
 
 
 # ---------------------------------------------------------------------------- GEMMs
@@ -75,7 +78,7 @@ def min_rows() -> int:
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ weight (out, in)^T: every linear's default `gemm`."""
-    if not _INVARIANT.get():
+    if not is_batch_invariant():
         return F.linear(x, weight)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     n, least = rows.shape[0], min_rows()
@@ -97,7 +100,7 @@ def _bmm_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _elementwise(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     def kernel(x: torch.Tensor) -> torch.Tensor:
-        if not _INVARIANT.get() or x.numel() == 0:
+        if not is_batch_invariant() or x.numel() == 0:
             return fn(x)
         flat = x.reshape(-1)
         n = flat.numel()
@@ -128,7 +131,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Option
     h // (H/G)); visible (B, 1|H, T, S) bool (True: may attend), or None for causal with
     T == S. Returns (B, H, T, Dv). Torch's fused kernel, or the chunked batch-invariant one
     (computed in fp32)."""
-    if not _INVARIANT.get():
+    if not is_batch_invariant():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     B, H, T, D = q.shape

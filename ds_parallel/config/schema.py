@@ -200,6 +200,7 @@ class TrainConfig:
     # Regional compilation (torchtitan's per-block torch.compile; model/compile.py): each block's
     # and MTP depth's dense parts compiled, routing and the all-to-alls eager
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": trace only, no code generation)
 
 
 @dataclass

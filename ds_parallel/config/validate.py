@@ -64,6 +64,10 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
     if t.compile and p.tp > 1:
         raise ConfigError(f"train.compile=true with parallel.tp={p.tp}: the tensor-parallel all-reduces inside the "
                           f"blocks are not compiled yet; set parallel.tp=1 or train.compile=false")
+    if t.compile and p.pp_schedule == DUALPIPEV:
+        raise ConfigError(f"train.compile=true with parallel.pp_schedule={DUALPIPEV}: its split backward runs twice "
+                          f"through a compiled graph, which torch.compile's donated buffers refuse; use pp_schedule=1f1b "
+                          f"or train.compile=false")
     if t.compile and p.zero_stage == 3:
         raise ConfigError("train.compile=true with parallel.zero_stage=3: ZeRO-3 gathers parameters in module hooks "
                           "inside the compiled blocks; use zero_stage 0-2 or train.compile=false")

@@ -76,10 +76,12 @@ class MTPModule(nn.Module):
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, T', D)
-        x, aux = self.block(x, freqs_cis, mask)
+        x, aux = self.block(self._merge(h_prev, emb), freqs_cis, mask)
         return self.norm(x), aux
 
+    def _merge(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """M_k [enorm(emb); hnorm(h_prev)] (B, T', D): the block's input (a region model/compile.py compiles)."""
+        return self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
 
     @torch.no_grad()
     def forward_decode(self, h_prev: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor, cache, pos,

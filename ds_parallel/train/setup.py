@@ -19,6 +19,7 @@ from ds_parallel import checkpoint as ckpt
 from ds_parallel.config.schema import Config
 from ds_parallel.interop.hf import HFCheckpoint, is_hf_directory, load_hf_weights
 from ds_parallel.model import apply_recompute, build_model
+from ds_parallel.model.compile import apply_compile
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.parallel.plan import PipelineLayout, pipeline_layout
 from ds_parallel.train.engine import build_engine, gradient_accumulation_steps
@@ -58,6 +59,8 @@ def setup_training(cfg: Config, ctx: ParallelContext, objective: Optional[Object
     # parameter changes, so its place among the post-construction steps does not matter.
     apply_recompute(model, t.recompute, t.recompute_modules, t.recompute_layers,
                     [layout.stages[s] for s in layout.stages_of(ctx.pp_rank)], layout.has_head(ctx.pp_rank))
+    if t.compile:  # after recompute: it makes the recompute runners traceable (model/compile.py)
+        apply_compile(model, verbose=ctx.rank == 0, backend=t.compile_backend)
     start_step = 0
     if resume_dir:
         reader = ckpt.CheckpointReader(resume_dir)
