@@ -3,7 +3,8 @@
 # parts' time limits add up to 10);
 # every result lands under $OUT (default runs/gpu_suite):
 #   parts.txt               each part's exit code and seconds
-#   pytest.log, junit.xml   tests/gpu (one-GPU training, bf16 vs the fp32 CPU reference,
+#   pytest.log, junit.xml   tests/gpu (one-GPU training, bf16 vs the fp32 CPU reference, recompute and
+#                           torch.compile vs eager,
 #                           resume, the torch FP8 backend, TE recipes where TE imports)
 #   smoke_1gpu/             configs/smoke_1gpu.yaml's full run (test_smoke_1gpu_learns): metrics.jsonl,
 #                           plots/loss.png, summary.json
