@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ds_parallel.data.indexed import DOCUMENT_SUFFIX
 from ds_parallel.data.loader import GlobalBatchLoader, PackedSamples
 
 
@@ -73,7 +74,7 @@ def blend_phases(data_cfg, steps: int) -> list[BlendPhase]:
 
 def source_names(data_cfg) -> list[str]:
     """Each source's name in the metrics (tokens/<name>): its `name`, else its path's basename."""
-    return [str(e.get("name") or os.path.basename(e["path"]).removesuffix("_text_document")) for e in data_cfg.blend]
+    return [str(e.get("name") or os.path.basename(e["path"]).removesuffix(DOCUMENT_SUFFIX)) for e in data_cfg.blend]
 
 
 def _emissions_before(weights: np.ndarray, time: float) -> np.ndarray:
@@ -154,6 +155,7 @@ class BlendedLoader(GlobalBatchLoader):
             n = (after.start_step - before.start_step) * global_batch_size
             self._consumed.append(self._consumed[-1] + phase_counts(before.weights, n))
         self._source_orders: dict[tuple[int, int], np.ndarray] = {}
+        self._step_slots: tuple[int, np.ndarray, np.ndarray] = (-1, None, None)  # the last step's, per micro-batch
 
     def _phase(self, step: int) -> int:
         return max(i for i, p in enumerate(self.phases) if p.start_step <= step)
@@ -177,12 +179,14 @@ class BlendedLoader(GlobalBatchLoader):
         if positions is None:
             positions = np.arange(self.global_batch_size)
         positions = np.asarray(positions, dtype=np.int64)
-        p = self._phase(step)
-        phase = self.phases[p]
-        lo = (step - phase.start_step) * self.global_batch_size
-        src, k = phase_slots(phase.weights, lo, lo + self.global_batch_size)
-        src, k = src[positions], k[positions]
-        return src, self._consumed[p][src] + k
+        if self._step_slots[0] != step:  # once per step, not once per micro-batch
+            p = self._phase(step)
+            phase = self.phases[p]
+            lo = (step - phase.start_step) * self.global_batch_size
+            src, k = phase_slots(phase.weights, lo, lo + self.global_batch_size)
+            self._step_slots = (step, src, self._consumed[p][src] + k)
+        _, src, j = self._step_slots
+        return src[positions], j[positions]
 
     def sample_ids(self, step: int, positions=None) -> np.ndarray:
         src, j = self.slot_sources(step, positions)

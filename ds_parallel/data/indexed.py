@@ -69,6 +69,12 @@ def _read_range(prefix: str, stamp: dict) -> Optional[tuple[int, int]]:
     return lo, hi
 
 
+# prepare_data's naming (Megatron's --output-prefix convention): a dataset's prefix is
+# "<output>_text_document", its manifest "<output>.manifest.json" (data/prep/shards.py).
+DOCUMENT_SUFFIX = "_text_document"
+MANIFEST_SUFFIX = ".manifest.json"
+
+
 class IndexedDatasetWriter:
     """Streams documents to `<prefix>.bin`/`.idx`, visible only once `finalize` succeeds.
 

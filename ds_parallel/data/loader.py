@@ -23,6 +23,8 @@ the R1 tags and the answer all follow the prompt's '='.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -32,7 +34,7 @@ import torch
 from ds_parallel.config.schema import micro_batches_per_step
 from ds_parallel.data.corpus import (build_corpus, chance_accuracy, check_cot, check_split, completion_chars,
                                      problem_chars)
-from ds_parallel.data.indexed import IndexedDataset
+from ds_parallel.data.indexed import DOCUMENT_SUFFIX, MANIFEST_SUFFIX, IndexedDataset
 from ds_parallel.data.tokenizer import CharTokenizer
 
 
@@ -169,13 +171,10 @@ def _arithmetic_stream(tok: CharTokenizer, problems: list[str], loss_on: str, se
 def _manifest(path: str) -> dict:
     """The manifest launchers/prepare_data.py writes beside `<output>_text_document` (data/prep/
     shards.py), or {}."""
-    import json
-    import os
-
-    stem = path[: -len("_text_document")] if path.endswith("_text_document") else None
-    if stem is None or not os.path.isfile(stem + ".manifest.json"):
+    stem = path[: -len(DOCUMENT_SUFFIX)] if path.endswith(DOCUMENT_SUFFIX) else None
+    if stem is None or not os.path.isfile(stem + MANIFEST_SUFFIX):
         return {}
-    with open(stem + ".manifest.json") as fh:
+    with open(stem + MANIFEST_SUFFIX) as fh:
         return json.load(fh)
 
 

@@ -37,7 +37,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from ds_parallel.atomic import write_atomic
-from ds_parallel.data.prep.shards import IndexedShardWriter, merge_shards
+from ds_parallel.data.prep.shards import MANIFEST_SUFFIX, SUFFIX, IndexedShardWriter, merge_shards
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -216,7 +216,7 @@ def dedup_config(d):
     """data_prep.dedup as data/prep/dedup.py's DedupConfig."""
     from ds_parallel.data.prep.dedup import DedupConfig
 
-    return DedupConfig(mode=d.mode, n_grams=d.n_grams, bands=d.bands, rows=d.rows, seed=d.seed)
+    return DedupConfig(**asdict(d))  # the same fields; DedupConfig checks them
 
 
 def claim_work_dir(prep, work: str) -> None:
@@ -314,7 +314,7 @@ def finish(prep, paths: dict) -> dict:
             merge_shards(paths["shards"], f"{paths['output']}_{source}", {"source": source}, sources={source})
         total = float(sum(prep.remix.values()))
         blend = {"data": {"source": "indexed", "blend": [
-            {"path": f"{paths['output']}_{source}_text_document", "weight": prep.remix[source] / total, "name": source}
+            {"path": f"{paths['output']}_{source}{SUFFIX}", "weight": prep.remix[source] / total, "name": source}
             for source in sorted(prep.remix)]}}
         import yaml
 
@@ -342,7 +342,7 @@ def describe(stages: list[Stage], paths: dict) -> str:
     lines = [f"data_prep: {paths['files']} input files in {paths['tasks']} tasks; work folder {paths['work']}"]
     for i, st in enumerate(stages, 1):
         lines.append(f"  {i}. {st.name:<10} {st.tasks:>4} task(s): " + " -> ".join(step.name for step in st.pipeline))
-    lines.append(f"  outputs: {paths['output']}_text_document.bin/.idx, .tokenizer.json, .manifest.json")
+    lines.append(f"  outputs: {paths['output']}{SUFFIX}.bin/.idx, .tokenizer.json, {MANIFEST_SUFFIX}")
     return "\n".join(lines)
 
 
@@ -384,5 +384,5 @@ def run(cfg, dry_run: bool = False, stop_after: Optional[str] = None) -> Optiona
         previous.run()  # submits this stage and, first, every stage it depends on
         print(f"data_prep: submitted; outputs at {paths['output']} when the last job ends", flush=True)
         return None
-    with open(paths["output"] + ".manifest.json") as fh:
+    with open(paths["output"] + MANIFEST_SUFFIX) as fh:
         return json.load(fh)

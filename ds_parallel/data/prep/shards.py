@@ -51,12 +51,11 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from ds_parallel.atomic import write_atomic
-from ds_parallel.data.indexed import IndexedDataset, IndexedDatasetWriter
+from ds_parallel.data.indexed import DOCUMENT_SUFFIX, MANIFEST_SUFFIX, IndexedDataset, IndexedDatasetWriter
 from ds_parallel.data.prep.tokenizer import eod_id, load_tokenizer, model_vocab_size, tokenizer_hash
 
-SUFFIX = "_text_document"
+SUFFIX = DOCUMENT_SUFFIX
 DOCS_SUFFIX = ".docs.json"
-MANIFEST_SUFFIX = ".manifest.json"
 UNKNOWN = "unknown"  # source / dump of a document without that metadata
 _NUMBERED_ID = re.compile(r"^(.*)/(\d+)$")
 
