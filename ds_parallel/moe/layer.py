@@ -69,50 +69,55 @@ class MoE(nn.Module):
         if tape is not None:
             tape.seen(self.layer_id, r.indices.view(bsz, seqlen, -1))
         aux_loss = self.gate.aux_loss(r, bsz)
-        if self.ep == 1 and not self.training and self.dispatch_codec is None:
-            y = self._local(h, r)
-            if self.shared_experts is not None:
-                y = y + self.shared_experts(h)
-            return y.view(bsz, seqlen, dim), aux_loss
         keep = None
         if self.capacity_factor > 0 and self.training:  # V2 §2.2.4: drop in training only
             affinity = r.scores.detach().gather(1, r.indices).view(bsz, seqlen, -1)
             keep = capacity_mask(r.indices.view(bsz, seqlen, -1), affinity, self.n_experts, self.capacity(seqlen))
             keep = keep.view_as(r.indices)
-        plan = plan_dispatch(r.indices, self.n_experts, self.ep, keep)
-        gates = scatter_weights(plan, r.weights.to(x.dtype))  # (S, n_local)
-        x_recv, gates_recv, mask_recv, handle = dispatch(
-            h[plan.send_token], gates, plan.local_mask, plan.send_counts, self.ep_group, self.ep_rank, self.dispatch_codec
-        )
-        rows, experts, counts = sort_by_expert(mask_recv)
         region = self.experts_region if torch.is_grad_enabled() else None
-        if region is not None:
-            y_recv = region(self._expert_rows, x_recv, gates_recv, rows, experts, counts)
+        if self.ep == 1 and self.dispatch_codec is None and keep is None:
+            y = self._local(h, r, region)
         else:
-            y_recv = self._expert_rows(x_recv, gates_recv, rows, experts, counts)
-        y = unpermute(combine(y_recv, handle), plan.send_token, h.shape[0])
-        self.last_comm = {"dispatch_bytes": handle.dispatch_bytes, "combine_bytes": handle.combine_bytes}
+            y = self._dispatched(h, r, keep, region)
         if self.shared_experts is not None:
             y = y + (region(self.shared_experts, h) if region is not None else self.shared_experts(h))
         return y.view(bsz, seqlen, dim), aux_loss
 
-    def _expert_rows(self, x_recv: torch.Tensor, gates_recv: torch.Tensor, rows: torch.Tensor,
-                     experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Received rows x_recv (S', D) -> (S', D), each the gate-weighted sum of its local experts."""
-        out = self.experts(x_recv[rows], counts)  # (P, D), pairs sorted by local expert
-        return combine_pairs(out, rows, gates_recv[rows, experts], x_recv.shape[0])
+    def _dispatched(self, h: torch.Tensor, r, keep: Optional[torch.Tensor], region) -> torch.Tensor:
+        """Routed experts through the dispatch plan and the EP all-to-alls: (N, D) -> (N, D)."""
+        plan = plan_dispatch(r.indices, self.n_experts, self.ep, keep)
+        gates = scatter_weights(plan, r.weights.to(h.dtype))  # (S, n_local)
+        x_recv, gates_recv, mask_recv, handle = dispatch(
+            h[plan.send_token], gates, plan.local_mask, plan.send_counts, self.ep_group, self.ep_rank, self.dispatch_codec
+        )
+        rows, experts, counts = sort_by_expert(mask_recv)
+        pair_gates = gates_recv[rows, experts]
+        fn = self._pair_sums
+        y_recv = region(fn, x_recv, rows, pair_gates, counts) if region is not None else fn(x_recv, rows, pair_gates, counts)
+        self.last_comm = {"dispatch_bytes": handle.dispatch_bytes, "combine_bytes": handle.combine_bytes}
+        return unpermute(combine(y_recv, handle), plan.send_token, h.shape[0])
 
-    def _local(self, h: torch.Tensor, r) -> torch.Tensor:
-        """Every expert on this rank and no dropping (inference at ep = 1): the pairs sorted by
-        expert straight from the routing, without the dispatch plan. The same pair order and
-        sums as the dispatch path, so the same numbers; it saves the plan's index math, which
-        dominates a decode step of a few tokens."""
+    def _local(self, h: torch.Tensor, r, region) -> torch.Tensor:
+        """Every expert on this rank and no pair dropped (ep = 1, no FP8 dispatch): the pairs
+        sorted by expert straight from the routing, without the dispatch plan. The same pair
+        order and sums as the dispatch path, so the same numbers; it saves the plan's index
+        math (a decode step of a few tokens is mostly that, and at 64 experts a training
+        step spends a tenth of its time there)."""
         flat = r.indices.reshape(-1)  # (N*K,) token-major
         order = flat.argsort(stable=True)  # pairs grouped by expert, tokens ascending within
         rows = order // r.indices.shape[1]
-        out = self.experts(h[rows], torch.bincount(flat, minlength=self.n_experts))
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        pair_gates = r.weights.to(h.dtype).reshape(-1)[order]
         self.last_comm = {"dispatch_bytes": 0, "combine_bytes": 0}
-        return combine_pairs(out, rows, r.weights.to(h.dtype).reshape(-1)[order], h.shape[0])
+        fn = self._pair_sums
+        return region(fn, h, rows, pair_gates, counts) if region is not None else fn(h, rows, pair_gates, counts)
+
+    def _pair_sums(self, x: torch.Tensor, rows: torch.Tensor, pair_gates: torch.Tensor,
+                   counts: torch.Tensor) -> torch.Tensor:
+        """Rows x (S, D) and their (row, local expert) pairs sorted by expert (`rows`, gate
+        values, `counts` per expert) -> (S, D), each row the gate-weighted sum of its experts'
+        outputs. Under full recompute this is what the checkpoint re-runs."""
+        return combine_pairs(self.experts(x[rows], counts), rows, pair_gates, x.shape[0])
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -309,11 +309,14 @@ def full_bytes_per_token(m: ModelConfig, layer_id: int, ep: int, width: int) -> 
     input; a MoE block also the FFN input (which the router and shared experts read; the
     router's fp32 copy in bf16 runs), the received rows of the dispatch (one per destination
     rank, at most min(K, ep)) and their combined outputs, and the routing in fp32 (scores
-    and balance-loss terms, about 2 E, plus gate values and expert ids, about 10 K + 4)."""
+    and balance-loss terms, about 2 E, plus gate values and expert ids, about 10 K + 4).
+    At ep = 1 without capacity dropping the experts read the FFN input itself (MoE._local:
+    no dispatch plan), so neither received rows nor combined outputs are kept."""
     out = m.dim * width
     if m.is_moe_layer(layer_id):
         k = m.n_activated_experts
-        out += (2 + min(k, ep)) * m.dim * width + (0 if width == 4 else 4 * m.dim)
+        rows = 0 if ep == 1 and not m.capacity_factor else 1 + min(k, ep)  # received + combined
+        out += (1 + rows) * m.dim * width + (0 if width == 4 else 4 * m.dim)
         out += (2 * m.n_routed_experts + 10 * k + 4) * 4
     return out
 

@@ -287,19 +287,32 @@ def test_bias_buffer_state_and_deepspeed_expert_tags():
     assert sorted(len(g["params"]) for g in groups) == [3, 4] and any(g.get("moe") for g in groups)
 
 
-def test_inference_at_ep1_skips_the_dispatch_plan_with_identical_outputs():
-    """Eval at ep = 1 sorts pairs by expert straight from the routing (MoE._local); the
-    training path goes through the dispatch plan. Same pairs, same order, same sums: equal
+def test_ep1_skips_the_dispatch_plan_with_identical_outputs_and_gradients():
+    """At ep = 1 (no capacity, no FP8 dispatch) the pairs are sorted by expert straight from
+    the routing (MoE._local) instead of going through the dispatch plan (MoE._dispatched,
+    what ep > 1 runs). Same pairs, same order, same sums: outputs and every gradient equal
     bit for bit, for the V3 (sigmoid, groups, shared expert) and V2 (softmax) routers."""
     for cfg in (moe_cfg(score_func="sigmoid", n_expert_groups=4, n_limited_groups=2, n_shared_experts=1),
                 moe_cfg(score_func="softmax")):
-        moe = MoE(1, cfg, SINGLE)
+        moe = MoE(1, cfg, SINGLE).train()
         torch.manual_seed(0)
         for p in moe.parameters():
             p.data.normal_(0, 0.2)
         x = torch.randn(3, 5, cfg.dim)
-        with torch.no_grad():
-            via_plan = moe.train()(x)[0]
-            local = moe.eval()(x)[0]
+        h = x.reshape(-1, cfg.dim)
+        results = []
+        for run in (lambda r: moe._dispatched(h, r, None, None), lambda r: moe._local(h, r, None)):
+            moe.zero_grad(set_to_none=True)
+            y = run(moe.gate(h))
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            results.append((y.detach(), {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}))
+        (via_plan, g_plan), (local, g_local) = results
         assert moe.last_comm == {"dispatch_bytes": 0, "combine_bytes": 0}
         assert torch.equal(local, via_plan)
+        assert g_plan.keys() == g_local.keys() and "gate.weight" in g_plan and "experts.w1" in g_plan
+        for name in g_plan:
+            assert torch.equal(g_local[name], g_plan[name]), name
+        with torch.no_grad():  # and forward takes the local path in training and evaluation alike
+            assert torch.equal(moe.train()(x)[0].reshape(-1, cfg.dim), via_plan + moe.shared_experts(h)
+                               if moe.shared_experts is not None else via_plan)
+            assert torch.equal(moe.eval()(x)[0], moe.train()(x)[0])
