@@ -158,7 +158,10 @@ class ParallelConfig:
     # GiB per rank the planner's memory estimate must fit before training starts
     # (parallel/plan.py check_memory); None = the CUDA device's memory less 10%, no check on CPU.
     memory_budget_gib: Optional[float] = None
-    megatron_groups: bool = True  # also initialise megatron-core's parallel_state
+    # Also initialise megatron-core's parallel_state from the same grid, for megatron-core modules
+    # used alongside ours. Off by default: nothing in ds_parallel reads it, and importing
+    # megatron.core costs every process ~4 s of start-up (it pulls in inductor, DTensor, wandb).
+    megatron_groups: bool = False
 
 
 @dataclass
