@@ -5,7 +5,8 @@
 #   parts.txt               each part's exit code and seconds
 #   pytest.log, junit.xml   tests/gpu (one-GPU training, bf16 vs the fp32 CPU reference, recompute and
 #                           torch.compile vs eager,
-#                           resume, the torch FP8 backend, TE recipes where TE imports)
+#                           resume, the torch FP8 backend, its cuBLAS blockwise GEMMs on Hopper vs the
+#                           emulation, TE recipes where TE imports)
 #   smoke_1gpu/             configs/smoke_1gpu.yaml's full run (test_smoke_1gpu_learns): metrics.jsonl,
 #                           plots/loss.png, summary.json
 #   generate.log            generation tokens/s vs transformers' generate() on the same weights (bf16),

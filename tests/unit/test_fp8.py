@@ -534,3 +534,115 @@ def test_memory_report_measures_fp8_against_high_precision_gemms():
     assert fp8 < 0.95 * high
     assert not torch.equal(model(ids).logits, plain(ids).logits)  # FP8 is back after the block
     assert f"({(high - fp8) / 2**20:+.1f} MiB saved)" in fp8_memory_report(model, ids, ids)
+
+
+# ---------------------------------------------------------------- cuBLAS blockwise (Hopper) path
+
+def test_auto_impl_is_the_emulation_on_cpu():
+    """impl="auto" (the FP8 linears' default) resolves to "dequant" off Hopper, so CPU runs
+    compute exactly what they computed before the Hopper path existed."""
+    from ds_parallel.fp8.linear import scaled_mm_blockwise_available, select_gemm_impl
+
+    assert not scaled_mm_blockwise_available("cpu")
+    assert select_gemm_impl("cpu") == "dequant" and select_gemm_impl(torch.device("cpu"), 64) == "dequant"
+    assert BlockwiseFP8Gemm().impl == "auto" and BlockwiseFP8GroupedGemm().impl == "auto"
+    gen = torch.Generator().manual_seed(11)
+    x, w = torch.randn(70, 200, generator=gen), torch.randn(130, 200, generator=gen) / 15
+    dy = torch.randn(70, 130, generator=gen)
+    grads = []
+    for impl in ("auto", "dequant"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = BlockwiseFP8Gemm(impl=impl)(xi, wi)
+        y.backward(dy)
+        grads.append((y.detach(), xi.grad, wi.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def _contract_reference(mat_a, scale_a, mat_b, scale_b, recipe_b):
+    """What F.scaled_mm's DeepSeek recipes compute, written from torch's contract: A's element
+    (m, k) scaled by scale_a[m, k // 128]; B's (k, n) by scale_b[k // 128, n // 128]
+    (BlockWise128x128) or scale_b[n, k // 128] (BlockWise1x128); one GEMM in float64."""
+    from torch.nn.functional import ScalingType
+
+    sa = scale_a.double().repeat_interleave(128, dim=1)  # (Mp, Kp)
+    if recipe_b == ScalingType.BlockWise128x128:
+        kb = mat_b.shape[0] // 128
+        sb = scale_b[:kb].double().repeat_interleave(128, 0).repeat_interleave(128, 1)  # (Kp, Np)
+    else:
+        sb = scale_b.double().t().repeat_interleave(128, dim=0)  # (Kp, Np)
+    return (mat_a.double() * sa) @ (mat_b.double() * sb)
+
+
+@pytest.mark.parametrize("m,k,n", [(256, 512, 384), (200, 300, 130), (50, 128, 96)])
+def test_scaled_mm_blockwise_operands_follow_torch_contract(m, k, n):
+    """Our scales laid out for torch's blockwise scaled_mm (Fprop 1x128 x 128x128, Dgrad
+    1x128 x W^T's 128x128 blocks, Wgrad 1x128 x 1x128 along tokens): the shapes and strides
+    torch's CUDA code checks, and the product its contract defines equals the kernel's loop
+    (impl="blockwise") to fp32 rounding, padding included (ragged M, K, N)."""
+    from torch.nn.functional import ScalingType
+
+    from ds_parallel.fp8.linear import scaled_mm_blockwise_operands
+
+    gen = torch.Generator().manual_seed(12)
+    x, dy = _wide_range((m, k), gen), torch.randn(m, n, generator=gen) * 1e-6
+    w = torch.randn(n, k, generator=gen) * torch.empty(n, 1).uniform_(0.01, 1.0, generator=gen)
+    xq, xs = quantize_tiles(x)
+    wq, ws = quantize_blocks(w)
+    dyq, dys = quantize_tiles(dy, amax_floor=GRAD_AMAX_FLOOR)
+    dycq, dycs = quantize_columns(dy, amax_floor=GRAD_AMAX_FLOOR)
+    xcq, xcs = quantize_columns(x)
+    gemms = {  # name: (A, a_s, B, b_s, b_blocks) for C = A B^T
+        "fprop": (xq, xs, wq, ws, True),
+        "dgrad": (dyq, dys, wq.t(), ws.t(), True),
+        "wgrad": (dycq.t(), dycs.t(), xcq.t(), xcs.t(), False),
+    }
+    for name, (a_q, a_s, b_q, b_s, b_blocks) in gemms.items():
+        mat_a, scale_a, mat_b, scale_b, recipe_b = scaled_mm_blockwise_operands(a_q, a_s, b_q, b_s, b_blocks)
+        (mm, kk), nn = a_q.shape, b_q.shape[0]
+        mp, kp, np_ = -(-mm // 16) * 16, -(-kk // 128) * 128, -(-nn // 128) * 128
+        kb, l4 = kp // 128, -(-(kp // 128) // 4) * 4
+        assert mat_a.dtype == mat_b.dtype == torch.float8_e4m3fn, name
+        assert mat_a.shape == (mp, kp) and mat_a.stride() == (kp, 1), name  # row-major
+        assert mat_b.shape == (kp, np_) and mat_b.stride() == (1, kp), name  # column-major
+        assert scale_a.dtype == scale_b.dtype == torch.float32, name
+        assert scale_a.shape == (mp, kb) and (kb == 1 or scale_a.stride() == (1, mp)), name
+        if b_blocks:
+            assert recipe_b == ScalingType.BlockWise128x128
+            assert scale_b.shape == (l4, np_ // 128) and scale_b.stride()[0] == 1
+            assert np_ // 128 == 1 or scale_b.stride()[1] == l4, name
+        else:
+            assert recipe_b == ScalingType.BlockWise1x128
+            assert scale_b.shape == (np_, kb) and (kb == 1 or scale_b.stride() == (1, np_)), name
+        ref = _contract_reference(mat_a, scale_a, mat_b, scale_b, recipe_b)
+        assert (ref[mm:] == 0).all() and (ref[:, nn:] == 0).all(), name  # padding adds nothing
+        want = fp8_gemm(a_q, a_s, b_q, b_s, 128, "blockwise", b_blocks=b_blocks)
+        assert rel(ref[:mm, :nn].float(), want) < 1e-6, name
+        torch.testing.assert_close(ref[:mm, :nn].float(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_scaled_mm_blockwise_rejects_other_block_sizes():
+    from ds_parallel.fp8.linear import scaled_mm_blockwise_operands
+
+    q, s = quantize_tiles(torch.randn(4, 64), 64)
+    with pytest.raises(ValueError, match="block_size=64"):
+        scaled_mm_blockwise_operands(q, s, q, s, False, 64)
+
+
+def test_grouped_per_group_gemms_equal_the_grouped_dequant_path():
+    """The Hopper path runs experts one fp8_gemm per group; the same loop with the kernel's
+    emulation (impl="blockwise") gives the grouped dequantised GEMM's outputs and gradients,
+    an empty group included."""
+    gen = torch.Generator().manual_seed(13)
+    counts = torch.tensor([130, 0, 60])
+    x = torch.randn(190, 256, generator=gen)
+    w = torch.randn(3, 160, 256, generator=gen) / 16
+    dy = torch.randn(190, 160, generator=gen)
+    got = {}
+    for impl in ("dequant", "blockwise"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = BlockwiseFP8GroupedGemm(impl=impl)(xi, wi, counts, False)
+        y.backward(dy)
+        got[impl] = (y.detach(), xi.grad, wi.grad)
+    for a, b in zip(got["dequant"], got["blockwise"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    assert got["blockwise"][2][1].abs().sum() == 0
