@@ -28,6 +28,21 @@ def base_parser(doc: str, repeats: int, warmup: int) -> argparse.ArgumentParser:
     return parser
 
 
+def add_experts_args(parser: argparse.ArgumentParser) -> None:
+    """The MoE shape of the training benchmarks: debug_v3 widened to 64 routed experts, top-6,
+    8 groups of which 4 are kept (debug_v3 itself has 8, top-2, 4 groups keep 2)."""
+    parser.add_argument("--experts", type=int, default=64, help="routed experts")
+    parser.add_argument("--topk", type=int, default=6, help="activated experts per token")
+    parser.add_argument("--groups", type=int, default=8, help="expert groups")
+    parser.add_argument("--limited", type=int, default=4, help="groups each token may use")
+
+
+def experts_fields(args: argparse.Namespace) -> dict:
+    """model.* fields of `add_experts_args`."""
+    return {"n_routed_experts": args.experts, "n_activated_experts": args.topk, "n_expert_groups": args.groups,
+            "n_limited_groups": args.limited}
+
+
 def set_threads(n: int) -> None:
     torch.set_num_threads(n)
     print(f"torch {torch.__version__}, torch.set_num_threads({n}) (get_num_threads={torch.get_num_threads()}), "

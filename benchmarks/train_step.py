@@ -32,7 +32,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from common import base_parser, set_threads, table, time_interleaved  # first: puts the repo on sys.path
+from common import (  # first: puts the repo on sys.path
+    add_experts_args, base_parser, experts_fields, set_threads, table, time_interleaved)
 from transformers import DeepseekV3ForCausalLM
 from transformers.utils import logging as hf_logging
 
@@ -77,10 +78,7 @@ def hf_step(model, opt, ids: torch.Tensor, labels: torch.Tensor):
 def main() -> None:
     parser = base_parser(__doc__, repeats=7, warmup=2)
     parser.add_argument("--bsz", type=int, default=4)
-    parser.add_argument("--experts", type=int, default=64, help="routed experts (debug_v3 has 8)")
-    parser.add_argument("--topk", type=int, default=6, help="activated experts per token (debug_v3 has 2)")
-    parser.add_argument("--groups", type=int, default=8, help="expert groups (debug_v3 has 4)")
-    parser.add_argument("--limited", type=int, default=4, help="groups each token may use (debug_v3 has 2)")
+    add_experts_args(parser)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="also time ours with train.compile (regional torch.compile)")
     args = parser.parse_args()
@@ -89,8 +87,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
 
     cfg = ModelConfig(**{**MODEL_PRESETS["debug_v3"], "preset": "debug_v3", "mtp_depth": 0, "seq_aux_alpha": 0.0,
-                         "n_routed_experts": args.experts, "n_activated_experts": args.topk,
-                         "n_expert_groups": args.groups, "n_limited_groups": args.limited})
+                         **experts_fields(args)})
     torch.manual_seed(0)
     ours = init_weights(Transformer(cfg, ParallelContext.single()), seed=1234).train()
     with torch.no_grad():  # a non-zero router bias, as after some training

@@ -36,6 +36,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Iterable, Optional, Sequence
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -72,6 +73,23 @@ def recompute_region(fn, *args):
     forward's kernel mode."""
     mode = _KernelMode(is_batch_invariant())
     return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), mode))
+
+
+def saved_activation_bytes(model: nn.Module, forward) -> int:
+    """Bytes autograd keeps for backward while `forward()` runs (one forward of `model`):
+    distinct storages of the tensors saved for backward, the model's parameters excluded.
+    What the planner's activation estimates are checked against (tests/unit/test_recompute.py,
+    benchmarks/recompute.py)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
 def _runner(on: bool):

@@ -252,24 +252,30 @@ def _balanced_counts(costs: list[float], pp: int, first_extra: float, last_extra
     return best
 
 
-def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: int, width: int) -> float:
+def activation_bytes_per_token(m: ModelConfig, layer_id: int, tp: int, width: int) -> float:
     """Bytes saved for backward per token by one layer on one tp rank (no recompute, no
-    sequence parallel). fp32 runs (CPU) use the math attention kernel, which saves the
-    (h, s, s) probabilities; bf16 runs assume flash attention, which does not. Of Korthikanti
+    sequence parallel). Attention is a fused kernel that keeps no (h, s, s) probabilities
+    (flash on GPUs and, with MLA's v padded to the q/k width, on CPU; kernels.attention),
+    so nothing grows with the sequence length. Of Korthikanti
     et al.'s 34 d per token, 10 (block input, norms, residuals) stay replicated under tp, 8
     (per-head q, k, v, attention output) split, and the 16 of the MLP hidden split in a dense
     layer only: MoE layers run their experts (routed and shared, whose weights are not
     tp-split) on every tp rank's full token set, and MLA's latents are replicated too."""
     mlp_split = 1 if m.is_moe_layer(layer_id) else tp
     out = (10 + 8 / tp + 16 / mlp_split) * m.dim * width / 2  # Korthikanti et al. 2022 (no recompute)
-    if width == 4:
-        out += 5 * (m.n_heads / tp) * seqlen * width / 2
     if m.attention == "mla":  # latents, expanded per-head q/k (nope + rope) and v
         out += (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
                 + m.n_heads / tp * (2 * m.qk_head_dim + m.v_head_dim)) * width
     if m.is_moe_layer(layer_id):
         out += m.n_activated_experts * (3 * m.moe_inter_dim + m.dim) * width
     return out
+
+
+def head_bytes_per_token(m: ModelConfig, tp: int, width: int) -> float:
+    """Bytes per token the output head keeps (once for the main model, once per MTP depth):
+    its final norm's input, fp32 intermediates and output (the head's input), and the fp32
+    logits and log-probabilities of the cross-entropy, vocab / tp wide."""
+    return (2 * width + _norm_bytes(width)) * m.dim + 4 + 2 * (m.vocab_size / tp) * 4
 
 
 def _norm_bytes(width: int) -> float:
@@ -321,13 +327,13 @@ def full_bytes_per_token(m: ModelConfig, layer_id: int, ep: int, width: int) -> 
     return out
 
 
-def layer_activation_bytes(m: ModelConfig, layer_id: int, seqlen: int, tp: int, ep: int, width: int,
+def layer_activation_bytes(m: ModelConfig, layer_id: int, tp: int, ep: int, width: int,
                            recompute: str = "none", modules=(), full: bool = False) -> float:
     """Saved bytes per token of one layer under train.recompute `recompute`; `full`: this
     block is one of the fully recomputed ones (`full_recompute_blocks`)."""
     if recompute == "full" and full:
         return full_bytes_per_token(m, layer_id, ep, width)
-    out = activation_bytes_per_token(m, layer_id, seqlen, tp, width)
+    out = activation_bytes_per_token(m, layer_id, tp, width)
     if recompute == "selective":
         out -= selective_saving_per_token(m, layer_id, tp, width, modules)
     return out
@@ -434,10 +440,10 @@ def plan(cfg: Config, world_size: int) -> dict:
             last = stage == layout.n_stages - 1
             ids = list(layout.stages[stage]) + (mtp_ids if last else [])
             full = set(full_recompute_blocks([ids], t.recompute_layers)) if t.recompute == "full" else set()
-            stage_acts = tokens * sum(layer_activation_bytes(m, i, t.seq_len, tp, ep, width, t.recompute,
+            stage_acts = tokens * sum(layer_activation_bytes(m, i, tp, ep, width, t.recompute,
                                                              t.recompute_modules, i in full) for i in ids)
             if last:
-                stage_acts += tokens * (m.vocab_size / tp) * 4 * (1 + m.mtp_depth)  # fp32 logits for the loss
+                stage_acts += tokens * head_bytes_per_token(m, tp, width) * (1 + m.mtp_depth)
                 if t.recompute == "selective" and "norm" in t.recompute_modules:  # final norm, MTP's three
                     stage_acts -= tokens * (1 + 3 * m.mtp_depth) * (m.dim * _norm_bytes(width) + 4)
             acts += stage_acts * in_flight(layout, stage, n_micro)

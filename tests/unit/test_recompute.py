@@ -26,7 +26,7 @@ from ds_parallel.config.errors import ConfigError
 from ds_parallel.config.load import config_from_dict, load_config
 from ds_parallel.kernels import batch_invariant
 from ds_parallel.model import apply_recompute, build_model
-from ds_parallel.model.recompute import recompute_region
+from ds_parallel.model.recompute import recompute_region, saved_activation_bytes
 from ds_parallel.model.block import Block
 from ds_parallel.moe.layer import MoE
 from ds_parallel.parallel.groups import ParallelContext
@@ -178,19 +178,10 @@ def _saved_bytes(cfg, tp=1, dtype=torch.float32, mode="none", modules=(), n_laye
         {"model": {"preset": cfg.model.preset, "n_layers": n_layers, "mtp_depth": 0}}).model
     model = build_model(model_cfg, ParallelContext(topo=Topology(tp, tp=tp), rank=0), 1).to(dtype)
     apply_recompute(model, mode, modules)
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     t = cfg.train
     ids = torch.randint(0, model_cfg.vocab_size, (t.micro_batch_size, t.seq_len),
                         generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        model(ids, labels=ids)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(v for k, v in storages.items() if k not in params)
+    return saved_activation_bytes(model, lambda: model(ids, labels=ids))
 
 
 def _cfg(preset, tp=1, dtype="fp32", **train):
