@@ -243,6 +243,10 @@ class FP8Config:
     # "wo" = "*.wo") kept in high precision besides the head, e.g. "mtp.*,layers.0.*".
     keep_high_precision: str = ""
     dispatch: bool = True  # MoE dispatch sends FP8 rows + scales (V3 §3.3.3); combine stays high
+    # The torch backend's GEMMs (fp8/linear.py): auto = cuBLAS's blockwise FP8 kernels (torch's
+    # scaled_mm) on Hopper, the emulation elsewhere; emulated = always the emulation (V3's
+    # numerics in fp32 GEMMs); cublas = the real kernels or refuse to start.
+    gemm: Literal["auto", "emulated", "cublas"] = "auto"
 
 
 @dataclass

@@ -204,6 +204,15 @@ def _validate_fp8(cfg: Config) -> None:
             raise ConfigError(f"precision.fp8.recipe=mxfp8 needs a Blackwell (sm100+) GPU, found {found}: "
                               f"use precision.fp8.recipe=blockwise")
     backend = resolve_backend(fp8)
+    if fp8.gemm == "cublas":
+        import torch
+
+        from ds_parallel.fp8.linear import scaled_mm_blockwise_available
+
+        if backend != "torch" or fp8.block_size != 128 or not scaled_mm_blockwise_available(
+                torch.device("cuda") if torch.cuda.is_available() else "cpu"):
+            raise ConfigError("precision.fp8.gemm=cublas needs backend=torch, block_size=128 and a Hopper (sm90) GPU "
+                              "with torch built for CUDA 12.9+: use precision.fp8.gemm=auto")
     if backend == "torch":
         if fp8.recipe not in TORCH_RECIPES:
             raise ConfigError(f"precision.fp8.recipe={fp8.recipe} needs precision.fp8.backend=te (the torch "

@@ -28,7 +28,7 @@ from torch import nn
 
 from ds_parallel.fp8.dispatch import FP8Codec
 from ds_parallel.kernels import linear
-from ds_parallel.fp8.linear import BlockwiseFP8Gemm, BlockwiseFP8GroupedGemm
+from ds_parallel.fp8.linear import GEMM_IMPLS, BlockwiseFP8Gemm, BlockwiseFP8GroupedGemm
 from ds_parallel.fp8.recipe import TE_EXPERTS_RULE, build_te_recipe, is_kept, keep_patterns, resolve_backend
 from ds_parallel.fp8.te import TEGemm
 from ds_parallel.moe.experts import GroupedExperts, grouped_linear
@@ -50,9 +50,10 @@ def apply_fp8(model: nn.Module, precision, ctx=None) -> list[str]:
     keep = keep_patterns(fp8)
 
     if backend == "torch":
-        gemm = BlockwiseFP8Gemm(fp8.block_size, fp8.power_of_two_scales)
+        impl = GEMM_IMPLS[fp8.gemm]
+        gemm = BlockwiseFP8Gemm(fp8.block_size, fp8.power_of_two_scales, impl)
         make_gemm = lambda module: gemm  # noqa: E731  (stateless: one object serves all)
-        grouped = BlockwiseFP8GroupedGemm(fp8.block_size, fp8.power_of_two_scales)
+        grouped = BlockwiseFP8GroupedGemm(fp8.block_size, fp8.power_of_two_scales, impl)
     else:
         te_recipe = build_te_recipe(fp8)
         amax_group = getattr(ctx, "amax_group", None)

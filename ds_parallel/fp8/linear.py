@@ -81,6 +81,7 @@ def _pad_k(q: torch.Tensor, block_size: int) -> torch.Tensor:
 
 SCALED_MM_BLOCKWISE = "scaled_mm_blockwise"
 IMPLS = ("dequant", "blockwise", "scaled_mm", SCALED_MM_BLOCKWISE, "auto")
+GEMM_IMPLS = {"auto": "auto", "emulated": "dequant", "cublas": SCALED_MM_BLOCKWISE}  # precision.fp8.gemm -> impl
 
 
 def scaled_mm_blockwise_available(device: torch.device | str) -> bool:

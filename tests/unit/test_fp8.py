@@ -646,3 +646,24 @@ def test_grouped_per_group_gemms_equal_the_grouped_dequant_path():
     for a, b in zip(got["dequant"], got["blockwise"]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
     assert got["blockwise"][2][1].abs().sum() == 0
+
+
+def test_gemm_knob_picks_the_impl_and_cublas_is_refused_without_hopper():
+    """precision.fp8.gemm: emulated and auto run the emulation here (no Hopper), and
+    cublas refuses to start, naming the fix, before anything is built."""
+    from ds_parallel.config import ConfigError
+    from ds_parallel.config.load import config_from_dict
+    from ds_parallel.config.validate import validate
+    from ds_parallel.fp8.apply import apply_fp8
+    from ds_parallel.model.transformer import Transformer
+    from ds_parallel.parallel.groups import ParallelContext
+
+    base = {"model": {"preset": "debug_v3_fp8"}, "precision": {"fp8": {"enabled": True, "backend": "torch"}}}
+    for knob, impl in (("auto", "auto"), ("emulated", "dequant")):
+        cfg = config_from_dict({**base, "precision": {"fp8": {**base["precision"]["fp8"], "gemm": knob}}})
+        model = Transformer(cfg.model, ParallelContext.single())
+        apply_fp8(model, cfg.precision)
+        assert model.layers["0"].attn.wo.gemm.impl == impl
+        assert model.layers["1"].ffn.experts.grouped_gemm.impl == impl
+    with pytest.raises(ConfigError, match=r"precision.fp8.gemm=cublas needs .* use precision.fp8.gemm=auto"):
+        validate(config_from_dict({**base, "precision": {"fp8": {**base["precision"]["fp8"], "gemm": "cublas"}}}), 1)
