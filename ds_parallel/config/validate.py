@@ -207,7 +207,7 @@ def _validate_fp8(cfg: Config) -> None:
     if fp8.gemm == "cublas":
         import torch
 
-        from ds_parallel.fp8.linear import scaled_mm_blockwise_available
+        from ds_parallel.fp8.recipe import scaled_mm_blockwise_available
 
         if backend != "torch" or fp8.block_size != 128 or not scaled_mm_blockwise_available(
                 torch.device("cuda") if torch.cuda.is_available() else "cpu"):

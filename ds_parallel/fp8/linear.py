@@ -67,6 +67,7 @@ from ds_parallel.fp8.quant import (
     quantize_columns,
     quantize_tiles,
 )
+from ds_parallel.fp8.recipe import scaled_mm_blockwise_available
 from ds_parallel.moe.experts import grouped_linear
 
 
@@ -82,19 +83,6 @@ def _pad_k(q: torch.Tensor, block_size: int) -> torch.Tensor:
 SCALED_MM_BLOCKWISE = "scaled_mm_blockwise"
 IMPLS = ("dequant", "blockwise", "scaled_mm", SCALED_MM_BLOCKWISE, "auto")
 GEMM_IMPLS = {"auto": "auto", "emulated": "dequant", "cublas": SCALED_MM_BLOCKWISE}  # precision.fp8.gemm -> impl
-
-
-def scaled_mm_blockwise_available(device: torch.device | str) -> bool:
-    """Whether torch's blockwise scaled_mm runs on `device`: torch has F.scaled_mm with the
-    DeepSeek scalings, the device is a CUDA GPU of compute capability 9.x (torch checks
-    `major == 9`: Hopper only), and torch was built against CUDA >= 12.9 (cuBLASLt added
-    the blockwise scale modes there)."""
-    device = torch.device(device)
-    scaling = getattr(F, "ScalingType", None)
-    if device.type != "cuda" or not hasattr(F, "scaled_mm") or not hasattr(scaling, "BlockWise1x128"):
-        return False
-    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
-    return cuda >= (12, 9) and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def select_gemm_impl(device: torch.device | str, block_size: int = 128) -> str:

@@ -103,3 +103,19 @@ def fp8_gemm_shapes(model_cfg, tp: int = 1) -> dict[str, tuple[int, int]]:
     if m.mtp_depth:
         shapes["mtp.eh_proj"] = (m.dim, 2 * m.dim)
     return shapes
+
+
+def scaled_mm_blockwise_available(device) -> bool:
+    """Whether torch's blockwise scaled_mm runs on `device`: torch has F.scaled_mm with the
+    DeepSeek scalings, the device is a CUDA GPU of compute capability 9.x (torch checks
+    `major == 9`: Hopper only), and torch was built against CUDA >= 12.9 (cuBLASLt added
+    the blockwise scale modes there)."""
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    scaling = getattr(F, "ScalingType", None)
+    if device.type != "cuda" or not hasattr(F, "scaled_mm") or not hasattr(scaling, "BlockWise1x128"):
+        return False
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return cuda >= (12, 9) and torch.cuda.get_device_capability(device)[0] == 9
