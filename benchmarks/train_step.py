@@ -27,8 +27,13 @@ optimizer updates as well.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
+import time
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +85,10 @@ def main() -> None:
     parser.add_argument("--bsz", type=int, default=4)
     add_experts_args(parser)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--compile", action="store_true", help="also time ours with train.compile (regional torch.compile)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with train.compile and transformers compiled the same way (regional)")
+    parser.add_argument("--load", action="store_true",
+                        help="time again under a competing load: one busy process per core")
     args = parser.parse_args()
     set_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -101,6 +109,9 @@ def main() -> None:
             hf = DeepseekV3ForCausalLM.from_pretrained(tmp, experts_implementation=impl, attn_implementation="sdpa",
                                                        dtype=torch.float32)
             theirs[impl] = hf.train()
+        if args.compile:  # a third copy of the fastest, compiled as ours is
+            hf_compiled = DeepseekV3ForCausalLM.from_pretrained(tmp, experts_implementation="grouped_mm",
+                                                                attn_implementation="sdpa", dtype=torch.float32)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_hf = sum(p.numel() for p in theirs["eager"].parameters())
     print(f"debug_v3 (mtp_depth=0): {cfg.n_layers} layers ({cfg.n_dense_layers} dense), dim {cfg.dim}, "
@@ -121,14 +132,20 @@ def main() -> None:
         compiled.load_state_dict(ours.state_dict())  # before any step: the same weights and router bias
         apply_compile(compiled, verbose=True)
         fns["ours-compiled"] = ours_step(compiled, adamw(compiled), ids, labels)
+        compile_hf_regions(hf_compiled.train())
+        fns["hf-grouped_mm-compiled"] = hf_step(hf_compiled, adamw(hf_compiled), ids, labels)
 
     first = {name: fn() for name, fn in fns.items()}  # step 1 of every candidate, from identical weights
     print("  step-1 loss: " + ", ".join(f"{n} {v:.7f}" for n, v in first.items()), flush=True)
     for name, v in first.items():
         assert abs(v - first["ours"]) < TOL, f"step-1 loss of {name} differs from ours: {v} vs {first['ours']}"
-    ms = time_interleaved(fns, args.warmup, args.repeats, label="train step ")
+    runs = {"quiet": time_interleaved(fns, args.warmup, args.repeats, label="train step ")}
+    if args.load:
+        with busy_processes(os.cpu_count()) as n_busy:
+            print(f"  under load: {n_busy} busy processes (one per core)", flush=True)
+            runs["loaded"] = time_interleaved(fns, 1, args.repeats, label="train step, loaded ")
     last = {name: fn() for name, fn in fns.items()}  # every candidate has now taken the same steps
-    steps = 2 + args.warmup + args.repeats
+    steps = 1 + len(runs) * args.repeats + args.warmup + (1 if args.load else 0) + 1
     print(f"  step-{steps} loss: " + ", ".join(f"{n} {v:.7f}" for n, v in last.items()), flush=True)
     for name, v in last.items():
         assert abs(v - last["ours"]) < TOL, f"step-{steps} loss of {name} differs from ours: {v} vs {last['ours']}"
@@ -136,23 +153,51 @@ def main() -> None:
     dn = max(abs(v - last["ours"]) for v in last.values())
     print(f"  max |loss - ours loss|: step 1 {d1:.2e}, step {steps} {dn:.2e}", flush=True)
 
-    o = ms["ours"]
-    if args.compile:
-        c = ms["ours-compiled"]
-        print(f"  ours compiled vs eager: wall {c.wall_ms:.1f} vs {o.wall_ms:.1f} ms ({o.wall_ms / c.wall_ms:.2f}x), "
-              f"cpu {c.cpu_ms:.1f} vs {o.cpu_ms:.1f} ms ({o.cpu_ms / c.cpu_ms:.2f}x)", flush=True)
-    rows = []
-    for impl in theirs:
-        t = ms[f"hf-{impl}"]
-        rows.append([f"hf {impl}", f"{o.wall_ms:.1f}", f"{t.wall_ms:.1f}", f"{t.wall_ms / o.wall_ms:.2f}x",
-                     f"{o.cpu_ms:.1f}", f"{t.cpu_ms:.1f}", f"{t.cpu_ms / o.cpu_ms:.2f}x",
-                     f"{first['ours']:.6f} / {first['hf-' + impl]:.6f}",
-                     f"{last['ours']:.6f} / {last['hf-' + impl]:.6f}"])
-    print()
-    print(f"debug_v3 training step (fwd+bwd+AdamW), batch {args.bsz}x{args.seqlen}, medians of {args.repeats} "
-          f"interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / ours (> 1: ours faster)")
-    print(table(["theirs", "ours wall ms", "theirs wall ms", "ratio wall", "ours cpu ms", "theirs cpu ms", "ratio cpu",
-                 "loss step 1 ours / theirs", f"loss step {steps} ours / theirs"], rows))
+    ref = "ours-compiled" if args.compile else "ours"
+    ratios = {}
+    for run, ms in runs.items():
+        o, rows = ms[ref], []
+        for name in (n for n in fns if n != ref):
+            t = ms[name]
+            ratios[run, name] = t.wall_ms / o.wall_ms
+            rows.append([name, f"{o.wall_ms:.1f}", f"{t.wall_ms:.1f}", f"{t.wall_ms / o.wall_ms:.2f}x",
+                         f"{o.cpu_ms:.1f}", f"{t.cpu_ms:.1f}", f"{t.cpu_ms / o.cpu_ms:.2f}x"])
+        print()
+        print(f"{run}: debug_v3 training step (fwd+bwd+AdamW), batch {args.bsz}x{args.seqlen}, medians of "
+              f"{args.repeats} interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / {ref} "
+              f"(> 1: {ref} faster); losses equal to {TOL:g} at step 1 and step {steps}")
+        print(table(["vs", f"{ref} wall ms", "theirs wall ms", "ratio wall", f"{ref} cpu ms", "theirs cpu ms",
+                     "ratio cpu"], rows))
+    if args.load:
+        print()
+        print("wall-time ratio under load / quiet (1.00: the load costs both sides alike): " + ", ".join(
+            f"{name} {ratios['loaded', name] / ratios['quiet', name]:.2f}" for name in fns if name != ref))
+
+
+def compile_hf_regions(model) -> None:
+    """transformers' model compiled the way train.compile compiles ours (model/compile.py):
+    dense decoder layers whole; in MoE layers the attention, both norms and the shared
+    experts, while routing and the routed experts (grouped_mm) stay eager."""
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "experts"):
+            for module in (layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm,
+                           layer.mlp.shared_experts):
+                module.compile()
+        else:
+            layer.compile()
+
+
+@contextmanager
+def busy_processes(n: int):
+    """`n` processes spinning on one core each, as other users' jobs would; stopped on exit."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    time.sleep(1.0)
+    try:
+        yield n
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 if __name__ == "__main__":

@@ -94,8 +94,9 @@ class MoE(nn.Module):
         pair_gates = gates_recv[rows, experts]
         fn = self._pair_sums
         y_recv = region(fn, x_recv, rows, pair_gates, counts) if region is not None else fn(x_recv, rows, pair_gates, counts)
+        y = unpermute(combine(y_recv, handle), plan.send_token, h.shape[0])
         self.last_comm = {"dispatch_bytes": handle.dispatch_bytes, "combine_bytes": handle.combine_bytes}
-        return unpermute(combine(y_recv, handle), plan.send_token, h.shape[0])
+        return y
 
     def _local(self, h: torch.Tensor, r, region) -> torch.Tensor:
         """Every expert on this rank and no pair dropped (ep = 1, no FP8 dispatch): the pairs
