@@ -79,7 +79,7 @@ def train_curve(cfg, precision: str, log=print, evaluate: bool = True, heldout_e
     from ds_parallel.model import build_model
     from ds_parallel.moe import expert_load_imbalance, update_moe_biases
     from ds_parallel.parallel.groups import ParallelContext
-    from ds_parallel.train.engine import optimizer_param_groups
+    from ds_parallel.train.engine import adamw, optimizer_param_groups
     from ds_parallel.train.evaluate import exact_match, heldout_lm_loss
     from ds_parallel.train.objective import LanguageModeling
     from ds_parallel.train.schedule import bias_update_speed_at, lr_at
@@ -97,7 +97,7 @@ def train_curve(cfg, precision: str, log=print, evaluate: bool = True, heldout_e
         groups = [{**g, "params": [masters[p] for p in g["params"]]} for g in groups]
     else:
         masters = {p: p for g in groups for p in g["params"]}
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)
+    opt = adamw(groups, t)
     data = build_datasets(cfg.data, t, cfg.model.vocab_size)
     loader = GlobalBatchLoader(data.train, t.global_batch_size, t.micro_batch_size, 0, 1, t.seed)
     heldout, curve = None, {}

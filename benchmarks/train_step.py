@@ -1,6 +1,7 @@
-"""One training step (forward + backward + AdamW step) of the tiny DeepSeek-V3 (preset
-debug_v3) vs transformers' `DeepseekV3ForCausalLM` holding the same weights, on the same
-batch, single process, fp32, CPU.
+"""One training step (forward + backward + AdamW step) of a small DeepSeek-V3 (preset
+debug_v3 widened to 64 routed experts, top-6, 8 groups keep 4; `--experts` etc.) vs
+transformers' `DeepseekV3ForCausalLM` holding the same weights, on the same batch (4 x 256
+tokens), single process, fp32, CPU.
 
 Fairness choices:
   * mtp_depth = 0 (transformers has no MTP) and seq_aux_alpha = 0 (transformers has no
@@ -12,18 +13,22 @@ Fairness choices:
   * Both losses are a mean token cross-entropy over the same (input, next-token) pairs:
     ours from `Transformer(ids, labels)`, theirs as `F.cross_entropy` on its logits (its
     built-in loss would shift the labels and drop the last position).
-  * Plain `torch.optim.AdamW` (same hyper-parameters) on both, no DeepSpeed engine: this
-    times the model code, not the engine.
+  * torch's fused AdamW (same hyper-parameters) on both, as each trainer runs it (our engine;
+    HF Trainer's default `adamw_torch_fused`), no DeepSpeed engine: this times the model
+    code and the optimizer step, not the engine.
 
-With --compile, a third candidate is ours under train.compile (model/compile.py: each block's
-dense parts compiled by inductor; compiled in its first step, before the timing) on the same
-weights, and its step time is printed against ours eager.
+With --compile, two more candidates: ours under train.compile (model/compile.py: each
+block's dense parts compiled by inductor, routing and routed experts eager) and transformers'
+grouped_mm model compiled the same way (`compile_hf_regions`), both on the same weights and
+compiled in their first step, before the timing; the ratios are then against ours compiled.
+With --load the rounds are timed again under a competing load, one busy process per core,
+and the ratios under load are printed against the quiet ones.
 
-The losses of the first step must agree to 1e-4, and so must the losses after the timed
-steps (every candidate takes the same number of steps), which checks gradients and
+The losses of the first step must agree to 1e-4, and the losses after the timed steps
+(every candidate takes the same number of steps) to 1e-3, which checks gradients and
 optimizer updates as well.
 
-    .venv/bin/python benchmarks/train_step.py [--bsz 8 --seqlen 256 --threads 1 --repeats 7 --compile]
+    .venv/bin/python benchmarks/train_step.py [--bsz 4 --seqlen 256 --threads 1 --repeats 7 --compile --load]
 """
 from __future__ import annotations
 
@@ -50,11 +55,16 @@ from ds_parallel.model.init import init_weights
 from ds_parallel.model.transformer import Transformer
 from ds_parallel.parallel.groups import ParallelContext
 
-TOL = 1e-4
+TOL = 1e-4  # step 1: the same weights, the same batch
+# After ~20 steps a routing decision near a tie can flip between implementations (fused
+# AdamW, grouped vs looped GEMMs round differently), so the curves are compared to 1e-3.
+TOL_LAST = 1e-3
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    """torch's fused AdamW on both sides: what our engine runs (train/engine.py `adamw`) and
+    HF Trainer's default (adamw_torch_fused)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
 
 
 def ours_step(model: Transformer, opt, ids: torch.Tensor, labels: torch.Tensor):
@@ -148,7 +158,7 @@ def main() -> None:
     steps = 1 + len(runs) * args.repeats + args.warmup + (1 if args.load else 0) + 1
     print(f"  step-{steps} loss: " + ", ".join(f"{n} {v:.7f}" for n, v in last.items()), flush=True)
     for name, v in last.items():
-        assert abs(v - last["ours"]) < TOL, f"step-{steps} loss of {name} differs from ours: {v} vs {last['ours']}"
+        assert abs(v - last["ours"]) < TOL_LAST, f"step-{steps} loss of {name} differs from ours: {v} vs {last['ours']}"
     d1 = max(abs(v - first["ours"]) for v in first.values())
     dn = max(abs(v - last["ours"]) for v in last.values())
     print(f"  max |loss - ours loss|: step 1 {d1:.2e}, step {steps} {dn:.2e}", flush=True)
@@ -165,7 +175,7 @@ def main() -> None:
         print()
         print(f"{run}: debug_v3 training step (fwd+bwd+AdamW), batch {args.bsz}x{args.seqlen}, medians of "
               f"{args.repeats} interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / {ref} "
-              f"(> 1: {ref} faster); losses equal to {TOL:g} at step 1 and step {steps}")
+              f"(> 1: {ref} faster); losses equal to {TOL:g} at step 1 and to {TOL_LAST:g} at step {steps}")
         print(table(["vs", f"{ref} wall ms", "theirs wall ms", "ratio wall", f"{ref} cpu ms", "theirs cpu ms",
                      "ratio cpu"], rows))
     if args.load:

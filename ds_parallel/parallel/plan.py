@@ -256,19 +256,23 @@ def activation_bytes_per_token(m: ModelConfig, layer_id: int, tp: int, width: in
     """Bytes saved for backward per token by one layer on one tp rank (no recompute, no
     sequence parallel). Attention is a fused kernel that keeps no (h, s, s) probabilities
     (flash on GPUs and, with MLA's v padded to the q/k width, on CPU; kernels.attention),
-    so nothing grows with the sequence length. Of Korthikanti
-    et al.'s 34 d per token, 10 (block input, norms, residuals) stay replicated under tp, 8
-    (per-head q, k, v, attention output) split, and the 16 of the MLP hidden split in a dense
-    layer only: MoE layers run their experts (routed and shared, whose weights are not
-    tp-split) on every tp rank's full token set, and MLA's latents are replicated too."""
-    mlp_split = 1 if m.is_moe_layer(layer_id) else tp
-    out = (10 + 8 / tp + 16 / mlp_split) * m.dim * width / 2  # Korthikanti et al. 2022 (no recompute)
+    so nothing grows with the sequence length. Korthikanti et al.'s attention half: of its
+    18 d per token, 10 (block input, norms, residuals) stay replicated under tp and 8
+    (per-head q, k, v, attention output) split; MLA's latents are replicated too. A SwiGLU
+    keeps its input and four hidden-wide tensors (w1 x, w3 x, silu(w1 x), their product),
+    split under tp in a dense layer only: MoE layers run their experts (routed and shared,
+    whose weights are not tp-split) on every tp rank's full token set."""
+    out = (10 + 8 / tp) * m.dim * width / 2  # Korthikanti et al. 2022 (no recompute)
     if m.attention == "mla":  # latents, expanded per-head q/k (nope + rope) and v
         out += (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
                 + m.n_heads / tp * (2 * m.qk_head_dim + m.v_head_dim)) * width
-    if m.is_moe_layer(layer_id):
-        out += m.n_activated_experts * (3 * m.moe_inter_dim + m.dim) * width
-    return out
+    if not m.is_moe_layer(layer_id):
+        return out + (m.dim + 4 * m.inter_dim / tp) * width
+    out += (m.dim + 4 * m.n_shared_experts * m.moe_inter_dim) * width  # the shared experts' SwiGLU
+    # Per routed pair: its input row, the four hidden-wide tensors, its output and the
+    # gate-weighted output, its int64 row / order / expert ids and fp32 gate; the router's scores.
+    k = m.n_activated_experts
+    return out + k * ((4 * m.moe_inter_dim + 3 * m.dim) * width + 3 * 8 + 4) + m.n_routed_experts * 4
 
 
 def head_bytes_per_token(m: ModelConfig, tp: int, width: int) -> float:

@@ -1,6 +1,6 @@
 """Config -> DeepSpeed engine.
 
-The optimizer is torch's AdamW handed to DeepSpeed (no JIT-compiled op, so a fresh CPU
+The optimizer is torch's fused AdamW handed to DeepSpeed (no JIT-compiled op, so a fresh CPU
 machine trains at once), or with `precision.optimizer_moments: bf16` the same rule with
 BF16 moments (train/optim.py). Parameter groups: weights decay, norms (1-D) do not; routed-expert
 parameters (tagged `allreduce = False` by moe/layer.py) go to DeepSpeed's MoE groups so
@@ -78,6 +78,13 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     return dense_groups + expert_groups
 
 
+def adamw(groups: list[dict[str, Any]], t) -> torch.optim.Optimizer:
+    """The optimizer of `train` (train.lr, beta1, beta2, eps): torch's fused AdamW, one kernel
+    over each tensor instead of ~10 elementwise passes (on CPU ~6x faster than the
+    single-tensor loop; HF's Trainer defaults to it as well)."""
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
+
+
 def _register_moe_layers(model: torch.nn.Module) -> None:
     """Make DeepSpeed see our MoE layers. Its engine switches on expert handling (expert
     gradients reduced over the expert-data-parallel group and scaled by the full data-parallel
@@ -118,7 +125,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext):
         optimizer = LowPrecisionMomentAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                                             moment_dtype=torch.bfloat16)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)
+        optimizer = adamw(groups, t)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx.dp), mpu=mpu,
         dist_init_required=False,

@@ -61,15 +61,14 @@ def _reference_steps(cfg, loader_full, seed, steps=None, transform=None):
     from ds_parallel.model import build_model
     from ds_parallel.moe import update_moe_biases
     from ds_parallel.parallel.groups import ParallelContext
-    from ds_parallel.train.engine import optimizer_param_groups
+    from ds_parallel.train.engine import adamw, optimizer_param_groups
     from ds_parallel.train.schedule import lr_at
 
     t = cfg.train
     model = build_model(cfg.model, ParallelContext.single(), seed)
     if transform is not None:
         transform(model)
-    opt = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                            eps=t.eps, foreach=False)
+    opt = adamw(optimizer_param_groups(model, t.weight_decay), t)
     history = []
     for step in range(STEPS if steps is None else steps):
         for g in opt.param_groups:

@@ -146,16 +146,16 @@ SMOKE = os.path.join(ROOT, "configs", "smoke_dense_cpu.yaml")
 
 def test_memory_check_refuses_a_layout_over_budget_and_names_one_that_fits():
     cfg = load_config(SMOKE, [], world_size=2)
-    peak = peak_bytes(plan(cfg, 2))  # 24.4 MiB, 19.5 of them activations
+    peak = peak_bytes(plan(cfg, 2))  # 28.2 MiB, 23.3 of them activations
     if not torch.cuda.is_available():
         check_memory(cfg, 2)  # no budget on CPU: no check
     cfg.parallel.memory_budget_gib = peak / GIB
     check_memory(cfg, 2)  # exactly the estimate fits
     cfg.parallel.memory_budget_gib = 0.8 * peak / GIB
-    with pytest.raises(ConfigError, match=r"needs an estimated 24.4 MiB per rank .*budget 19.5 MiB "
-                                          r"\(parallel.memory_budget_gib\): set parallel.tp=2 \(16.3 MiB per rank\)"):
+    with pytest.raises(ConfigError, match=r"needs an estimated 28.2 MiB per rank .*budget 22.5 MiB "
+                                          r"\(parallel.memory_budget_gib\): set parallel.tp=2 \(18.7 MiB per rank\)"):
         check_memory(cfg, 2)
-    assert suggest_layout(cfg, 2, 0.8 * peak) == ({"tp": 2}, pytest.approx(16.3 * 2**20, rel=0.01))
+    assert suggest_layout(cfg, 2, 0.8 * peak) == ({"tp": 2}, pytest.approx(18.7 * 2**20, rel=0.01))
     cfg.parallel.tp = 2
     check_memory(cfg, 2)  # the suggestion passes the same check
     cfg.parallel.memory_budget_gib = 0.5 * peak / GIB
@@ -169,10 +169,10 @@ def test_train_refuses_an_over_budget_layout_before_starting(tmp_path):
     out_dir = tmp_path / "run"
     env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "train.py"), "--config", SMOKE,
-                           f"parallel.memory_budget_gib={0.8 * 24.4 / 1024}", f"train.out_dir={out_dir}"],
+                           f"parallel.memory_budget_gib={0.8 * 28.2 / 1024}", f"train.out_dir={out_dir}"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: does not fit: parallel layout tp=1 pp=1"), lines
-    assert "needs an estimated 24.4 MiB per rank" in lines[0] and "set parallel.tp=2" in lines[0]
+    assert "needs an estimated 28.2 MiB per rank" in lines[0] and "set parallel.tp=2" in lines[0]
     assert not out_dir.exists()
