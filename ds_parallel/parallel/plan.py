@@ -320,15 +320,23 @@ def full_bytes_per_token(m: ModelConfig, layer_id: int, ep: int, width: int) -> 
     router's fp32 copy in bf16 runs), the received rows of the dispatch (one per destination
     rank, at most min(K, ep)) and their combined outputs, and the routing in fp32 (scores
     and balance-loss terms, about 2 E, plus gate values and expert ids, about 10 K + 4).
-    At ep = 1 without capacity dropping the experts read the FFN input itself (MoE._local:
-    no dispatch plan), so neither received rows nor combined outputs are kept."""
+    At ep = 1 without capacity dropping neither is kept (`dispatch_rows_per_token`)."""
     out = m.dim * width
     if m.is_moe_layer(layer_id):
         k = m.n_activated_experts
-        rows = 0 if ep == 1 and not m.capacity_factor else 1 + min(k, ep)  # received + combined
-        out += (1 + rows) * m.dim * width + (0 if width == 4 else 4 * m.dim)
+        out += (1 + dispatch_rows_per_token(m, ep)) * m.dim * width + (0 if width == 4 else 4 * m.dim)
         out += (2 * m.n_routed_experts + 10 * k + 4) * 4
     return out
+
+
+def dispatch_rows_per_token(m: ModelConfig, ep: int) -> int:
+    """Hidden-wide rows per token the dispatch path of a MoE layer keeps (moe/layer.py
+    `MoE._dispatched`): the rows received for the experts (one per destination rank, at most
+    min(K, ep)) and the combined outputs. None at ep = 1 without capacity dropping, where
+    the experts read the FFN input itself (`MoE._local`)."""
+    if ep == 1 and not m.capacity_factor:
+        return 0
+    return 1 + min(m.n_activated_experts, ep)
 
 
 def layer_activation_bytes(m: ModelConfig, layer_id: int, tp: int, ep: int, width: int,
@@ -338,6 +346,8 @@ def layer_activation_bytes(m: ModelConfig, layer_id: int, tp: int, ep: int, widt
     if recompute == "full" and full:
         return full_bytes_per_token(m, layer_id, ep, width)
     out = activation_bytes_per_token(m, layer_id, tp, width)
+    if m.is_moe_layer(layer_id):
+        out += dispatch_rows_per_token(m, ep) * m.dim * width
     if recompute == "selective":
         out -= selective_saving_per_token(m, layer_id, tp, width, modules)
     return out

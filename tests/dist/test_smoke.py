@@ -39,9 +39,12 @@ def test_short_smoke_job_trains_and_balances_its_experts(tmp_path):
     records = _check_run_directory(on, out)
     assert records[-1]["loss"] <= 0.5 * records[0]["loss"]
     balanced, unbalanced = _imbalance(on), _imbalance(off)
-    # Measured (quiet, 2 threads): balanced 1.9 -> 4.0 at step 30 -> 1.6 at 100; off 1.9 -> 4.0 -> 3.5.
-    assert balanced[-1] < 0.5 * max(balanced) and balanced[-1] < balanced[0], balanced
-    assert unbalanced[-1] > 0.75 * max(unbalanced) and unbalanced[-1] > unbalanced[0], unbalanced
+    # One step's imbalance is noisy: judge the end by the last three logged steps (80-100).
+    # Measured (2 threads): balanced 1.9 -> 4.0 at step 30 -> 1.6, 1.6, 2.0; off 1.9 -> 4.0 ->
+    # 3.7, 3.4, 3.4.
+    end_on, end_off = sum(balanced[-3:]) / 3, sum(unbalanced[-3:]) / 3
+    assert end_on < 0.5 * max(balanced) and end_on < balanced[0], balanced
+    assert end_off > 0.75 * max(unbalanced) and end_off > unbalanced[0] and end_off > 1.5 * end_on, unbalanced
 
 
 @pytest.mark.slow
