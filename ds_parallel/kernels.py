@@ -132,15 +132,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Option
     T == S. Returns (B, H, T, Dv). Torch's fused kernel, or the chunked batch-invariant one
     (computed in fp32)."""
     if not is_batch_invariant():
-        dv = v.shape[-1]
-        if q.device.type == "cpu" and dv < q.shape[-1]:
-            # MLA's value heads are narrower than its query/key heads; torch's CPU flash
-            # kernel (fused, skips the key blocks a causal query block cannot see) takes
-            # only equal widths, else SDPA falls back to the unfused math path. Zero columns
-            # appended to v give zero output columns, sliced off: ~1.2x on fwd + bwd.
-            v = F.pad(v, (0, q.shape[-1] - dv))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None, scale=scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])[..., :dv]
+                                              enable_gqa=q.shape[1] != k.shape[1])
     B, H, T, D = q.shape
     if k.shape[1] != H:
         k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))

@@ -72,17 +72,36 @@ def sort_by_expert(local_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return rows, experts, local_mask.sum(0)
 
 
+class _SumRows(torch.autograd.Function):
+    """out[i] = sum of source[j] with index[j] == i, for i < n_rows. As zeros.index_add, but
+    backward keeps only the index: autograd's index_add keeps `source` as well (its formula
+    reads source's shape), a hidden-wide tensor per pair or per received row."""
+
+    @staticmethod
+    def forward(fctx, source, index, n_rows):
+        fctx.save_for_backward(index)
+        return source.new_zeros(n_rows, source.shape[-1]).index_add_(0, index, source)
+
+    @staticmethod
+    def backward(fctx, grad):
+        (index,) = fctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def sum_rows(source: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(P, dim) rows -> (n_rows, dim), row i the sum of the rows with index i."""
+    return _SumRows.apply(source, index, n_rows)
+
+
 def combine_pairs(out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Expert outputs (P, dim) of pairs -> (n_rows, dim): sum_e weight * output per row."""
-    y = out.new_zeros(n_rows, out.shape[-1])
-    return y.index_add(0, rows, out * weights.unsqueeze(-1).to(out.dtype))
+    return sum_rows(out * weights.unsqueeze(-1).to(out.dtype), rows, n_rows)
 
 
 def unpermute(rows_out: torch.Tensor, send_token: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """Returned rows (S, dim), in send order -> (N, dim), summing each token's rows.
     Tokens that were not sent (all pairs dropped) get zeros."""
-    y = rows_out.new_zeros(n_tokens, rows_out.shape[-1])
-    return y.index_add(0, send_token, rows_out)
+    return sum_rows(rows_out, send_token, n_tokens)
 
 
 def capacity_mask(indices: torch.Tensor, affinity: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:

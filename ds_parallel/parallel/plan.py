@@ -252,11 +252,12 @@ def _balanced_counts(costs: list[float], pp: int, first_extra: float, last_extra
     return best
 
 
-def activation_bytes_per_token(m: ModelConfig, layer_id: int, tp: int, width: int) -> float:
+def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: int, width: int) -> float:
     """Bytes saved for backward per token by one layer on one tp rank (no recompute, no
     sequence parallel). Attention is a fused kernel that keeps no (h, s, s) probabilities
-    (flash on GPUs and, with MLA's v padded to the q/k width, on CPU; kernels.attention),
-    so nothing grows with the sequence length. Korthikanti et al.'s attention half: of its
+    (flash or memory-efficient SDPA), except in fp32 runs (CPU) of MLA: torch's CPU flash
+    kernel takes only equal q/k and v widths, so SDPA runs its math path there and keeps the
+    fp32 softmax output, h/tp x s per token. Korthikanti et al.'s attention half: of its
     18 d per token, 10 (block input, norms, residuals) stay replicated under tp and 8
     (per-head q, k, v, attention output) split; MLA's latents are replicated too. A SwiGLU
     keeps its input and four hidden-wide tensors (w1 x, w3 x, silu(w1 x), their product),
@@ -266,13 +267,16 @@ def activation_bytes_per_token(m: ModelConfig, layer_id: int, tp: int, width: in
     if m.attention == "mla":  # latents, expanded per-head q/k (nope + rope) and v
         out += (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
                 + m.n_heads / tp * (2 * m.qk_head_dim + m.v_head_dim)) * width
+        if width == 4:  # the math path's probabilities (docstring)
+            out += m.n_heads / tp * seqlen * 4
     if not m.is_moe_layer(layer_id):
         return out + (m.dim + 4 * m.inter_dim / tp) * width
     out += (m.dim + 4 * m.n_shared_experts * m.moe_inter_dim) * width  # the shared experts' SwiGLU
-    # Per routed pair: its input row, the four hidden-wide tensors, its output and the
-    # gate-weighted output, its int64 row / order / expert ids and fp32 gate; the router's scores.
+    # Per routed pair: its input row, the four hidden-wide tensors, its output (for the gate's
+    # gradient), its int64 row / order / expert ids and fp32 gate; the router's scores. The
+    # sums over pairs and over a token's returned rows keep only their indices (moe/permute.py).
     k = m.n_activated_experts
-    return out + k * ((4 * m.moe_inter_dim + 3 * m.dim) * width + 3 * 8 + 4) + m.n_routed_experts * 4
+    return out + k * ((4 * m.moe_inter_dim + 2 * m.dim) * width + 3 * 8 + 4) + m.n_routed_experts * 4
 
 
 def head_bytes_per_token(m: ModelConfig, tp: int, width: int) -> float:
@@ -339,15 +343,13 @@ def dispatch_rows_per_token(m: ModelConfig, ep: int) -> int:
     return 1 + min(m.n_activated_experts, ep)
 
 
-def layer_activation_bytes(m: ModelConfig, layer_id: int, tp: int, ep: int, width: int,
+def layer_activation_bytes(m: ModelConfig, layer_id: int, seqlen: int, tp: int, ep: int, width: int,
                            recompute: str = "none", modules=(), full: bool = False) -> float:
     """Saved bytes per token of one layer under train.recompute `recompute`; `full`: this
     block is one of the fully recomputed ones (`full_recompute_blocks`)."""
     if recompute == "full" and full:
         return full_bytes_per_token(m, layer_id, ep, width)
-    out = activation_bytes_per_token(m, layer_id, tp, width)
-    if m.is_moe_layer(layer_id):
-        out += dispatch_rows_per_token(m, ep) * m.dim * width
+    out = activation_bytes_per_token(m, layer_id, seqlen, tp, width)
     if recompute == "selective":
         out -= selective_saving_per_token(m, layer_id, tp, width, modules)
     return out
@@ -454,7 +456,7 @@ def plan(cfg: Config, world_size: int) -> dict:
             last = stage == layout.n_stages - 1
             ids = list(layout.stages[stage]) + (mtp_ids if last else [])
             full = set(full_recompute_blocks([ids], t.recompute_layers)) if t.recompute == "full" else set()
-            stage_acts = tokens * sum(layer_activation_bytes(m, i, tp, ep, width, t.recompute,
+            stage_acts = tokens * sum(layer_activation_bytes(m, i, t.seq_len, tp, ep, width, t.recompute,
                                                              t.recompute_modules, i in full) for i in ids)
             if last:
                 stage_acts += tokens * head_bytes_per_token(m, tp, width) * (1 + m.mtp_depth)
