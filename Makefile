@@ -23,9 +23,14 @@ smoke: env
 	DS_ACCELERATOR=cpu $(BIN)/deepspeed --num_gpus 2 launchers/train.py $(ARGS)
 
 # The whole test suite. pytest's exit code 5 (nothing collected, e.g. a marker filter that
-# matches nothing) is reported and passed through as success.
+# matches nothing) is reported and passed through as success. Two pytest-xdist workers, one
+# test file each at a time (a file's multi-process checks and fixtures stay together): the
+# launchers' single-process start-up and the unit tests leave a core idle that the other
+# worker fills (measured: 967 s against 1159 s in one process). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: env
-	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS) tests; rc=$$?; \
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS) \
+	  tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
 clean:
