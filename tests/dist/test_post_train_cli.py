@@ -129,10 +129,16 @@ def test_r1_pipeline_runs_every_phase_and_resumes_exactly(tmp_path):
     assert (straight / "reasoning" / "plots" / "grpo.png").exists()
     assert [e["step"] for e in records(straight / "reasoning" / "evals.jsonl")] == [0, 4]
 
-    # Distillation from this pipeline's last model (configs/distill_cpu.yaml, shrunk): the teacher
-    # sampled, then our dense student from the seed on the reference answers alone, and an HF
-    # Llama student (transformers' weights, its own BPE and chat template) on the traces
-    # re-rendered in its format (the benchmark trains each student on both).
+
+@pytest.mark.slow
+def test_distillation_miniature_through_the_launcher(tmp_path):
+    """configs/distill_cpu.yaml shrunk, from a short base model (the R1 pipeline's first
+    phase): the teacher sampled, then our dense student from the seed on the reference answers
+    alone, and an HF Llama student (transformers' weights, its own BPE and chat template) on the
+    traces re-rendered in its format (the benchmark trains each student on both; the chat
+    template's ids are checked against transformers in tests/unit). Slow: two launches, ~1 min."""
+    straight = tmp_path / "teacher"
+    post_train(R1, *SMALL, "post_train.phases=[{name: all, kind: pretrain}]", f"train.out_dir={straight}")
     from benchmarks.distill_cpu import LLAMA3_TEMPLATE, task_texts, write_llama_student
 
     distill, student = tmp_path / "distill", tmp_path / "distill" / "llama_student"
