@@ -13,6 +13,7 @@ Engine via fp8/te.py, with the recipe objects mapped from the config by `te_reci
 from __future__ import annotations
 
 from fnmatch import fnmatch
+from functools import lru_cache
 from typing import Any
 
 # precision.fp8.recipe -> transformer_engine.common.recipe class.
@@ -105,11 +106,12 @@ def fp8_gemm_shapes(model_cfg, tp: int = 1) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+@lru_cache(maxsize=None)
 def scaled_mm_blockwise_available(device) -> bool:
     """Whether torch's blockwise scaled_mm runs on `device`: torch has F.scaled_mm with the
     DeepSeek scalings, the device is a CUDA GPU of compute capability 9.x (torch checks
     `major == 9`: Hopper only), and torch was built against CUDA >= 12.9 (cuBLASLt added
-    the blockwise scale modes there)."""
+    the blockwise scale modes there). Cached per device: the FP8 linears ask on every call."""
     import torch
     import torch.nn.functional as F
 
