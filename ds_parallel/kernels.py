@@ -47,6 +47,7 @@ import torch.nn.functional as F
 ALIGN = 128  # elements: a multiple of every vector loop's stride (2 x 64-byte vectors of 1-byte types)
 PIECE = 32768  # elements: ATen's grain size, below which an op runs on one thread
 CHUNK = 64  # keys per attention chunk
+CAUSAL_BLOCK, CAUSAL_BLOCKS = 64, 4  # causal_blocks: rows per query block at least, blocks at most
 
 _INVARIANT: ContextVar[bool] = ContextVar("batch_invariant", default=False)
 
@@ -130,8 +131,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Option
     q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv), G dividing H (query head h reads head
     h // (H/G)); visible (B, 1|H, T, S) bool (True: may attend), or None for causal with
     T == S. Returns (B, H, T, Dv). Torch's fused kernel, or the chunked batch-invariant one
-    (computed in fp32)."""
+    (computed in fp32); under torch.compile on CPU, causal MLA as `causal_blocks`."""
     if not is_batch_invariant():
+        if (visible is None and q.device.type == "cpu" and v.shape[-1] != q.shape[-1] and k.shape[1] == q.shape[1]
+                and q.shape[2] >= 2 * CAUSAL_BLOCK and torch.compiler.is_compiling()):
+            return causal_blocks(q, k, v, scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     B, H, T, D = q.shape
@@ -156,3 +160,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Option
         part = _bmm_rows(exp(scores[c] - top), vf[:, c])  # (BH, T, Dv + 1): numerator | denominator
         acc = part if acc is None else acc + part
     return (acc[..., :Dv] / acc[..., Dv:]).view(B, H, T, Dv).to(q.dtype)
+
+
+def causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax(q k^T * scale) v that skips the keys no query of a block can see:
+    queries in n blocks of at least CAUSAL_BLOCK rows (at most CAUSAL_BLOCKS), block i
+    against keys [0, end of block i), masking only its diagonal square. It computes
+    (n + 1) / 2n of the scores (5/8 at n = 4) where SDPA's math path, the only one torch's CPU
+    build has when v is narrower than q and k (MLA), computes all of them; masked keys add
+    exact zeros either way, so the result is SDPA's to rounding (tests/unit/test_kernels.py).
+    Only worth it where a compiler fuses each block's scale, mask and softmax: attention
+    calls it under torch.compile only (eagerly it is slower than SDPA).
+    q, k (B, H, S, D), v (B, H, S, Dv) -> (B, H, S, Dv)."""
+    S = q.shape[2]
+    n = max(1, min(CAUSAL_BLOCKS, S // CAUSAL_BLOCK))
+    bounds = [S * i // n for i in range(n + 1)]
+    out = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        scores = torch.matmul(q[:, :, start:end], k[:, :, :end].transpose(-2, -1)) * scale
+        rows = torch.arange(start, end, device=q.device).unsqueeze(1)
+        scores = scores.masked_fill(torch.arange(end, device=q.device) > rows, float("-inf"))
+        out.append(torch.matmul(torch.softmax(scores, dim=-1), v[:, :, :end]))
+    return torch.cat(out, dim=2)

@@ -104,10 +104,13 @@ class TraceableRegion:
 
 
 def _compile_moe(moe: MoE, clock: CompileClock, **options) -> None:
-    """The MoE layer's dense part, the shared experts; routing, dispatch, the routed experts
-    and combine stay eager (module docstring)."""
+    """The MoE layer's shared experts, its router's scores and top-k, and the routed experts'
+    SwiGLU between their grouped GEMMs; the load count, dispatch, the grouped GEMMs and
+    combine stay eager (module docstring)."""
     if moe.shared_experts is not None:
         moe.shared_experts.forward = CompiledRegion(moe.shared_experts.forward, clock, **options)
+    moe.gate.route = CompiledRegion(moe.gate.route, clock, **options)
+    moe.experts.swiglu_fn = CompiledRegion(moe.experts.swiglu_fn, clock, **options)
 
 
 def apply_compile(model: nn.Module, verbose: bool = False, backend: str = "inductor") -> nn.Module:

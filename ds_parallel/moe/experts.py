@@ -21,6 +21,8 @@ backward keeps a and b and recomputes silu(a) instead of keeping it.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -46,11 +48,11 @@ def _swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return silu(a) * b
 
 
-def swiglu(a: torch.Tensor, b: torch.Tensor, region=None) -> torch.Tensor:
-    """silu(a) * b; with grad enabled and a `region` runner, as region(fn, a, b)."""
+def swiglu(a: torch.Tensor, b: torch.Tensor, region=None, fn: Callable = _swiglu) -> torch.Tensor:
+    """fn(a, b) = silu(a) * b; with grad enabled and a `region` runner, as region(fn, a, b)."""
     if region is not None and torch.is_grad_enabled():
-        return region(_swiglu, a, b)
-    return _swiglu(a, b)
+        return region(fn, a, b)
+    return fn(a, b)
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
@@ -104,11 +106,12 @@ class GroupedExperts(nn.Module):
         # swaps in an FP8 one); signature of `grouped_linear`.
         self.grouped_gemm = grouped_linear
         self.swiglu_region = None  # `swiglu`'s runner (model/recompute.py); None: no checkpoint
+        self.swiglu_fn = _swiglu  # model/compile.py swaps in a compiled region
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (P, dim) rows sorted by local expert, counts (n_local_experts,) -> (P, dim)."""
         gm, gemm = self.use_grouped_mm, self.grouped_gemm
-        h = swiglu(gemm(x, self.w1, counts, gm), gemm(x, self.w3, counts, gm), self.swiglu_region)
+        h = swiglu(gemm(x, self.w1, counts, gm), gemm(x, self.w3, counts, gm), self.swiglu_region, self.swiglu_fn)
         return gemm(h, self.w2, counts, gm)
 
 

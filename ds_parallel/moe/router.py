@@ -94,6 +94,7 @@ class Router(nn.Module):
         # Selections per expert since the last update_bias (int64: exact, and untouched by
         # module.to(dtype)).
         self.register_buffer("load", torch.zeros(E, dtype=torch.int64), persistent=False)
+        self.route = self._route  # model/compile.py swaps in a compiled region
 
     def _apply(self, fn, recurse=True):
         # Keep the bias fp32 when the model is cast to bf16: 1e-3 steps vanish in bf16.
@@ -107,6 +108,14 @@ class Router(nn.Module):
         """x (N, dim) -> Routing. Accumulates the per-expert load when training. `forced`
         (N, K) expert ids replace the selection of every row without a -1 (route replay,
         moe/replay.py); the gate values are still the live scores at those experts."""
+        r = Routing(*self.route(x, forced))
+        if self.training:
+            self.load += torch.bincount(r.indices.flatten(), minlength=self.n_experts)
+        return r
+
+    def _route(self, x: torch.Tensor, forced: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The fields of `Routing`, without side effects: what train.compile compiles
+        (model/compile.py), through the `route` attribute."""
         logits = linear(x.float(), self.weight.float())  # (N, E)
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1)
@@ -119,9 +128,7 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale
-        if self.training:
-            self.load += torch.bincount(indices.flatten(), minlength=self.n_experts)
-        return Routing(indices, weights, scores, logits)
+        return indices, weights, scores, logits
 
     @torch.no_grad()
     def update_bias(self, global_load: torch.Tensor, speed: Optional[float] = None) -> None:

@@ -75,9 +75,10 @@ def test_compiled_blocks_train_like_eager(preset, capsys):
     ctx, packed = ParallelContext.single(), preset == "debug_v3"
     ref = _train(build_model(cfg.model, ctx, 3), cfg, 3, packed)
     model = apply_compile(build_model(cfg.model, ctx, 3), verbose=True)
-    # dense: one region per block; V3: the dense block, the MoE block's attention half and
-    # shared experts, the MTP depth's input projection and its (MoE) block's two regions
-    assert len(_regions(model)) == (cfg.model.n_layers if preset == "debug_dense" else 6)
+    # dense: one region per block; V3: the dense block, the MoE block's attention half, shared
+    # experts, router and routed SwiGLU, the MTP depth's input projection and its (MoE)
+    # block's four regions
+    assert len(_regions(model)) == (cfg.model.n_layers if preset == "debug_dense" else 10)
     history = _train(model, cfg, 3, packed)
     _assert_same(history, ref, 1e-5, preset)
     assert all(not r.first for r in _regions(model)), "a region never ran compiled"

@@ -93,6 +93,40 @@ def test_attention_equals_sdpa_and_reads_only_the_visible_keys():
         assert torch.equal(kernels.attention(q[:1], k[:1], v[:1], None, 0.2), full[:1])  # batch of one
 
 
+def test_causal_blocks_equal_sdpa_and_run_under_compile_only():
+    """MLA's causal attention on CPU under torch.compile skips the keys a query block cannot
+    see (kernels.causal_blocks): SDPA's output and gradients to rounding, in float64 exactly
+    enough to catch a wrong block boundary; through `attention`, compiled, the same to fp32
+    rounding, while the eager call stays SDPA itself."""
+    g = torch.Generator().manual_seed(3)
+    B, H, D, Dv = 2, 3, 24, 16
+    for T in (128, 150, 300):  # 2, 2 and 4 query blocks; uneven block boundaries at 150 and 300
+        q, k = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64, requires_grad=True)
+        cot = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
+        ours, ref = kernels.causal_blocks(q, k, v, 0.2), F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(ours, (q, k, v), cot), torch.autograd.grad(ref, (q, k, v), cot)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    q, k, v = (t.detach().float() for t in (q, k, v))
+    assert torch.equal(kernels.attention(q, k, v, None, 0.2), F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2))
+    calls = []
+    blocks = kernels.causal_blocks
+
+    def counted(*args):
+        calls.append(1)
+        return blocks(*args)
+
+    kernels.causal_blocks = counted
+    try:
+        compiled = torch.compile(kernels.attention, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(q, k, v, None, 0.2), F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2),
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        kernels.causal_blocks = blocks
+    assert calls, "the compiled attention did not take the causal blocks"
+
+
 def _rollout_vs_training(preset: str, invariant: bool) -> tuple[torch.Tensor, int]:
     """|rollout log-prob - training forward log-prob| of every sampled token, the training
     forward run in micro-batches of 1, 5 and 12 sequences."""
