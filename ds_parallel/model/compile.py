@@ -2,15 +2,21 @@
 does, with the distributed parts left outside the compiled regions.
 
     dense block          Block._forward: norms, attention, residuals, SwiGLU MLP (one graph)
-    MoE block            Block._attend (attention half and ffn_norm) and the shared experts;
-                         routing, the dispatch plan, both EP all-to-alls (moe/dispatch.py)
-                         and the routed experts run eagerly between them
+    MoE block            Block._attend (attention half and ffn_norm), the shared experts,
+                         the router's scores and group-limited top-k (Router.route) and the
+                         routed experts' SwiGLU (GroupedExperts.swiglu_fn); the load count,
+                         the dispatch plan, both EP all-to-alls (moe/dispatch.py), the routed
+                         experts' grouped GEMMs and the combine run eagerly between them
     MTP depth            MTPModule._merge (enorm, hnorm, eh_proj) and its block as above
 
-Compiling a whole MoE block would put routing and the all-to-alls in the graph: their
+Compiling a whole MoE block would put the dispatch and the all-to-alls in the graph: their
 split sizes are data-dependent, so dynamo would break the graph there anyway, and the
 routed experts' grouped GEMM (torch._grouped_mm, one kernel already) has no fp32 meta kernel
-to trace on CPU; they are a single GEMM kernel per projection, with little left to fuse.
+to trace on CPU. Its neighbours are what a compiler can fuse: the router's sigmoid, bias,
+group scores, masks and normalisation, and the SwiGLU's silu and product (forward and
+backward). Inside a compiled attention half, causal MLA on CPU skips the keys no query block
+can see (kernels.causal_blocks: torch's CPU flash kernel needs v as wide as q and k, so SDPA
+would take its math path over every key).
 Pipeline send/recv is between stages, never inside a block (1F1B trains compiled to 1e-5 of
 eager). Refused in config validation for now: tensor parallelism (its all-reduces are
 autograd functions inside the attention and MLP), DualPipeV (its split backward runs

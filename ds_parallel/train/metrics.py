@@ -209,8 +209,6 @@ def plot_run(out_dir: str) -> list[str]:
     records = read_metrics(out_dir)
     if not records:
         return []
-    plot_dir = os.path.join(out_dir, "plots")
-    os.makedirs(plot_dir, exist_ok=True)
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in (k for k in LOSSES if k not in MOE_ONLY):  # aux_loss is orders of magnitude smaller
@@ -222,18 +220,14 @@ def plot_run(out_dir: str) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(os.path.basename(os.path.abspath(out_dir)))
-    path = os.path.join(plot_dir, "loss.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    paths = [path]
+    paths = [save_plot(fig, out_dir, "loss.png")]
     experts = read_metrics(out_dir, "experts.jsonl")
     if experts:
-        paths.append(_plot_expert_load(experts, plot_dir, plt))
+        paths.append(_plot_expert_load(experts, out_dir, plt))
     return paths
 
 
-def _plot_expert_load(records: list[dict], plot_dir: str, plt) -> str:
+def _plot_expert_load(records: list[dict], out_dir: str, plt) -> str:
     """plots/expert_load.png: per MoE layer, load of each expert relative to the mean
     (1.0 = balanced) over training, and the router bias trajectories under it."""
     import numpy as np
@@ -255,8 +249,4 @@ def _plot_expert_load(records: list[dict], plot_dir: str, plt) -> str:
         axes[1, col].plot(steps, bias, lw=0.8)
         axes[1, col].set_title(f"layer {layer}: router bias")
         axes[1, col].set_xlabel("step")
-    fig.tight_layout()
-    path = os.path.join(plot_dir, "expert_load.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_plot(fig, out_dir, "expert_load.png", dpi=90)
