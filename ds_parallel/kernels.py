@@ -131,10 +131,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Option
     q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv), G dividing H (query head h reads head
     h // (H/G)); visible (B, 1|H, T, S) bool (True: may attend), or None for causal with
     T == S. Returns (B, H, T, Dv). Torch's fused kernel, or the chunked batch-invariant one
-    (computed in fp32); under torch.compile on CPU, causal MLA as `causal_blocks`."""
+    (computed in fp32); causal MLA on CPU as `causal_blocks`."""
     if not is_batch_invariant():
         if (visible is None and q.device.type == "cpu" and v.shape[-1] != q.shape[-1] and k.shape[1] == q.shape[1]
-                and q.shape[2] >= 2 * CAUSAL_BLOCK and torch.compiler.is_compiling()):
+                and len(causal_block_bounds(q.shape[2])) > 2):
             return causal_blocks(q, k, v, scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
@@ -162,6 +162,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Option
     return (acc[..., :Dv] / acc[..., Dv:]).view(B, H, T, Dv).to(q.dtype)
 
 
+def causal_block_bounds(seqlen: int) -> list[int]:
+    """Query-block boundaries of `causal_blocks` for `seqlen` tokens: [0, ..., seqlen]."""
+    n = max(1, min(CAUSAL_BLOCKS, seqlen // CAUSAL_BLOCK))
+    return [seqlen * i // n for i in range(n + 1)]
+
+
 def causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal softmax(q k^T * scale) v that skips the keys no query of a block can see:
     queries in n blocks of at least CAUSAL_BLOCK rows (at most CAUSAL_BLOCKS), block i
@@ -169,12 +175,10 @@ def causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     (n + 1) / 2n of the scores (5/8 at n = 4) where SDPA's math path, the only one torch's CPU
     build has when v is narrower than q and k (MLA), computes all of them; masked keys add
     exact zeros either way, so the result is SDPA's to rounding (tests/unit/test_kernels.py).
-    Only worth it where a compiler fuses each block's scale, mask and softmax: attention
-    calls it under torch.compile only (eagerly it is slower than SDPA).
+    Forward + backward of 1024 tokens, 4 heads, fp32, 1 thread: 0.68-0.73x of SDPA's time at
+    128-512 keys eagerly; compiled (each block's scale, mask and softmax fused) ~0.6x.
     q, k (B, H, S, D), v (B, H, S, Dv) -> (B, H, S, Dv)."""
-    S = q.shape[2]
-    n = max(1, min(CAUSAL_BLOCKS, S // CAUSAL_BLOCK))
-    bounds = [S * i // n for i in range(n + 1)]
+    bounds = causal_block_bounds(q.shape[2])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once, not a copy per block (~10% faster)
     out = []
     for start, end in zip(bounds[:-1], bounds[1:]):

@@ -14,9 +14,8 @@ split sizes are data-dependent, so dynamo would break the graph there anyway, an
 routed experts' grouped GEMM (torch._grouped_mm, one kernel already) has no fp32 meta kernel
 to trace on CPU. Its neighbours are what a compiler can fuse: the router's sigmoid, bias,
 group scores, masks and normalisation, and the SwiGLU's silu and product (forward and
-backward). Inside a compiled attention half, causal MLA on CPU skips the keys no query block
-can see (kernels.causal_blocks: torch's CPU flash kernel needs v as wide as q and k, so SDPA
-would take its math path over every key).
+backward). In a compiled attention half, causal MLA on CPU (kernels.causal_blocks, which
+skips the keys no query block can see, eagerly too) has its scale, mask and softmax fused.
 Pipeline send/recv is between stages, never inside a block (1F1B trains compiled to 1e-5 of
 eager). Refused in config validation for now: tensor parallelism (its all-reduces are
 autograd functions inside the attention and MLP), DualPipeV (its split backward runs

@@ -16,7 +16,8 @@ bytes, for mixed precision with an fp32 master:
     activations saved for backward, per micro-batch and layer (bytes per token):
                 34 d x width/2 (Korthikanti et al. 2022, no recompute; the per-head and
                 dense-MLP parts divided by tp), + 5 h s x width/2
-                where the attention probabilities are stored (fp32 math kernel, not flash),
+                where the attention probabilities are stored (fp32 CPU MLA, not flash; fewer
+                keys per query where kernels.causal_blocks skips them),
                 + MLA latents and expanded heads, + k (3 i_moe + d) x width for MoE layers;
                 train.recompute=selective subtracts what its modules no longer keep
                 (`selective_saving_per_token`), full keeps each recomputed block's input
@@ -256,8 +257,10 @@ def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: i
     """Bytes saved for backward per token by one layer on one tp rank (no recompute, no
     sequence parallel). Attention is a fused kernel that keeps no (h, s, s) probabilities
     (flash or memory-efficient SDPA), except in fp32 runs (CPU) of MLA: torch's CPU flash
-    kernel takes only equal q/k and v widths, so SDPA runs its math path there and keeps the
-    fp32 softmax output, h/tp x s per token. Korthikanti et al.'s attention half: of its
+    kernel takes only equal q/k and v widths, so attention keeps the fp32 softmax output of
+    the keys each query's block reads, h/tp x s per token from SDPA's math path below 128
+    tokens, 5/8 of that from kernels.causal_blocks at 256 (which imports torch: fp32 plans
+    only; the bf16 plans of GPU configs stay torch-free). Korthikanti et al.'s attention half: of its
     18 d per token, 10 (block input, norms, residuals) stay replicated under tp and 8
     (per-head q, k, v, attention output) split; MLA's latents are replicated too. A SwiGLU
     keeps its input and four hidden-wide tensors (w1 x, w3 x, silu(w1 x), their product),
@@ -267,8 +270,11 @@ def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: i
     if m.attention == "mla":  # latents, expanded per-head q/k (nope + rope) and v
         out += (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
                 + m.n_heads / tp * (2 * m.qk_head_dim + m.v_head_dim)) * width
-        if width == 4:  # the math path's probabilities (docstring)
-            out += m.n_heads / tp * seqlen * 4
+        if width == 4:  # the probabilities of the blocks (docstring)
+            from ds_parallel.kernels import causal_block_bounds
+            bounds = causal_block_bounds(seqlen)
+            keys = sum((end - start) * end for start, end in zip(bounds[:-1], bounds[1:])) / seqlen
+            out += m.n_heads / tp * keys * 4
     if not m.is_moe_layer(layer_id):
         return out + (m.dim + 4 * m.inter_dim / tp) * width
     out += (m.dim + 4 * m.n_shared_experts * m.moe_inter_dim) * width  # the shared experts' SwiGLU

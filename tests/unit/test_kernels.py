@@ -93,11 +93,11 @@ def test_attention_equals_sdpa_and_reads_only_the_visible_keys():
         assert torch.equal(kernels.attention(q[:1], k[:1], v[:1], None, 0.2), full[:1])  # batch of one
 
 
-def test_causal_blocks_equal_sdpa_and_run_under_compile_only():
-    """MLA's causal attention on CPU under torch.compile skips the keys a query block cannot
-    see (kernels.causal_blocks): SDPA's output and gradients to rounding, in float64 exactly
-    enough to catch a wrong block boundary; through `attention`, compiled, the same to fp32
-    rounding, while the eager call stays SDPA itself."""
+def test_causal_blocks_equal_sdpa_eager_and_compiled():
+    """MLA's causal attention on CPU skips the keys a query block cannot see
+    (kernels.causal_blocks): SDPA's output and gradients to rounding, in float64 exactly
+    enough to catch a wrong block boundary; through `attention`, eager and compiled, the same
+    to fp32 rounding; equal widths (torch's flash kernel) and short sequences stay SDPA."""
     g = torch.Generator().manual_seed(3)
     B, H, D, Dv = 2, 3, 24, 16
     for T in (128, 150, 300):  # 2, 2 and 4 query blocks; uneven block boundaries at 150 and 300
@@ -109,7 +109,10 @@ def test_causal_blocks_equal_sdpa_and_run_under_compile_only():
         for a, b in zip(torch.autograd.grad(ours, (q, k, v), cot), torch.autograd.grad(ref, (q, k, v), cot)):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     q, k, v = (t.detach().float() for t in (q, k, v))
-    assert torch.equal(kernels.attention(q, k, v, None, 0.2), F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2))
+    assert torch.equal(kernels.attention(q, k, q, None, 0.2), F.scaled_dot_product_attention(q, k, q, is_causal=True, scale=0.2))
+    short = (q[:, :, :100], k[:, :, :100], v[:, :, :100])
+    assert torch.equal(kernels.attention(*short, None, 0.2), F.scaled_dot_product_attention(*short, is_causal=True, scale=0.2))
+    assert torch.equal(kernels.attention(q, k, v, None, 0.2), kernels.causal_blocks(q, k, v, 0.2))
     calls = []
     blocks = kernels.causal_blocks
 
