@@ -21,7 +21,8 @@ With --compile, two more candidates: ours under train.compile (model/compile.py:
 block's dense parts compiled by inductor, routing and routed experts eager) and transformers'
 grouped_mm model compiled the same way (`compile_hf_regions`), both on the same weights and
 compiled in their first step, before the timing; the ratios are then against ours compiled.
-With --load the rounds are timed again under a competing load, one busy process per core,
+With --load the rounds are timed again (twice as many: the load makes them noisy) under a
+competing load, one busy process per core,
 and the ratios under load are printed against the quiet ones.
 
 The losses of the first step must agree to 1e-4, and the losses after 10 steps (every
@@ -166,7 +167,7 @@ def main() -> None:
     if args.load:
         with busy_processes(os.cpu_count()) as n_busy:
             print(f"  under load: {n_busy} busy processes (one per core)", flush=True)
-            runs["loaded"] = time_interleaved(fns, 1, args.repeats, label="train step, loaded ")
+            runs["loaded"] = time_interleaved(fns, 1, 2 * args.repeats, label="train step, loaded ")
 
     ref = "ours-compiled" if args.compile else "ours"
     ratios = {}
@@ -179,7 +180,7 @@ def main() -> None:
                          f"{o.cpu_ms:.1f}", f"{t.cpu_ms:.1f}", f"{t.cpu_ms / o.cpu_ms:.2f}x"])
         print()
         print(f"{run}: debug_v3 training step (fwd+bwd+AdamW), batch {args.bsz}x{args.seqlen}, medians of "
-              f"{args.repeats} interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / {ref} "
+              f"{args.repeats * (2 if run == 'loaded' else 1)} interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / {ref} "
               f"(> 1: {ref} faster); losses equal to {TOL:g} at step 1 and to {TOL_LAST:g} at step {steps}")
         print(table(["vs", f"{ref} wall ms", "theirs wall ms", "ratio wall", f"{ref} cpu ms", "theirs cpu ms",
                      "ratio cpu"], rows))
