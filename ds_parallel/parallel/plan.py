@@ -260,8 +260,8 @@ def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: i
     kernel takes only equal q/k and v widths, so attention keeps the fp32 softmax output of
     the keys each query's block reads, h/tp x s per token from SDPA's math path below 128
     tokens, 5/8 of that from kernels.causal_blocks at 256 (which imports torch: fp32 plans
-    only; the bf16 plans of GPU configs stay torch-free). Korthikanti et al.'s attention half: of its
-    18 d per token, 10 (block input, norms, residuals) stay replicated under tp and 8
+    only; the bf16 plans of GPU configs stay torch-free). Korthikanti et al.'s attention
+    half: of its 18 d per token, 10 (block input, norms, residuals) stay replicated under tp and 8
     (per-head q, k, v, attention output) split; MLA's latents are replicated too. A SwiGLU
     keeps its input and four hidden-wide tensors (w1 x, w3 x, silu(w1 x), their product),
     split under tp in a dense layer only: MoE layers run their experts (routed and shared,
