@@ -23,7 +23,8 @@ pytestmark = pytest.mark.dist
 POST_TRAIN = os.path.join(ROOT, "launchers", "post_train.py")
 R1 = os.path.join(ROOT, "configs", "r1_cpu.yaml")
 # The R1 config shrunk: a short base phase, a few small steps in every phase after it.
-SMALL = ["train.steps=20", "train.log_every=20", "data.n_train=2000", "post_train.prompts.n_eval=16",
+N_EVAL = 8  # held-out prompts each phase is evaluated on
+SMALL = ["train.steps=20", "train.log_every=20", "data.n_train=2000", f"post_train.prompts.n_eval={N_EVAL}",
          "post_train.eval.k=2", "post_train.grpo.prompts_per_step=4", "post_train.grpo.group_size=4",
          "post_train.grpo.max_new_tokens=56", "train.micro_batch_size=4", "post_train.grpo.eval_every=0",
          "post_train.grpo.sample_every=1"]
@@ -114,8 +115,8 @@ def test_r1_pipeline_runs_every_phase_and_resumes_exactly(tmp_path):
             assert result is None
             continue
         assert result == json.loads((straight / name / "eval.json").read_text())
-        assert result["n_prompts"] == 16 and result["k"] == 2 and 0 <= result["pass_at_1"] <= 1
-        assert f"| {name} | 16 |" in out
+        assert result["n_prompts"] == N_EVAL and result["k"] == 2 and 0 <= result["pass_at_1"] <= 1
+        assert f"| {name} | {N_EVAL} |" in out
     results = (straight / "results.md").read_text()
     assert results.count("\n| ") == 6 and (straight / "plots" / "phases.png").exists()
     # launchers/evaluate.py on a phase's run directory gives that phase's figures.

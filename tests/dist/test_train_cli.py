@@ -39,39 +39,39 @@ def test_resume_continues_the_exact_loss_curve(tmp_path):
     the stage-0 rank holds the dense layer and the embedding, the last stage the MoE layer,
     head, MTP and the embedding copy. A run stopped early (train.max_steps_this_run) and the
     same command rerun: tests/dist/test_post_train_cli.py."""
-    common = ["train.steps=12", "train.log_every=1", "train.save_every=6", "train.warmup_steps=3",
+    common = ["train.steps=8", "train.log_every=1", "train.save_every=4", "train.warmup_steps=3",
               "train.micro_batch_size=8"]
     pipe = ["parallel.pp=2", "parallel.ep=2"]
     straight = tmp_path / "straight"
     deepspeed_train(*common, *pipe, f"train.out_dir={straight}", nprocs=4)
     a = losses(straight)
-    assert sorted(a) == list(range(1, 13)) and a[12] < a[1]
-    assert open(straight / "checkpoints" / "latest").read().strip() == "step_12"
+    assert sorted(a) == list(range(1, 9)) and a[8] < a[1]
+    assert open(straight / "checkpoints" / "latest").read().strip() == "step_8"
     assert (straight / "plots" / "loss.png").exists() and (straight / "config.yaml").exists()
 
-    def resume_from_step_6(name, *layout, nprocs=2):
-        """A run directory holding only the straight run's step-6 checkpoint, resumed."""
+    def resume_from_step_4(name, *layout, nprocs=2):
+        """A run directory holding only the straight run's step-4 checkpoint, resumed."""
         run = tmp_path / name
         (run / "checkpoints").mkdir(parents=True)
-        shutil.copytree(straight / "checkpoints" / "step_6", run / "checkpoints" / "step_6")
-        (run / "checkpoints" / "latest").write_text("step_6\n")
+        shutil.copytree(straight / "checkpoints" / "step_4", run / "checkpoints" / "step_4")
+        (run / "checkpoints" / "latest").write_text("step_4\n")
         out = deepspeed_train(*common, f"train.out_dir={run}", *layout, nprocs=nprocs)
-        assert "resumed from" in out and "at step 6" in out
+        assert "resumed from" in out and "at step 4" in out
         b = losses(run)
-        assert sorted(b) == list(range(7, 13))
+        assert sorted(b) == list(range(5, 9))
         return b
 
     # The same layout continues the curve bit for bit (fp32 CPU).
-    b = resume_from_step_6("resumed", *pipe, nprocs=4)
-    for step in range(7, 13):
+    b = resume_from_step_4("resumed", *pipe, nprocs=4)
+    for step in range(5, 9):
         assert a[step] == b[step], (step, a[step], b[step])
 
-    # Layout-free: the step-6 checkpoint (pp=2, ep=2, dp=2, ZeRO-1) resumes on 2 processes
+    # Layout-free: the step-4 checkpoint (pp=2, ep=2, dp=2, ZeRO-1) resumes on 2 processes
     # without a pipeline (pp=1, ep=1: dp=2 with ZeRO-2) and under tp=2, and continues the same
     # curve (not bit-identical: reductions differ).
     for layout in (["parallel.pp=1", "parallel.ep=1", "parallel.zero_stage=2"], ["parallel.tp=2", "parallel.ep=1"]):
-        c = resume_from_step_6("other_" + "_".join(layout), *layout)
-        for step in range(7, 13):
+        c = resume_from_step_4("other_" + "_".join(layout), *layout)
+        for step in range(5, 9):
             assert c[step] == pytest.approx(a[step], rel=1e-5), (layout, step, c[step], a[step])
 
     # launchers/convert.py exports the pipeline checkpoint to the HF layout; transformers'
@@ -81,11 +81,11 @@ def test_resume_continues_the_exact_loss_curve(tmp_path):
 
     hf_dir = tmp_path / "hf"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "convert.py"), "ds-to-hf", "--ckpt",
-                           str(straight / "checkpoints" / "step_6"), "--out", str(hf_dir)],
+                           str(straight / "checkpoints" / "step_4"), "--out", str(hf_dir)],
                           capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = input_ids(vocab=128)
-    ours = our_logits(load_model(str(straight / "checkpoints" / "step_6")), ids)
+    ours = our_logits(load_model(str(straight / "checkpoints" / "step_4")), ids)
     torch.testing.assert_close(hf_logits(hf_dir, ids), ours, rtol=1e-5, atol=1e-5)
 
 
