@@ -7,6 +7,8 @@
 - Recompute composes: selective (its checkpoints traced inside the compiled regions) and full
   (the checkpoint around compiled code) give eager none's numbers (dynamo's graphs run
   without code generation, to keep the file fast).
+- Route replay (RL): the compiled router selects exactly the replayed experts, with eager's
+  loss and gradients.
 - kernels.batch_invariant: the regions run their eager functions (nothing is compiled), so
   the loss and gradients equal the eager model's bit for bit.
 - Config validation refuses the combinations that cannot work yet.
@@ -23,7 +25,8 @@ from ds_parallel.config.load import config_from_dict, load_config
 from ds_parallel.kernels import batch_invariant
 from ds_parallel.model import apply_recompute, build_model
 from ds_parallel.model.compile import CompiledRegion, apply_compile
-from ds_parallel.moe.layer import MoE
+from ds_parallel.moe.layer import MoE, moe_layers
+from ds_parallel.moe.replay import recording, replaying
 from ds_parallel.parallel.groups import ParallelContext
 
 SEQLEN = 24
@@ -96,6 +99,36 @@ def test_recompute_composes_with_compile():
         apply_compile(model, backend=BACKEND)
         _assert_same(_train(model, cfg, 1, packed=True), ref, 1e-6, f"compile + {mode}")
         assert all(not r.first for r in _regions(model)), mode
+
+
+def test_route_replay_reaches_the_compiled_router():
+    """Router.route is a compiled region: replayed routes (the rollout's experts, -1 = route
+    live) pass through it as in eager, so the compiled model selects exactly the replayed
+    experts and gives eager's loss and gradients."""
+    cfg = config_from_dict({"model": {"preset": "debug_v3"}})
+    ctx = ParallelContext.single()
+    eager, compiled = build_model(cfg.model, ctx, 3), apply_compile(build_model(cfg.model, ctx, 3), backend=BACKEND)
+    ids, _ = _batch(cfg, 0)
+    with recording() as tape, torch.no_grad():
+        eager(ids)
+    layer_ids = [m.layer_id for m in moe_layers(eager) if m.layer_id in tape.routes]  # the MTP depth's routes live
+    routes = torch.stack([tape.routes[i][0] for i in layer_ids], dim=2)  # (B, T, L, K)
+    routes = routes.roll(1, dims=1)  # each token another token's experts: replay must be what decides
+    routes[:, :5] = -1  # the first tokens route live
+    used = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        with replaying(routes, layer_ids, record=True) as replay:
+            out = model(ids, labels=ids)
+        out.loss.backward()
+        used[name] = (out.loss.detach(), {i: replay.routes[i][0] for i in layer_ids},
+                      {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (loss, routed, grads), (ref_loss, ref_routed, ref_grads) = used["compiled"], used["eager"]
+    for l, i in enumerate(layer_ids):
+        assert torch.equal(routed[i], ref_routed[i]), i
+        assert torch.equal(routed[i][:, 5:], routes[:, 5:, l]), i  # the replayed experts
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-5 * ref_grads[name].abs().max().item())
 
 
 def test_batch_invariant_mode_runs_the_regions_eagerly():
