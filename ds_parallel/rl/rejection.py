@@ -400,7 +400,9 @@ def rejection_sample(cfg: Config, ctx: ParallelContext, init: Optional[str] = No
         print(f"rejection sampling: kept {stats['kept']} of {stats['drawn']} samples"
               + ("" if finished else f"; stopped after chunk {progress.chunks_done - 1}, rerun to continue"),
               flush=True)
-    return summary
+    # Rank 0's summary on every rank, sent once samples.jsonl is complete: the phase after this
+    # one reads the file on every rank (without this, another rank could open it first).
+    return _broadcast(summary, ctx)
 
 
 def _build(cfg: Config, ctx: ParallelContext, init: Optional[str], prompts: list[Prompt]) -> _Run:

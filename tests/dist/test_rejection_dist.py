@@ -2,7 +2,7 @@
 DeepSeek-V3: MLA, MoE) writes the bytes one process writes from the same weights and seeds:
 prompts dealt to data-parallel ranks (the last chunk leaves rank 1 without a prompt, so it
 runs the generator's dummy forwards), samples seeded by (seed, prompt, sample), generation
-batch-invariant."""
+batch-invariant; every rank returns rank 0's summary once the samples file is whole."""
 import pytest
 
 from tests.harness import run_dist
@@ -28,6 +28,13 @@ def _check(rank, world, out_dir):
         assert (ctx.dp, ctx.tp, ctx.ep) == {"dp": (2, 1, 1), "tp": (1, 2, 1), "ep": (2, 1, 2)}[layout]
         summary = rejection_sample(cfg, ctx)
         assert summary["finished"], (layout, summary)
+        # Every rank returns rank 0's summary, and only once samples.jsonl is whole: the next
+        # phase (SFT on the samples) opens it on every rank straight away.
+        summaries = [None] * world
+        dist.all_gather_object(summaries, summary)
+        assert summaries[0] == summaries[1] and summary["kept"] > 0, (layout, summaries)
+        with open(f"{out_dir}/{layout}/samples.jsonl") as fh:
+            assert sum(1 for _ in fh) == summary["kept"], layout
         dist.barrier()
 
 
