@@ -18,7 +18,8 @@ Fairness choices:
     code and the optimizer step, not the engine.
 
 With --compile, two more candidates: ours under train.compile (model/compile.py: each
-block's dense parts compiled by inductor, routing and routed experts eager) and transformers'
+block's dense parts, the router's scoring and the experts' SwiGLU compiled by inductor; the
+dispatch and the grouped expert GEMMs eager) and transformers'
 grouped_mm model compiled the same way (`compile_hf_regions`), both on the same weights and
 compiled in their first step, before the timing; the ratios are then against ours compiled.
 With --load the rounds are timed again (twice as many: the load makes them noisy) under a
@@ -156,18 +157,18 @@ def main() -> None:
         for fn in fns.values():
             fn()
     last = {name: fn() for name, fn in fns.items()}  # every candidate has now taken the same steps
-    steps = CURVE_STEPS
-    print(f"  step-{steps} loss: " + ", ".join(f"{n} {v:.7f}" for n, v in last.items()), flush=True)
+    print(f"  step-{CURVE_STEPS} loss: " + ", ".join(f"{n} {v:.7f}" for n, v in last.items()), flush=True)
     for name, v in last.items():
-        assert abs(v - last["ours"]) < TOL_LAST, f"step-{steps} loss of {name} differs from ours: {v} vs {last['ours']}"
+        assert abs(v - last["ours"]) < TOL_LAST, f"step-{CURVE_STEPS} loss of {name} differs from ours: {v} vs {last['ours']}"
     d1 = max(abs(v - first["ours"]) for v in first.values())
     dn = max(abs(v - last["ours"]) for v in last.values())
-    print(f"  max |loss - ours loss|: step 1 {d1:.2e}, step {steps} {dn:.2e}", flush=True)
-    runs = {"quiet": time_interleaved(fns, args.warmup, args.repeats, label="train step ")}
+    print(f"  max |loss - ours loss|: step 1 {d1:.2e}, step {CURVE_STEPS} {dn:.2e}", flush=True)
+    rounds = {"quiet": args.repeats, "loaded": 2 * args.repeats}  # the load makes rounds noisy
+    runs = {"quiet": time_interleaved(fns, args.warmup, rounds["quiet"], label="train step ")}
     if args.load:
         with busy_processes(os.cpu_count()) as n_busy:
             print(f"  under load: {n_busy} busy processes (one per core)", flush=True)
-            runs["loaded"] = time_interleaved(fns, 1, 2 * args.repeats, label="train step, loaded ")
+            runs["loaded"] = time_interleaved(fns, 1, rounds["loaded"], label="train step, loaded ")
 
     ref = "ours-compiled" if args.compile else "ours"
     ratios = {}
@@ -180,8 +181,8 @@ def main() -> None:
                          f"{o.cpu_ms:.1f}", f"{t.cpu_ms:.1f}", f"{t.cpu_ms / o.cpu_ms:.2f}x"])
         print()
         print(f"{run}: debug_v3 training step (fwd+bwd+AdamW), batch {args.bsz}x{args.seqlen}, medians of "
-              f"{args.repeats * (2 if run == 'loaded' else 1)} interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / {ref} "
-              f"(> 1: {ref} faster); losses equal to {TOL:g} at step 1 and to {TOL_LAST:g} at step {steps}")
+              f"{rounds[run]} interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / {ref} "
+              f"(> 1: {ref} faster); losses equal to {TOL:g} at step 1 and to {TOL_LAST:g} at step {CURVE_STEPS}")
         print(table(["vs", f"{ref} wall ms", "theirs wall ms", "ratio wall", f"{ref} cpu ms", "theirs cpu ms",
                      "ratio cpu"], rows))
     if args.load:

@@ -271,10 +271,8 @@ def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: i
         out += (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
                 + m.n_heads / tp * (2 * m.qk_head_dim + m.v_head_dim)) * width
         if width == 4:  # the probabilities of the blocks (docstring)
-            from ds_parallel.kernels import causal_block_bounds
-            bounds = causal_block_bounds(seqlen)
-            keys = sum((end - start) * end for start, end in zip(bounds[:-1], bounds[1:])) / seqlen
-            out += m.n_heads / tp * keys * 4
+            from ds_parallel.kernels import causal_block_keys
+            out += m.n_heads / tp * causal_block_keys(seqlen) * 4
     if not m.is_moe_layer(layer_id):
         return out + (m.dim + 4 * m.inter_dim / tp) * width
     out += (m.dim + 4 * m.n_shared_experts * m.moe_inter_dim) * width  # the shared experts' SwiGLU
