@@ -21,7 +21,7 @@ backward keeps a and b and recomputes silu(a) instead of keeping it.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -44,15 +44,19 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return silu(a) * b
+def _swiglu(a: torch.Tensor, b: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    h = silu(a) * b
+    return h if scale is None else h * scale.unsqueeze(-1)
 
 
-def swiglu(a: torch.Tensor, b: torch.Tensor, region=None, fn: Callable = _swiglu) -> torch.Tensor:
-    """fn(a, b) = silu(a) * b; with grad enabled and a `region` runner, as region(fn, a, b)."""
+def swiglu(a: torch.Tensor, b: torch.Tensor, region=None, fn: Callable = _swiglu,
+           scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fn(a, b) = silu(a) * b, each row times `scale` (rows,) if given; with grad enabled and
+    a `region` runner, as region(fn, a, b[, scale])."""
+    args = (a, b) if scale is None else (a, b, scale)
     if region is not None and torch.is_grad_enabled():
-        return region(fn, a, b)
-    return fn(a, b)
+        return region(fn, *args)
+    return fn(*args)
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
@@ -108,10 +112,14 @@ class GroupedExperts(nn.Module):
         self.swiglu_region = None  # `swiglu`'s runner (model/recompute.py); None: no checkpoint
         self.swiglu_fn = _swiglu  # model/compile.py swaps in a compiled region
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (P, dim) rows sorted by local expert, counts (n_local_experts,) -> (P, dim)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (P, dim) rows sorted by local expert, counts (n_local_experts,) -> (P, dim).
+        `scale` (P,), the pairs' gate values, multiplies each row's SwiGLU output before w2,
+        which is linear: w2(g h) = g w2(h), the gate-weighted expert output, computed on
+        moe_inter_dim-wide rows instead of dim-wide ones and fused into the SwiGLU's region."""
         gm, gemm = self.use_grouped_mm, self.grouped_gemm
-        h = swiglu(gemm(x, self.w1, counts, gm), gemm(x, self.w3, counts, gm), self.swiglu_region, self.swiglu_fn)
+        h = swiglu(gemm(x, self.w1, counts, gm), gemm(x, self.w3, counts, gm), self.swiglu_region, self.swiglu_fn,
+                   scale)
         return gemm(h, self.w2, counts, gm)
 
 

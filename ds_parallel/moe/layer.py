@@ -32,7 +32,7 @@ from torch import nn
 
 from ds_parallel.moe.dispatch import combine, dispatch
 from ds_parallel.moe.experts import GroupedExperts, SwiGLU
-from ds_parallel.moe.permute import capacity_mask, combine_pairs, plan_dispatch, scatter_weights, sort_by_expert, unpermute
+from ds_parallel.moe.permute import capacity_mask, plan_dispatch, scatter_weights, sort_by_expert, sum_rows, unpermute
 from ds_parallel.moe.replay import current_tape
 from ds_parallel.moe.router import Router
 
@@ -88,7 +88,7 @@ class MoE(nn.Module):
         plan = plan_dispatch(r.indices, self.n_experts, self.ep, keep)
         gates = scatter_weights(plan, r.weights.to(h.dtype))  # (S, n_local)
         x_recv, gates_recv, mask_recv, handle = dispatch(
-            h[plan.send_token], gates, plan.local_mask, plan.send_counts, self.ep_group, self.ep_rank, self.dispatch_codec
+            h.index_select(0, plan.send_token), gates, plan.local_mask, plan.send_counts, self.ep_group, self.ep_rank, self.dispatch_codec
         )
         rows, experts, counts = sort_by_expert(mask_recv)
         pair_gates = gates_recv[rows, experts]
@@ -117,8 +117,10 @@ class MoE(nn.Module):
                    counts: torch.Tensor) -> torch.Tensor:
         """Rows x (S, D) and their (row, local expert) pairs sorted by expert (`rows`, gate
         values, `counts` per expert) -> (S, D), each row the gate-weighted sum of its experts'
-        outputs. Under full recompute this is what the checkpoint re-runs."""
-        return combine_pairs(self.experts(x[rows], counts), rows, pair_gates, x.shape[0])
+        outputs (the experts apply the gates, `GroupedExperts.forward`). Under full recompute
+        this is what the checkpoint re-runs. Rows are gathered with index_select: on CPU
+        advanced indexing (x[rows]) and its accumulating backward take several times longer."""
+        return sum_rows(self.experts(x.index_select(0, rows), counts, pair_gates), rows, x.shape[0])
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

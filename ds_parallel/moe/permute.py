@@ -10,7 +10,8 @@ lives on rank e // n_local.
 Receiver side: S rows with their masks.
 - `sort_by_expert`: the (row, local expert) pairs sorted by expert, and per-expert counts:
   the contiguous layout grouped GEMMs take.
-- `combine_pairs`: gate-weighted sum of the expert outputs of each received row.
+- `sum_rows`: the sum of each received row's pair outputs (already gate-weighted by the
+  experts, moe/experts.py).
 Sender side again, after the reverse all-to-all:
 - `unpermute`: sum of each token's rows (one per destination rank it was sent to).
 
@@ -91,11 +92,6 @@ class _SumRows(torch.autograd.Function):
 def sum_rows(source: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
     """(P, dim) rows -> (n_rows, dim), row i the sum of the rows with index i."""
     return _SumRows.apply(source, index, n_rows)
-
-
-def combine_pairs(out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Expert outputs (P, dim) of pairs -> (n_rows, dim): sum_e weight * output per row."""
-    return sum_rows(out * weights.unsqueeze(-1).to(out.dtype), rows, n_rows)
 
 
 def unpermute(rows_out: torch.Tensor, send_token: torch.Tensor, n_tokens: int) -> torch.Tensor:

@@ -276,11 +276,12 @@ def activation_bytes_per_token(m: ModelConfig, layer_id: int, seqlen: int, tp: i
     if not m.is_moe_layer(layer_id):
         return out + (m.dim + 4 * m.inter_dim / tp) * width
     out += (m.dim + 4 * m.n_shared_experts * m.moe_inter_dim) * width  # the shared experts' SwiGLU
-    # Per routed pair: its input row, the four hidden-wide tensors, its output (for the gate's
-    # gradient), its int64 row / order / expert ids and fp32 gate; the router's scores. The
-    # sums over pairs and over a token's returned rows keep only their indices (moe/permute.py).
+    # Per routed pair: its input row, five hidden-wide tensors (the four of a SwiGLU and the
+    # gate-weighted product w2 reads, moe/experts.py), its int64 row / order / expert ids and
+    # fp32 gate; the router's scores. The sums over pairs and over a token's returned rows keep
+    # only their indices (moe/permute.py).
     k = m.n_activated_experts
-    return out + k * ((4 * m.moe_inter_dim + 2 * m.dim) * width + 3 * 8 + 4) + m.n_routed_experts * 4
+    return out + k * ((5 * m.moe_inter_dim + m.dim) * width + 3 * 8 + 4) + m.n_routed_experts * 4
 
 
 def head_bytes_per_token(m: ModelConfig, tp: int, width: int) -> float:
@@ -303,7 +304,8 @@ def selective_saving_per_token(m: ModelConfig, layer_id: int, tp: int, width: in
     norm: each RMSNorm's fp32 intermediates (per channel `_norm_bytes`, plus its 4-byte rsqrt);
     mla_up_proj: the normed latents wq_b and wkv_b read (and their norms' intermediates when
     "norm" is not also set); swiglu: silu(w1 x), one hidden of every SwiGLU (dense split over
-    tp; routed experts K per token; shared experts)."""
+    tp; shared experts), two of a routed pair's (also silu(w1 x) * w3 x, which its gate
+    multiplies, moe/experts.py)."""
     modules, out = set(modules), 0.0
     latents = []
     if m.attention == "mla":
@@ -316,7 +318,7 @@ def selective_saving_per_token(m: ModelConfig, layer_id: int, tp: int, width: in
             out += sum(c * _norm_bytes(width) + 4 for c in latents)
     if "swiglu" in modules:
         if m.is_moe_layer(layer_id):
-            out += (m.n_activated_experts + m.n_shared_experts) * m.moe_inter_dim * width
+            out += (2 * m.n_activated_experts + m.n_shared_experts) * m.moe_inter_dim * width
         else:
             out += m.inter_dim / tp * width
     return out

@@ -213,8 +213,11 @@ def _check_layouts(rank, world, base, layouts):
             _bf16_within(extra, "update", updates)
         else:
             for name, (update, ref_update) in updates.items():
-                rel = (update - ref_update).norm() / ref_update.norm()
-                assert rel < 1e-4, (extra, name, rel.item())
+                # Plus one fp32 ulp of the parameter per element: an RMSNorm weight near 1 moves
+                # a few ulps in these steps, and its last bit may round either way.
+                ulp = torch.finfo(torch.float32).eps * ref_params[name].detach().norm()
+                err = (update - ref_update).norm()
+                assert err < 1e-4 * ref_update.norm() + ulp, (extra, name, (err / ref_update.norm()).item())
         engine.destroy()
 
 

@@ -9,7 +9,7 @@ import torch
 from ds_parallel.config.schema import ModelConfig
 from ds_parallel.moe import MoE, expert_load_imbalance, update_moe_biases
 from ds_parallel.moe.experts import GroupedExperts
-from ds_parallel.moe.permute import capacity_mask, combine_pairs, plan_dispatch, scatter_weights, sort_by_expert, unpermute
+from ds_parallel.moe.permute import capacity_mask, plan_dispatch, scatter_weights, sort_by_expert, sum_rows, unpermute
 from ds_parallel.parallel.groups import ParallelContext
 
 SINGLE = ParallelContext.single()
@@ -191,7 +191,7 @@ def simulate_ep(xs, indices, weights, keeps, expert_mats, ep):
         assert counts.sum() == m_recv.sum()
         out = torch.stack([x_recv[row] @ expert_mats[d * n_local + e] for row, e in zip(rows, experts)]) \
             if rows.numel() else x_recv.new_zeros(0, x_recv.shape[1])
-        y_recv = combine_pairs(out, rows, g_recv[rows, experts], x_recv.shape[0])
+        y_recv = sum_rows(out * g_recv[rows, experts].unsqueeze(-1), rows, x_recv.shape[0])
         for s, chunk in enumerate(y_recv.split([len(sends[s][0][d]) for s in range(ep)])):
             returned[s][d] = chunk
     return [unpermute(torch.cat(returned[r]), plans[r].send_token, xs[r].shape[0]) for r in range(ep)], plans

@@ -230,11 +230,11 @@ def test_a_fully_recomputed_block_keeps_what_the_planner_says():
 
 def test_selective_saving_formula_by_hand():
     """debug_v3's MoE layer, fp32, all three modules: norms (attn, ffn, q, kv: their fp32
-    normalised x and rsqrt), the normed latents, and one SwiGLU hidden per routed pair and
-    shared expert."""
+    normalised x and rsqrt), the normed latents, two SwiGLU hiddens per routed pair (silu(w1 x)
+    and its product with w3 x, which the gate multiplies) and one of the shared expert."""
     m = config_from_dict({"model": {"preset": "debug_v3"}}).model
     norms = (128 + 128 + 64 + 32) * 4 + 4 * 4
-    assert selective_saving_per_token(m, 1, 1, 4, ALL) == norms + (64 + 32) * 4 + (2 + 1) * 64 * 4
+    assert selective_saving_per_token(m, 1, 1, 4, ALL) == norms + (64 + 32) * 4 + (2 * 2 + 1) * 64 * 4
 
 
 @pytest.mark.parametrize("overrides, message", [
