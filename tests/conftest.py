@@ -8,6 +8,13 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 
 
 def pytest_configure(config):
+    # Each xdist worker's in-process tests get their share of the cores, as a launched rank does
+    # (parallel/init.py `intra_op_threads`); torch's default, every core per worker, makes the
+    # workers' threads preempt each other inside every op. Spawned ranks set their own.
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     for marker in (
         "dist: spawns gloo processes",
         "slurm: needs the local Slurm cluster",
