@@ -59,10 +59,17 @@ class Timing:
         return f"{self.wall_ms:.1f}"
 
 
+@dataclass
+class Measured:
+    """What a callable returns when it timed itself where it ran (in a worker process)."""
+    wall_ms: float
+    cpu_ms: float
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
                      label: str = "") -> dict[str, Timing]:
-    """Median wall and CPU time in ms of each callable, measured round-robin. Prints one
-    progress line per round.
+    """Median wall and CPU time in ms of each callable, measured round-robin (or as the
+    callable reports them, if it returns `Measured`). Prints one progress line per round.
 
     CPU time (`time.process_time`) is what the process itself computed. With one thread it
     does not grow when other processes take the core away, so on a shared machine it is the
@@ -75,9 +82,11 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats:
     for r in range(repeats):
         for name, fn in fns.items():
             c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            wall[name].append((time.perf_counter() - t0) * 1e3)
-            cpu[name].append((time.process_time() - c0) * 1e3)
+            out = fn()
+            measured = out if isinstance(out, Measured) else Measured((time.perf_counter() - t0) * 1e3,
+                                                                      (time.process_time() - c0) * 1e3)
+            wall[name].append(measured.wall_ms)
+            cpu[name].append(measured.cpu_ms)
         last = ", ".join(f"{name} {wall[name][-1]:.0f}/{cpu[name][-1]:.0f}" for name in fns)
         print(f"  {label}round {r + 1}/{repeats} (wall/cpu ms): {last}", flush=True)
     return {name: Timing(statistics.median(wall[name]), statistics.median(cpu[name]), min(wall[name])) for name in fns}

@@ -34,6 +34,7 @@ optimizer updates as well.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -45,17 +46,18 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from common import (  # first: puts the repo on sys.path
-    add_experts_args, base_parser, experts_fields, set_threads, table, time_interleaved)
+    Measured, add_experts_args, base_parser, experts_fields, set_threads, table, time_interleaved)
 from transformers import DeepseekV3ForCausalLM
 from transformers.utils import logging as hf_logging
 
 from ds_parallel.config.presets import MODEL_PRESETS
-from ds_parallel.config.schema import ModelConfig
+from ds_parallel.config.schema import ModelConfig, ParallelConfig
 from ds_parallel.interop.hf import save_hf
 from ds_parallel.model.compile import apply_compile
 from ds_parallel.model.init import init_weights
 from ds_parallel.model.transformer import Transformer
 from ds_parallel.parallel.groups import ParallelContext
+from ds_parallel.parallel.init import keep_freed_memory
 
 TOL = 1e-4  # step 1: the same weights, the same batch
 # Over more steps a routing decision near a tie can flip between implementations (fused
@@ -94,6 +96,72 @@ def hf_step(model, opt, ids: torch.Tensor, labels: torch.Tensor):
     return step
 
 
+# Worker processes and their candidates. Each side runs in its own process so that each has
+# the process-wide runtime it is run with: "ours" as the trainer sets up a CPU rank
+# (parallel/init.py: intra-op threads and `keep_freed_memory`), "hf" as transformers' users
+# run it (torch's defaults), and "hf-keep" transformers compiled the same way as ours and with
+# the same allocator setting, the comparison that leaves only the model code.
+SIDES = {"ours": ("ours", "ours-compiled"), "hf": ("hf-grouped_mm", "hf-eager", "hf-grouped_mm-compiled"),
+         "hf-keep": ("hf-grouped_mm-compiled-keep",)}
+
+
+def ours_model(cfg: ModelConfig) -> Transformer:
+    """The benchmark's weights, the same in every process: seeded init and a non-zero router
+    bias, as after some training."""
+    torch.manual_seed(0)
+    model = init_weights(Transformer(cfg, ParallelContext.single()), seed=1234).train()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(std=0.01)
+    return model
+
+
+def candidates(side: str, cfg: ModelConfig, ids, labels, compiled: bool) -> tuple[dict, list[str]]:
+    """side -> ({name: step function}, lines to print), built in that side's process."""
+    if side in ("ours", "hf-keep"):
+        keep_freed_memory(ParallelConfig().cpu_malloc_keep_mib)  # what init_parallel does on CPU
+    ours = ours_model(cfg)
+    if side == "ours":
+        fns = {"ours": ours_step(ours, adamw(ours), ids, labels)}
+        if compiled:
+            twin = ours_model(cfg)
+            apply_compile(twin, verbose=True)
+            fns["ours-compiled"] = ours_step(twin, adamw(twin), ids, labels)
+        return fns, [f"  ours: {sum(p.numel() for p in ours.parameters()):,} parameters"]
+    fns, lines = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(ours, tmp)
+        for name in SIDES[side]:
+            if "compiled" in name and not compiled:
+                continue
+            impl = "eager" if name == "hf-eager" else "grouped_mm"
+            hf = DeepseekV3ForCausalLM.from_pretrained(tmp, experts_implementation=impl, attn_implementation="sdpa",
+                                                       dtype=torch.float32).train()
+            n_hf = sum(p.numel() for p in hf.parameters())
+            assert n_hf == sum(p.numel() for p in ours.parameters()), "the twin does not hold the same parameters"
+            if "compiled" in name:
+                compile_hf_regions(hf)
+            fns[name] = hf_step(hf, adamw(hf), ids, labels)
+            lines.append(f"  {name}: experts_implementation={hf.config._experts_implementation}, "
+                         f"attn_implementation={hf.config._attn_implementation}, {n_hf:,} parameters")
+    return fns, lines
+
+
+def worker(side: str, cfg: ModelConfig, threads: int, ids, labels, compiled: bool, conn) -> None:
+    """Builds `side`'s candidates, then runs one step of the named one per request and sends
+    back (loss, wall ms, cpu ms), timed here; None ends it."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    hf_logging.disable_progress_bar()
+    fns, lines = candidates(side, cfg, ids, labels, compiled)
+    conn.send((list(fns), lines))
+    while (name := conn.recv()) is not None:
+        c0, t0 = time.process_time(), time.perf_counter()
+        loss = fns[name]()
+        conn.send((loss, (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3))
+
+
 def main() -> None:
     parser = base_parser(__doc__, repeats=15, warmup=2)
     parser.add_argument("--bsz", type=int, default=4)
@@ -105,64 +173,59 @@ def main() -> None:
                         help="time again under a competing load: one busy process per core")
     args = parser.parse_args()
     set_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    hf_logging.disable_progress_bar()
 
     cfg = ModelConfig(**{**MODEL_PRESETS["debug_v3"], "preset": "debug_v3", "mtp_depth": 0, "seq_aux_alpha": 0.0,
                          **experts_fields(args)})
-    torch.manual_seed(0)
-    ours = init_weights(Transformer(cfg, ParallelContext.single()), seed=1234).train()
-    with torch.no_grad():  # a non-zero router bias, as after some training
-        for name, buf in ours.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.normal_(std=0.01)
-    theirs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf(ours, tmp)
-        for impl in ("grouped_mm", "eager"):
-            hf = DeepseekV3ForCausalLM.from_pretrained(tmp, experts_implementation=impl, attn_implementation="sdpa",
-                                                       dtype=torch.float32)
-            theirs[impl] = hf.train()
-        if args.compile:  # a third copy of the fastest, compiled as ours is
-            hf_compiled = DeepseekV3ForCausalLM.from_pretrained(tmp, experts_implementation="grouped_mm",
-                                                                attn_implementation="sdpa", dtype=torch.float32)
-    n_ours = sum(p.numel() for p in ours.parameters())
-    n_hf = sum(p.numel() for p in theirs["eager"].parameters())
     print(f"debug_v3 (mtp_depth=0): {cfg.n_layers} layers ({cfg.n_dense_layers} dense), dim {cfg.dim}, "
           f"{cfg.n_routed_experts} experts top-{cfg.n_activated_experts}, vocab {cfg.vocab_size}; "
-          f"parameters ours {n_ours:,}, transformers {n_hf:,}; batch {args.bsz}x{args.seqlen}", flush=True)
-    assert n_ours == n_hf, "the twin does not hold the same parameters"
-    for impl, hf in theirs.items():
-        print(f"  transformers {impl}: experts_implementation={hf.config._experts_implementation}, "
-              f"attn_implementation={hf.config._attn_implementation}", flush=True)
-
+          f"batch {args.bsz}x{args.seqlen}", flush=True)
     gen = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, cfg.vocab_size, (args.bsz, args.seqlen + 1), generator=gen)
     ids, labels = tokens[:, :-1], tokens[:, 1:]  # labels[:, t] follows ids[:, :t+1]
-    fns = {"ours": ours_step(ours, adamw(ours), ids, labels)}
-    fns.update({f"hf-{impl}": hf_step(hf, adamw(hf), ids, labels) for impl, hf in theirs.items()})
-    if args.compile:
-        compiled = Transformer(cfg, ParallelContext.single()).train()
-        compiled.load_state_dict(ours.state_dict())  # before any step: the same weights and router bias
-        apply_compile(compiled, verbose=True)
-        fns["ours-compiled"] = ours_step(compiled, adamw(compiled), ids, labels)
-        compile_hf_regions(hf_compiled.train())
-        fns["hf-grouped_mm-compiled"] = hf_step(hf_compiled, adamw(hf_compiled), ids, labels)
 
-    first = {name: fn() for name, fn in fns.items()}  # step 1 of every candidate, from identical weights
+    mp = multiprocessing.get_context("spawn")
+    conns, procs = {}, []
+    try:
+        for side in SIDES if args.compile else ("ours", "hf"):
+            parent, child = mp.Pipe()
+            proc = mp.Process(target=worker, args=(side, cfg, args.threads, ids, labels, args.compile, child))
+            proc.start()
+            procs.append(proc)
+            names, lines = parent.recv()
+            print("\n".join(lines), flush=True)
+            conns.update({name: parent for name in names})
+        run(args, conns)
+    finally:
+        for conn in set(conns.values()):
+            conn.send(None)
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
+def run(args, conns: dict) -> None:
+    """The loss checks, then the timed rounds, quiet and (--load) under load, and the ratios."""
+    def step(name: str) -> tuple[float, float, float]:
+        conns[name].send(name)
+        return conns[name].recv()
+
+    first = {name: step(name)[0] for name in conns}  # step 1 of every candidate, from identical weights
     print("  step-1 loss: " + ", ".join(f"{n} {v:.7f}" for n, v in first.items()), flush=True)
     for name, v in first.items():
         assert abs(v - first["ours"]) < TOL, f"step-1 loss of {name} differs from ours: {v} vs {first['ours']}"
     for _ in range(CURVE_STEPS - 2):
-        for fn in fns.values():
-            fn()
-    last = {name: fn() for name, fn in fns.items()}  # every candidate has now taken the same steps
+        for name in conns:
+            step(name)
+    last = {name: step(name)[0] for name in conns}  # every candidate has now taken the same steps
     print(f"  step-{CURVE_STEPS} loss: " + ", ".join(f"{n} {v:.7f}" for n, v in last.items()), flush=True)
     for name, v in last.items():
         assert abs(v - last["ours"]) < TOL_LAST, f"step-{CURVE_STEPS} loss of {name} differs from ours: {v} vs {last['ours']}"
     d1 = max(abs(v - first["ours"]) for v in first.values())
     dn = max(abs(v - last["ours"]) for v in last.values())
     print(f"  max |loss - ours loss|: step 1 {d1:.2e}, step {CURVE_STEPS} {dn:.2e}", flush=True)
+
+    fns = {name: (lambda name=name: Measured(*step(name)[1:])) for name in conns}
     rounds = {"quiet": args.repeats, "loaded": 2 * args.repeats}  # the load makes rounds noisy
     runs = {"quiet": time_interleaved(fns, args.warmup, rounds["quiet"], label="train step ")}
     if args.load:
@@ -172,16 +235,16 @@ def main() -> None:
 
     ref = "ours-compiled" if args.compile else "ours"
     ratios = {}
-    for run, ms in runs.items():
+    for run_name, ms in runs.items():
         o, rows = ms[ref], []
         for name in (n for n in fns if n != ref):
             t = ms[name]
-            ratios[run, name] = t.wall_ms / o.wall_ms
+            ratios[run_name, name] = t.wall_ms / o.wall_ms
             rows.append([name, f"{o.wall_ms:.1f}", f"{t.wall_ms:.1f}", f"{t.wall_ms / o.wall_ms:.2f}x",
                          f"{o.cpu_ms:.1f}", f"{t.cpu_ms:.1f}", f"{t.cpu_ms / o.cpu_ms:.2f}x"])
         print()
-        print(f"{run}: debug_v3 training step (fwd+bwd+AdamW), batch {args.bsz}x{args.seqlen}, medians of "
-              f"{rounds[run]} interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / {ref} "
+        print(f"{run_name}: debug_v3 training step (fwd+bwd+AdamW), batch {args.bsz}x{args.seqlen}, medians of "
+              f"{rounds[run_name]} interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / {ref} "
               f"(> 1: {ref} faster); losses equal to {TOL:g} at step 1 and to {TOL_LAST:g} at step {CURVE_STEPS}")
         print(table(["vs", f"{ref} wall ms", "theirs wall ms", "ratio wall", f"{ref} cpu ms", "theirs cpu ms",
                      "ratio cpu"], rows))

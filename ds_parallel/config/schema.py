@@ -155,6 +155,9 @@ class ParallelConfig:
     pp_layers: Optional[str] = None  # layers per stage, "4,5,5,..."; default: balanced by cost
     timeout_s: float = 120.0  # collective timeout: a dead rank ends the job, not a hang
     threads: int = 0  # CPU intra-op threads per rank; 0 = the cores it owns (parallel/init.py)
+    # MiB of freed memory a CPU rank's malloc keeps for reuse instead of returning it to the
+    # OS and faulting it in again next step (parallel/init.py keep_freed_memory); 0 = glibc's.
+    cpu_malloc_keep_mib: int = 1024
     # GiB per rank the planner's memory estimate must fit before training starts
     # (parallel/plan.py check_memory); None = the CUDA device's memory less 10%, no check on CPU.
     memory_budget_gib: Optional[float] = None

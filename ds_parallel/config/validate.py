@@ -45,6 +45,9 @@ def validate(cfg: Config, world_size: int | None = None, purpose: str = "train")
         raise ConfigError("train.warmup_steps, train.save_every and train.max_steps_this_run must be >= 0")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]")
+    if not 0 <= cfg.parallel.cpu_malloc_keep_mib < 2048:
+        raise ConfigError(f"parallel.cpu_malloc_keep_mib={cfg.parallel.cpu_malloc_keep_mib} must be in [0, 2047] "
+                          "(malloc's int parameter; 0 leaves glibc's defaults)")
     if t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     if t.wandb_project is not None and importlib.util.find_spec("wandb") is None:

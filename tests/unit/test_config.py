@@ -105,6 +105,7 @@ def test_missing_and_malformed_files(tmp_path):
 # Rules that read the data or its tokenizer (data/loader.py `check_data`), raised by
 # load_config before any process starts. smoke_dense_cpu: 2-digit "+", seq_len 64.
 DATA_BAD = [
+    (["parallel.cpu_malloc_keep_mib=4096"], "parallel.cpu_malloc_keep_mib=4096 must be in [0, 2047]"),
     (["data.ops=/"], "data.ops='/' must be a non-empty string of operators"),
     (["data.ops="], "data.ops='' must be a non-empty string"),
     (["data.n_eval=10000"], "data.n_eval=10000 must lie in [0, 9999]"),

@@ -1,10 +1,15 @@
 """The rank grid, checked without processes against megatron-core's own rank generator."""
 import itertools
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 
 from ds_parallel.parallel.init import detect_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ds_parallel.parallel.topology import Topology
 
 warnings.filterwarnings("ignore")
@@ -102,3 +107,34 @@ def test_intra_op_threads_are_the_cores_a_rank_owns(monkeypatch):
     assert intra_op_threads(detect_env({"RANK": "0", "WORLD_SIZE": "2"})) == 8  # node size unknown: the world's
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3, 4})  # pinned by the launcher
     assert intra_op_threads(four_per_node) == 3
+
+
+_FAULTS = """
+import resource, sys, torch
+from ds_parallel.parallel.init import keep_freed_memory
+kept = keep_freed_memory(int(sys.argv[1]))
+def step():  # a forward's worth of 4 MiB activations, freed by its backward
+    acts = [torch.ones(1 << 20) for _ in range(16)]
+    del acts
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_freed_memory_is_not_faulted_in_again():
+    """keep_freed_memory (what init_parallel applies to a CPU rank): after the first step the
+    next ten reuse the freed pages, where glibc's defaults return them to the OS and fault
+    them in again (10 x 64 MiB: 163,840 pages of 4 KiB). Fresh processes: the setting is process-wide."""
+    def faults(mib):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, str(mib)], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": REPO}).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    kept, default = faults(0)
+    assert not kept and default == pytest.approx(163_840, rel=0.1)
+    kept, n = faults(1024)
+    assert kept and n < 0.02 * default, (n, default)  # measured ~1,000: one tensor's pages
