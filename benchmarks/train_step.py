@@ -1,7 +1,13 @@
 """One training step (forward + backward + AdamW step) of a small DeepSeek-V3 (preset
 debug_v3 widened to 64 routed experts, top-6, 8 groups keep 4; `--experts` etc.) vs
 transformers' `DeepseekV3ForCausalLM` holding the same weights, on the same batch (4 x 256
-tokens), single process, fp32, CPU.
+tokens), fp32, CPU.
+
+Each side runs in its own worker process, with the process-wide runtime it is run with:
+ours as the trainer sets up a CPU rank (parallel/init.py: intra-op threads and
+`keep_freed_memory`, which stops a step's activations being page-faulted in again each
+step), transformers with torch's defaults, as its users run it. The parent sends "one step
+of candidate X" round-robin; each worker times its own steps (wall and CPU time).
 
 Fairness choices:
   * mtp_depth = 0 (transformers has no MTP) and seq_aux_alpha = 0 (transformers has no
@@ -17,11 +23,13 @@ Fairness choices:
     HF Trainer's default `adamw_torch_fused`), no DeepSpeed engine: this times the model
     code and the optimizer step, not the engine.
 
-With --compile, two more candidates: ours under train.compile (model/compile.py: each
+With --compile, three more candidates: ours under train.compile (model/compile.py: each
 block's dense parts, the router's scoring and the experts' SwiGLU compiled by inductor; the
-dispatch and the grouped expert GEMMs eager) and transformers'
-grouped_mm model compiled the same way (`compile_hf_regions`), both on the same weights and
-compiled in their first step, before the timing; the ratios are then against ours compiled.
+dispatch and the grouped expert GEMMs eager), transformers' grouped_mm model compiled the
+same way (`compile_hf_regions`), and that compiled model again in a third process with our
+allocator setting ("-keep": everything ours has but the model code), all on the same weights
+and compiled in their first step, before the timing; the ratios are then against ours
+compiled.
 With --load the rounds are timed again (twice as many: the load makes them noisy) under a
 competing load, one busy process per core,
 and the ratios under load are printed against the quiet ones.
