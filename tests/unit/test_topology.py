@@ -127,14 +127,16 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_kept_freed_memory_is_not_faulted_in_again():
     """keep_freed_memory (what init_parallel applies to a CPU rank): after the first step the
-    next ten reuse the freed pages, where glibc's defaults return them to the OS and fault
-    them in again (10 x 64 MiB: 163,840 pages of 4 KiB). Fresh processes: the setting is process-wide."""
+    next ten reuse the freed pages (10 x 64 MiB: 163,840 pages of 4 KiB), where glibc's
+    defaults return some or all of them to the OS and fault them in again (measured: 17,376
+    in a pytest-xdist worker, 163,525 from a shell). Fresh processes: the setting is
+    process-wide."""
     def faults(mib):
         out = subprocess.run([sys.executable, "-c", _FAULTS, str(mib)], capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONPATH": REPO}).stdout.split()
         return out[0] == "True", int(out[1])
 
     kept, default = faults(0)
-    assert not kept and default == pytest.approx(163_840, rel=0.1)
+    assert not kept  # 0: glibc's defaults left alone
     kept, n = faults(1024)
-    assert kept and n < 0.02 * default, (n, default)  # measured ~1,000: one tensor's pages
+    assert kept and n < 0.02 * 163_840 and n < default, (n, default)  # measured ~1,000: one tensor's pages
