@@ -87,9 +87,9 @@ class MoE(nn.Module):
         """Routed experts through the dispatch plan and the EP all-to-alls: (N, D) -> (N, D)."""
         plan = plan_dispatch(r.indices, self.n_experts, self.ep, keep)
         gates = scatter_weights(plan, r.weights.to(h.dtype))  # (S, n_local)
-        x_recv, gates_recv, mask_recv, handle = dispatch(
-            h.index_select(0, plan.send_token), gates, plan.local_mask, plan.send_counts, self.ep_group, self.ep_rank, self.dispatch_codec
-        )
+        x_recv, gates_recv, mask_recv, handle = dispatch(h.index_select(0, plan.send_token), gates, plan.local_mask,
+                                                         plan.send_counts, self.ep_group, self.ep_rank,
+                                                         self.dispatch_codec)
         rows, experts, counts = sort_by_expert(mask_recv)
         pair_gates = gates_recv[rows, experts]
         fn = self._pair_sums
@@ -108,7 +108,7 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # pairs grouped by expert, tokens ascending within
         rows = order // r.indices.shape[1]
         counts = torch.bincount(flat, minlength=self.n_experts)
-        pair_gates = r.weights.to(h.dtype).reshape(-1)[order]
+        pair_gates = r.weights.to(h.dtype).reshape(-1).index_select(0, order)
         self.last_comm = {"dispatch_bytes": 0, "combine_bytes": 0}
         fn = self._pair_sums
         return region(fn, h, rows, pair_gates, counts) if region is not None else fn(h, rows, pair_gates, counts)
