@@ -15,7 +15,8 @@ routed experts' grouped GEMM (torch._grouped_mm, one kernel already) has no fp32
 to trace on CPU. Its neighbours are what a compiler can fuse: the router's sigmoid, bias,
 group scores, masks and normalisation, and the SwiGLU's silu and product (forward and
 backward). In a compiled attention half, causal MLA on CPU (kernels.causal_blocks, which
-skips the keys no query block can see, eagerly too) has its scale, mask and softmax fused.
+skips the keys no query block can see, eagerly too) is traced through its autograd function,
+its softmax and gradient accumulations fused by inductor.
 Pipeline send/recv is between stages, never inside a block (1F1B trains compiled to 1e-5 of
 eager). Refused in config validation for now: tensor parallelism (its all-reduces are
 autograd functions inside the attention and MLP), DualPipeV (its split backward runs
