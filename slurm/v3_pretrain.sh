@@ -23,11 +23,11 @@
 # Slurm holds a requeued job for about 2 minutes before it may start again.
 #
 # --nodes=256: the V3 report's cluster and layout, 2048 H800s as tp=1 x pp=16 (DualPipeV) x
-# dp=128 (ep=64 x edp=2), ZeRO-1, V3's selective recompute. Planned 42.6 GiB per GPU on the
-# busiest pipeline rank (weights 3.8, grads 3.8, optimizer 5.0, activations 30.0), under the
+# dp=128 (ep=64 x edp=2), ZeRO-1, V3's selective recompute. Planned 41.8 GiB per GPU on the
+# busiest pipeline rank (weights 3.8, grads 3.8, optimizer 5.0, activations 29.2), under the
 # 67.1 GiB the trainer's pre-flight check allows on an 80 GB GPU (10% headroom), with
 # 1024-token sequences (configs/v3_671b_cluster.yaml says why not the report's 4096).
-# --nodes=128 fits too (47.6 GiB); fewer nodes cannot hold the 671B model: `python launchers/plan.py --config
+# --nodes=128 fits too (46.9 GiB); fewer nodes cannot hold the 671B model: `python launchers/plan.py --config
 # configs/v3_671b_cluster.yaml --world <ranks> --gpu-mem-gib 80` says what does.
 # --open-mode=append keeps every restart of the job in one log.
 #SBATCH --job-name=v3-pretrain

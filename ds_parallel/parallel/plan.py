@@ -22,8 +22,9 @@ bytes, for mixed precision with an fp32 master:
                 train.recompute=selective subtracts what its modules no longer keep
                 (`selective_saving_per_token`), full keeps each recomputed block's input
                 and, in MoE blocks, the routing and received rows (`full_bytes_per_token`);
-                1F1B keeps pp - i micro-batches in flight on stage i; DualPipeV's two
-                chunks on rank r keep 2 pp - r and about r + 2 (`in_flight`), about pp + 1
+                1F1B keeps pp - i micro-batches in flight on stage i (`in_flight`);
+                DualPipeV's rank r, the largest held mix of its two chunks over its
+                schedule (`dualpipev_live`: at most 2 pp - r and r + 2), about pp + 1
                 micro-batches of a whole rank's layers (V3 report Table 2: pp + 1)
 
 `check_memory` compares the busiest rank's total with the device's memory (less
@@ -404,23 +405,51 @@ class StagePlan:
 
 
 def in_flight(layout: PipelineLayout, stage: int, n_micro: int) -> int:
-    """Micro-batches whose activations `stage` holds at its rank's peak.
+    """1F1B: micro-batches whose activations `stage` holds at its peak; stage s warms up with
+    pp - s forwards before its first backward. (DualPipeV: `dualpipev_live`.)"""
+    return min(layout.pp - stage if layout.pp > 1 else 1, n_micro)
 
-    1F1B: stage s warms up with pp - s forwards before its first backward. DualPipeV (DeepSeek's
-    dualpipev.py, which torch's ScheduleDualPipeV follows): rank r runs 2(pp - r - 1) forwards of
-    its first chunk, then r + 1 forward pairs of both chunks, then pp - r - 1 zero-bubble
-    triples on the second chunk (input backward, weight backward, forward), then steady
-    F/B pairs. The first chunk peaks at 2 pp - r micro-batches; the second at r + 1, plus one
-    on ranks that run the triples (the input backward retains its graph, and torch 2.13 frees
-    it only after the next forward: measured in tests/dist/test_pipeline_memory.py)."""
-    pp, rank = layout.pp, layout.rank_of(stage)
-    if pp == 1:
-        count = 1
-    elif layout.is_dualpipe:
-        count = 2 * pp - rank if stage < pp else rank + 1 + (rank < pp - 1)
-    else:
-        count = pp - stage
-    return min(count, n_micro)
+
+def dualpipev_live(pp: int, rank: int, n_micro: int) -> list[tuple[int, int]]:
+    """(first chunk, second chunk) micro-batches whose activations DualPipeV's rank `rank`
+    holds right after each of its forwards, the only moments the held bytes grow. Walks the
+    schedule as torch's ScheduleDualPipeV orders it (DeepSeek's dualpipev.py): 2(pp - r - 1)
+    forwards of the first chunk; r + 1 forward pairs of both chunks; pp - r - 1 zero-bubble
+    triples on the second chunk (input backward, weight backward, forward); then the
+    overlapped F/B pairs, whose forward runs first. An input backward frees its micro-batch
+    only after the chunk's next forward (torch 2.13 keeps the graph for the weight pass until
+    then: measured in tests/dist/test_pipeline_memory.py). The rank's peak is the largest
+    n0 a0 + n1 a1 over these states, a0, a1 the chunks' bytes per micro-batch: rank 0 never
+    holds its first chunk's 2 pp micro-batches and its second chunk's 2 at once."""
+    live, pending, states = [0, 0], [0, 0], []
+
+    def forward(chunk):
+        live[chunk] += 1
+        states.append((live[0], live[1]))
+        live[chunk] -= pending[chunk]
+        pending[chunk] = 0
+
+    def backward(chunk):
+        live[chunk] -= 1
+
+    for _ in range(2 * (pp - rank - 1)):
+        forward(0)
+    for _ in range(rank + 1):
+        forward(0)
+        forward(1)
+    for _ in range(pp - rank - 1):
+        pending[1] += 1  # input backward of the second chunk, then its weight backward
+        forward(1)
+    for _ in range(n_micro - 2 * pp + rank + 1):
+        forward(0)
+        backward(1)
+        forward(1)
+        backward(0)
+    for _ in range(pp - rank - 1):
+        backward(1)
+        forward(1)
+        backward(0)
+    return states  # the rest of the schedule only runs backwards
 
 
 def rank_params(m: ModelConfig, layout: PipelineLayout, rank: int) -> list[Param]:
@@ -457,7 +486,7 @@ def plan(cfg: Config, world_size: int) -> dict:
         def per_rank(bytes_per_param, z):
             return bytes_per_param * (local_dense / div[z][0] + local_experts / div[z][1])
 
-        acts = 0.0
+        per_micro = []  # activation bytes of one micro-batch, per stage of this rank
         for stage in layout.stages_of(rank):
             last = stage == layout.n_stages - 1
             ids = list(layout.stages[stage]) + (mtp_ids if last else [])
@@ -468,7 +497,11 @@ def plan(cfg: Config, world_size: int) -> dict:
                 stage_acts += tokens * head_bytes_per_token(m, tp, width) * (1 + m.mtp_depth)
                 if t.recompute == "selective" and "norm" in t.recompute_modules:  # final norm, MTP's three
                     stage_acts -= tokens * (1 + 3 * m.mtp_depth) * (m.dim * _norm_bytes(width) + 4)
-            acts += stage_acts * in_flight(layout, stage, n_micro)
+            per_micro.append(stage_acts)
+        if layout.is_dualpipe:
+            acts = max(n0 * per_micro[0] + n1 * per_micro[1] for n0, n1 in dualpipev_live(pp, rank, n_micro))
+        else:
+            acts = sum(a * in_flight(layout, stage, n_micro) for a, stage in zip(per_micro, layout.stages_of(rank)))
         n_layers_here = len(layout.layers_of(rank)) + (m.mtp_depth if layout.has_head(rank) else 0)
         notes = [f"{n_layers_here} layers"] + (["embedding copy (tied)"] if layout.tied_embedding and rank == pp - 1 else [])
         out.append(StagePlan(rank, layout.layers_of(rank), local_dense + local_experts, local_experts,

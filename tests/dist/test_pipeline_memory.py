@@ -92,8 +92,11 @@ def _measure(rank, world, schedules):
               f"total {est.total_bytes:.0f} vs {sum(measured.values())}", flush=True)
         assert est.weights_bytes == weights and est.grads_bytes == grads and est.optimizer_bytes == optim, \
             (schedule, rank, measured, est)
-        assert est.activation_bytes == pytest.approx(tracker.peak, rel=0.2), (schedule, rank, measured, est)
-        assert est.total_bytes == pytest.approx(sum(measured.values()), rel=0.2), (schedule, rank)
+        # DualPipeV's rank 0 was 16% over while the planner added each chunk's own peak count
+        # (4 + 2 micro-batches); its schedule never holds both at once (parallel/plan.py
+        # `dualpipev_live`: 4 + 1 or 3 + 2)
+        assert est.activation_bytes == pytest.approx(tracker.peak, rel=0.1), (schedule, rank, measured, est)
+        assert est.total_bytes == pytest.approx(sum(measured.values()), rel=0.1), (schedule, rank)
         engine.destroy()
         dist.barrier()
 
