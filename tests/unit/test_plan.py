@@ -12,8 +12,8 @@ from ds_parallel.model import build_model
 from ds_parallel.model.recompute import saved_activation_bytes
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.config import ConfigError, load_config
-from ds_parallel.parallel.plan import (GIB, bubble_fraction, check_memory, model_params, peak_bytes, pipeline_layout,
-                                       plan, rank_params, split_layers, stage_params, suggest_layout)
+from ds_parallel.parallel.plan import (GIB, bubble_fraction, check_memory, dualpipev_live, model_params, peak_bytes,
+                                       pipeline_layout, plan, rank_params, split_layers, stage_params, suggest_layout)
 from ds_parallel.parallel.topology import Topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -115,6 +115,45 @@ def test_bubble_fractions():
         assert bubble_fraction("1f1b", p, m) == pytest.approx((p - 1) / (m + p - 1))
         assert bubble_fraction("dualpipev", p, m) < bubble_fraction("1f1b", p, m)
     assert bubble_fraction("dualpipev", 2, 4) == 0.0  # (p/2 - 1) = 0
+
+
+def test_dualpipev_live_follows_torchs_schedule():
+    """The planner's walk of DualPipeV (`dualpipev_live`) against the action list torch's
+    ScheduleDualPipeV runs (the schedule the trainer uses): after every forward, the
+    micro-batches each chunk of the rank holds. Forwards add one; a full backward frees one;
+    an input backward frees its micro-batch after the chunk's next forward (the rule
+    tests/dist/test_pipeline_memory.py measures); overlapped F/B pairs run F first."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining.schedules import ScheduleDualPipeV, _ComputationType
+
+    def torch_states(pp, rank, n_micro):
+        fake = SimpleNamespace(pp_group_size=pp, _n_microbatches=n_micro)
+        actions = ScheduleDualPipeV._calculate_single_rank_operations(fake, rank)
+        first = rank  # the V: rank r runs stages r and 2 pp - 1 - r
+        live, pending, states = [0, 0], [0, 0], []
+        for action in actions:
+            for a in (action.sub_actions if action.sub_actions else (action,)):
+                chunk = 0 if a.stage_index == first else 1
+                kind = a.computation_type
+                if kind == _ComputationType.FORWARD:
+                    live[chunk] += 1
+                    states.append(tuple(live))
+                    live[chunk] -= pending[chunk]
+                    pending[chunk] = 0
+                elif kind == _ComputationType.FULL_BACKWARD:
+                    live[chunk] -= 1
+                elif kind == _ComputationType.BACKWARD_INPUT:
+                    pending[chunk] += 1
+        return states
+
+    for pp in (2, 4, 8):
+        for n_micro in (2 * pp, 2 * pp + 3, 4 * pp):
+            for rank in range(pp):
+                assert dualpipev_live(pp, rank, n_micro) == torch_states(pp, rank, n_micro), (pp, rank, n_micro)
+    # rank 0 of pp = 2: its first chunk peaks at 4, its second at 2, never both at once
+    assert max(a for a, _ in dualpipev_live(2, 0, 4)) == 4 and max(b for _, b in dualpipev_live(2, 0, 4)) == 2
+    assert (4, 2) not in dualpipev_live(2, 0, 4)
 
 
 def test_stage_splits():
