@@ -3,17 +3,30 @@
 `run_dist(fn, world_size, *args)` starts `world_size` processes with a file-based
 rendezvous (no port races), runs `fn(rank, world_size, *args)` in each, and re-raises a
 child's exception with its traceback in the parent. Put several checks in one `fn`: each
-spawn of 2 processes costs ~9 s on 2 cores.
+spawn of 2 processes costs ~9 s on 2 cores. `num_threads(n)`: torch's intra-op threads set
+to n inside a block (conftest.py gives each xdist worker its share of the cores).
 """
 from __future__ import annotations
 
 import datetime
 import os
 import tempfile
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+@contextmanager
+def num_threads(n: int):
+    """torch's intra-op threads set to `n` inside, restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _entry(rank: int, world_size: int, init_file: str, fn, args) -> None:

@@ -407,7 +407,7 @@ class StagePlan:
 def in_flight(layout: PipelineLayout, stage: int, n_micro: int) -> int:
     """1F1B: micro-batches whose activations `stage` holds at its peak; stage s warms up with
     pp - s forwards before its first backward. (DualPipeV: `dualpipev_live`.)"""
-    return min(layout.pp - stage if layout.pp > 1 else 1, n_micro)
+    return min(layout.pp - stage, n_micro)
 
 
 def dualpipev_live(pp: int, rank: int, n_micro: int) -> list[tuple[int, int]]:
@@ -486,7 +486,7 @@ def plan(cfg: Config, world_size: int) -> dict:
         def per_rank(bytes_per_param, z):
             return bytes_per_param * (local_dense / div[z][0] + local_experts / div[z][1])
 
-        per_micro = []  # activation bytes of one micro-batch, per stage of this rank
+        per_micro = {}  # {stage of this rank: activation bytes of one micro-batch}
         for stage in layout.stages_of(rank):
             last = stage == layout.n_stages - 1
             ids = list(layout.stages[stage]) + (mtp_ids if last else [])
@@ -497,11 +497,12 @@ def plan(cfg: Config, world_size: int) -> dict:
                 stage_acts += tokens * head_bytes_per_token(m, tp, width) * (1 + m.mtp_depth)
                 if t.recompute == "selective" and "norm" in t.recompute_modules:  # final norm, MTP's three
                     stage_acts -= tokens * (1 + 3 * m.mtp_depth) * (m.dim * _norm_bytes(width) + 4)
-            per_micro.append(stage_acts)
-        if layout.is_dualpipe:
-            acts = max(n0 * per_micro[0] + n1 * per_micro[1] for n0, n1 in dualpipev_live(pp, rank, n_micro))
+            per_micro[stage] = stage_acts
+        if layout.is_dualpipe:  # the V's first chunk, then its second
+            first, second = per_micro.values()
+            acts = max(n0 * first + n1 * second for n0, n1 in dualpipev_live(pp, rank, n_micro))
         else:
-            acts = sum(a * in_flight(layout, stage, n_micro) for a, stage in zip(per_micro, layout.stages_of(rank)))
+            acts = sum(a * in_flight(layout, stage, n_micro) for stage, a in per_micro.items())
         n_layers_here = len(layout.layers_of(rank)) + (m.mtp_depth if layout.has_head(rank) else 0)
         notes = [f"{n_layers_here} layers"] + (["embedding copy (tied)"] if layout.tied_embedding and rank == pp - 1 else [])
         out.append(StagePlan(rank, layout.layers_of(rank), local_dense + local_experts, local_experts,

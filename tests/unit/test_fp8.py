@@ -30,6 +30,7 @@ from ds_parallel.fp8.recipe import TE_RECIPE_CLASSES, fp8_gemm_shapes, resolve_b
 from ds_parallel.fp8.te import TEUnavailableError, te_available
 from ds_parallel.moe.dispatch import dispatch
 from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, Linear, RowParallelLinear
+from tests.harness import num_threads
 
 NO_TE = pytest.mark.skipif(te_available(), reason="checks the error raised where Transformer Engine is missing")
 NEEDS_TE = pytest.mark.skipif(not te_available(), reason="Transformer Engine is not importable (needs CUDA)")
@@ -414,13 +415,9 @@ def test_fp8_training_tracks_high_precision():
 
     cfg = smoke_config(40, ["train.global_batch_size=16", "train.micro_batch_size=16", "train.seq_len=32",
                             "train.warmup_steps=10", "train.log_every=1000"])
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         ref, _ = train_curve(cfg, "fp32", evaluate=False)
         low, _ = train_curve(cfg, "fp8-fp32", evaluate=False)
-    finally:
-        torch.set_num_threads(saved)
     assert ref[-1] < 0.6 * ref[0]  # it learns
     last = lambda xs: sum(xs[-10:]) / 10  # noqa: E731
     gap = abs(last(low) - last(ref)) / last(ref)

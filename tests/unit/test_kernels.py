@@ -1,8 +1,6 @@
 """ds_parallel/kernels.py: torch's kernels outside `batch_invariant()`; inside, every row's
 result independent of the rows, positions and keys around it, and generation's log-probs
 equal to the training forward's bit for bit (fp32, CPU)."""
-from contextlib import contextmanager
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +12,7 @@ from ds_parallel.kernels import batch_invariant
 from ds_parallel.model import build_model
 from ds_parallel.parallel.groups import ParallelContext
 from ds_parallel.parallel.tensor_parallel import vocab_parallel_logprobs
+from tests.harness import num_threads
 
 CTX = ParallelContext.single()
 ELEMENTWISE = {"silu": F.silu, "sigmoid": torch.sigmoid, "rsqrt": torch.rsqrt, "exp": torch.exp, "log": torch.log}
@@ -34,17 +33,6 @@ def test_outside_the_context_the_kernels_are_torchs():
             assert not kernels.is_batch_invariant()
         assert kernels.is_batch_invariant()
     assert not kernels.is_batch_invariant()
-
-
-@contextmanager
-def num_threads(n: int):
-    """torch's intra-op threads set to `n` inside (conftest.py gives each xdist worker its share)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 8])
