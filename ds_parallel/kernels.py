@@ -36,11 +36,15 @@ batch-invariant kernels of their own, and there the logged mismatch is the check
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -94,6 +98,148 @@ def _bmm_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if m < least:
         a = torch.cat([a, a.new_zeros(a.shape[0], least - m, a.shape[2])], dim=1)
     return torch.bmm(a, b)[:, :m]
+
+
+# ---------------------------------------------------------------------------- grouped GEMM
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool = True) -> torch.Tensor:
+    """x (P, in) rows sorted by group, w (G, out, in), counts (G,) -> (P, out), where the
+    rows of group g are multiplied by w[g]^T: the routed experts' GEMMs (moe/experts.py).
+
+    One grouped kernel when `use_grouped_mm`: on CPU in fp32, MKL's `cblas_sgemm_batch` (one
+    call for all groups, which MKL spreads over its threads; `_grouped_mm_mkl`), elsewhere
+    `torch._grouped_mm` where it takes the dtype and device; otherwise, or inside
+    batch_invariant() (group by group with the row-invariant `linear`), a loop over groups,
+    never over rows. Every path multiplies each group with the same BLAS GEMM, so they agree
+    to rounding (tests/unit/test_kernels.py)."""
+    if is_batch_invariant():
+        return torch.cat([linear(chunk, w[g]) for g, chunk in enumerate(x.split(counts.tolist()))])
+    if use_grouped_mm:
+        if _sgemm_batch_ok(x, w, counts):
+            return _GroupedMKL.apply(x, w, counts)
+        if _grouped_mm_ok(x):
+            offs = counts.cumsum(0).to(torch.int32)
+            return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
+    chunks = x.split(counts.tolist())
+    return torch.cat([chunk @ w[g].t() for g, chunk in enumerate(chunks)])
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if x.device.type == "cuda":  # the CUDA kernel takes bf16 on sm90+
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return False
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: the CPU backward of
+    `_grouped_mm` rejects expanded (stride-0) gradients such as that of `y.sum()`."""
+
+    @staticmethod
+    def forward(fctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(fctx, grad):
+        return grad.contiguous()
+
+
+@functools.cache
+def _sgemm_batch() -> Optional[Callable]:
+    """`cblas_sgemm_batch` of the MKL inside the libtorch_cpu this process runs (the MKL
+    torch's own GEMMs call, LP64 integers), or None: a build without MKL, or a library that
+    does not export it."""
+    if not torch.backends.mkl.is_available():
+        return None
+    lib = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        if (lib / name).exists():
+            try:
+                fn = ctypes.CDLL(str(lib / name)).cblas_sgemm_batch
+            except (OSError, AttributeError):
+                return None
+            # layout, transa[], transb[], m[], n[], k[], alpha[], a[], lda[], b[], ldb[],
+            # beta[], c[], ldc[], group_count, group_size[]
+            fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_void_p]
+            fn.restype = None
+            return fn
+    return None
+
+
+def _sgemm_batch_ok(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and counts.device.type == "cpu"
+            and not torch.compiler.is_compiling() and _sgemm_batch() is not None)
+
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
+
+
+def _sgemm_groups(trans_a: bool, trans_b: bool, m, n, k, a, lda: int, b, ldb: int, c, ldc: int) -> None:
+    """C_g = op(A_g) op(B_g) for every group g (row-major, beta = 0), one MKL call: m, n, k
+    are ints or int arrays (G,), a, b, c arrays (G,) of addresses."""
+    groups = len(a)
+
+    def ints(v) -> np.ndarray:
+        return np.array(np.broadcast_to(v, (groups,)), dtype=np.int32)
+
+    args = [ints(_TRANS if trans_a else _NO_TRANS), ints(_TRANS if trans_b else _NO_TRANS), ints(m), ints(n),
+            ints(k), np.ones(groups, np.float32), a, ints(lda), b, ints(ldb), np.zeros(groups, np.float32), c,
+            ints(ldc)]
+    _sgemm_batch()(_ROW_MAJOR, *(arr.ctypes.data for arr in args), groups, ints(1).ctypes.data)
+
+
+class _GroupedMKL(torch.autograd.Function):
+    """`grouped_linear` as MKL batch GEMMs: y_g = x_g w_g^T, dx_g = dy_g w_g and
+    dw_g = dy_g^T x_g, each one `cblas_sgemm_batch` over the groups. Saves x and w, as the
+    autograd of `torch._grouped_mm` does. One thread: the per-group GEMMs of `_grouped_mm`
+    at the same speed (its loop calls the same MKL sgemm); more threads: MKL runs groups side
+    by side instead of splitting each small GEMM, 1.5x faster at 2 threads for the small
+    V3's experts (benchmarks/README.md)."""
+
+    @staticmethod
+    def forward(fctx, x, w, counts):
+        x, w = x.contiguous(), w.contiguous()
+        rows = counts.numpy().astype(np.int32)
+        starts = np.zeros(len(rows), np.int64)
+        np.cumsum(rows[:-1], out=starts[1:])
+        fctx.save_for_backward(x, w)
+        fctx.groups = rows, starts
+        G, N, K = w.shape
+        y = x.new_empty(x.shape[0], N)
+        _sgemm_groups(False, True, rows, N, K, _rows_at(x, starts), K, _groups_at(w), K, _rows_at(y, starts), N)
+        return y
+
+    @staticmethod
+    def backward(fctx, dy):
+        x, w = fctx.saved_tensors
+        rows, starts = fctx.groups
+        dy = dy.contiguous()
+        G, N, K = w.shape
+        dx = dw = None
+        if fctx.needs_input_grad[0]:
+            dx = dy.new_empty(dy.shape[0], K)
+            _sgemm_groups(False, False, rows, K, N, _rows_at(dy, starts), N, _groups_at(w), K, _rows_at(dx, starts), K)
+        if fctx.needs_input_grad[1]:
+            dw = torch.empty_like(w)
+            _sgemm_groups(True, False, N, K, rows, _rows_at(dy, starts), N, _rows_at(x, starts), K, _groups_at(dw), K)
+            empty = np.flatnonzero(rows == 0)
+            if len(empty):  # k = 0: zero by the BLAS rule for beta = 0, but not every BLAS writes it
+                dw[torch.from_numpy(empty)] = 0
+        return dx, dw, None
+
+
+def _rows_at(t: torch.Tensor, starts: np.ndarray) -> np.ndarray:
+    """Addresses of rows `starts` of the contiguous 2-D `t`."""
+    return t.data_ptr() + starts * (t.shape[1] * t.element_size())
+
+
+def _groups_at(t: torch.Tensor) -> np.ndarray:
+    """Addresses of the matrices t[g] of the contiguous 3-D `t`."""
+    return t.data_ptr() + np.arange(t.shape[0], dtype=np.int64) * (t[0].numel() * t.element_size())
 
 
 # ---------------------------------------------------------------------------- elementwise

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from ds_parallel.fp8.dispatch import FP8Codec
-from ds_parallel.kernels import linear
+from ds_parallel.kernels import grouped_linear, linear
 from ds_parallel.fp8.linear import GEMM_IMPLS, BlockwiseFP8Gemm, BlockwiseFP8GroupedGemm
 from ds_parallel.fp8.recipe import TE_EXPERTS_RULE, build_te_recipe, is_kept, keep_patterns, resolve_backend
 from ds_parallel.fp8.te import TEGemm
-from ds_parallel.moe.experts import GroupedExperts, grouped_linear
+from ds_parallel.moe.experts import GroupedExperts
 from ds_parallel.moe.layer import MoE
 from ds_parallel.parallel.tensor_parallel import ColumnParallelLinear, Linear, RowParallelLinear
 

@@ -48,7 +48,7 @@ Wgrad runs over the rows every rank sent it, in one GEMM, as on a real grouped k
 
 `BlockwiseFP8Gemm` is the `gemm(x, weight)` callable that `fp8/recipe.py` injects into the
 linears of parallel/tensor_parallel.py; `BlockwiseFP8GroupedGemm` does the same for the
-routed experts' grouped GEMMs (moe/experts.py `grouped_linear`), with Wgrad tiles cut per
+routed experts' grouped GEMMs (kernels.py `grouped_linear`), with Wgrad tiles cut per
 expert so that no 128-token tile mixes two experts (the layout-independent choice: an
 expert's tiles do not depend on which rank or offset its tokens land at).
 """
@@ -68,7 +68,7 @@ from ds_parallel.fp8.quant import (
     quantize_tiles,
 )
 from ds_parallel.fp8.recipe import scaled_mm_blockwise_available
-from ds_parallel.moe.experts import grouped_linear
+from ds_parallel.kernels import grouped_linear
 
 
 def _pad_k(q: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -4,8 +4,8 @@
 `GroupedExperts` holds this rank's routed experts as stacked weights, w1/w3
 (n_local_experts, moe_inter_dim, dim) and w2 (n_local_experts, dim, moe_inter_dim), and
 runs them as grouped matrix products over rows already sorted by expert
-(`torch._grouped_mm` with group end offsets; a loop over experts, never over tokens,
-where that kernel does not take the dtype/device). `SwiGLU` is the dense MLP of the
+(`kernels.grouped_linear`: MKL's batch GEMM on CPU in fp32, `torch._grouped_mm` elsewhere,
+a loop over experts, never over tokens, where neither takes the dtype/device). `SwiGLU` is the dense MLP of the
 shared experts (one MLP of width n_shared_experts * moe_inter_dim), replicated `Linear`s with
 the same `gemm` hook as every other linear.
 
@@ -26,22 +26,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ds_parallel.kernels import is_batch_invariant, linear, silu
+from ds_parallel.kernels import grouped_linear, silu
 from ds_parallel.parallel.shard import ShardSpec, set_shards
 from ds_parallel.parallel.tensor_parallel import Linear
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: the CPU backward of
-    `_grouped_mm` rejects expanded (stride-0) gradients such as that of `y.sum()`."""
-
-    @staticmethod
-    def forward(fctx, y):
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(fctx, grad):
-        return grad.contiguous()
 
 
 def _swiglu(a: torch.Tensor, b: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -57,29 +44,6 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, region=None, fn: Callable = _swiglu
     if region is not None and torch.is_grad_enabled():
         return region(fn, *args)
     return fn(*args)
-
-
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if x.device.type == "cuda":  # the CUDA kernel takes bf16 on sm90+
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return False
-
-
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool = True) -> torch.Tensor:
-    """x (P, in) rows sorted by group, w (G, out, in), counts (G,) -> (P, out), where the
-    rows of group g are multiplied by w[g]^T. Inside kernels.batch_invariant(), group by group
-    with its row-invariant `linear`."""
-    if is_batch_invariant():
-        return torch.cat([linear(chunk, w[g]) for g, chunk in enumerate(x.split(counts.tolist()))])
-    if use_grouped_mm and _grouped_mm_ok(x):
-        offs = counts.cumsum(0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
-    chunks = x.split(counts.tolist())
-    return torch.cat([chunk @ w[g].t() for g, chunk in enumerate(chunks)])
 
 
 def tag_expert_param(param: nn.Parameter, ctx) -> nn.Parameter:

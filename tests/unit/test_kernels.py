@@ -128,6 +128,48 @@ def test_causal_blocks_equal_sdpa_eager_and_compiled():
     assert calls, "the compiled attention did not take the causal blocks"
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_linear_paths_agree(threads):
+    """The routed experts' grouped GEMM: MKL's batch GEMM (what CPU fp32 takes),
+    torch._grouped_mm and the per-group loop give the same output and gradients, with empty
+    groups (first, inner, last), a transposed weight view and an expanded output gradient."""
+    g = torch.Generator().manual_seed(4)
+    counts = torch.tensor([0, 7, 33, 0, 1, 96, 12, 0])
+    x = torch.randn(int(counts.sum()), 40, generator=g)
+    w = torch.randn(len(counts), 24, 40, generator=g)
+    cot = torch.randn(x.shape[0], 24, generator=g)
+    offs = counts.cumsum(0).to(torch.int32)
+    paths = {
+        "default": lambda x, w: kernels.grouped_linear(x, w, counts),
+        "mkl": lambda x, w: kernels._GroupedMKL.apply(x, w, counts),
+        "grouped_mm": lambda x, w: kernels._ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)),
+        "loop": lambda x, w: kernels.grouped_linear(x, w, counts, use_grouped_mm=False),
+    }
+    if not kernels._sgemm_batch_ok(x, w, counts):  # a torch build without MKL: the others still agree
+        assert not torch.backends.mkl.is_available()
+        del paths["mkl"]
+    outs = {}
+    with num_threads(threads):
+        for name, fn in paths.items():
+            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y = fn(xg, wg)
+            (y * cot).sum().backward()
+            outs[name] = (y, xg.grad, wg.grad)
+            if name == "default":  # a transposed view of the weight, and an expanded gradient
+                xe, we = x.clone().requires_grad_(), w.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+                fn(xe, we).sum().backward()
+    for name in paths:
+        for a, b in zip(outs[name], outs["loop"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    if "mkl" in outs:
+        assert all(torch.equal(a, b) for a, b in zip(outs["default"], outs["mkl"]))
+    assert outs["default"][2][[0, 3, 7]].eq(0).all()  # empty groups: zero weight gradients
+    ones = torch.ones(x.shape[0], 24)
+    torch.testing.assert_close(xe.grad, torch.cat([ones[:int(c)] @ w[e] for e, c in enumerate(counts)]), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(we.grad, torch.stack([ones[:int(c)].t() @ part for c, part in
+                                                     zip(counts, x.split(counts.tolist()))]), rtol=1e-6, atol=1e-5)
+
+
 def _rollout_vs_training(preset: str, invariant: bool) -> tuple[torch.Tensor, int]:
     """|rollout log-prob - training forward log-prob| of every sampled token, the training
     forward run in micro-batches of 1, 5 and 12 sequences."""
