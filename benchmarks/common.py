@@ -19,10 +19,12 @@ if REPO not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not the r
     sys.path.insert(0, REPO)
 
 
-def base_parser(doc: str, repeats: int, warmup: int) -> argparse.ArgumentParser:
+def base_parser(doc: str, repeats: int, warmup: int, threads: int = 1) -> argparse.ArgumentParser:
+    """`threads` 0: the default leaves each process's threads to the script (train_step.py)."""
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default 1: see benchmarks/README.md on shared machines)")
+    parser.add_argument("--threads", type=int, default=threads,
+                        help="torch.set_num_threads (default 1: see benchmarks/README.md on shared machines)" if threads
+                        else "torch.set_num_threads on both sides (default: each side's own, as its users run it)")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed runs per candidate (median reported)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed runs per candidate first")
     return parser
@@ -44,8 +46,10 @@ def experts_fields(args: argparse.Namespace) -> dict:
 
 
 def set_threads(n: int) -> None:
-    torch.set_num_threads(n)
-    print(f"torch {torch.__version__}, torch.set_num_threads({n}) (get_num_threads={torch.get_num_threads()}), "
+    """torch.set_num_threads(n) (n 0: left as it is), printed with the load average."""
+    if n:
+        torch.set_num_threads(n)
+    print(f"torch {torch.__version__}, torch.set_num_threads({n or 'not called'}) (get_num_threads={torch.get_num_threads()}), "
           f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
 

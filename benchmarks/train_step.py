@@ -4,9 +4,10 @@ transformers' `DeepseekV3ForCausalLM` holding the same weights, on the same batc
 tokens), fp32, CPU.
 
 Each side runs in its own worker process, with the process-wide runtime it is run with:
-ours as the trainer sets up a CPU rank (parallel/init.py: intra-op threads and
-`keep_freed_memory`, which stops a step's activations being page-faulted in again each
-step), transformers with torch's defaults, as its users run it. The parent sends "one step
+ours as the trainer sets up a single CPU rank (parallel/init.py: intra-op threads from the
+cores it owns, and `keep_freed_memory`, which stops a step's activations being page-faulted
+in again each step), transformers with torch's defaults (intra-op threads: the machine's
+cores), as its users run it; `--threads N` sets both to N instead. The parent sends "one step
 of candidate X" round-robin; each worker times its own steps (wall and CPU time).
 
 Fairness choices:
@@ -38,7 +39,7 @@ The losses of the first step must agree to 1e-4, and the losses after 10 steps (
 candidate the same steps, before the timed rounds) to 1e-3, which checks gradients and
 optimizer updates as well.
 
-    .venv/bin/python benchmarks/train_step.py [--bsz 4 --seqlen 256 --threads 1 --repeats 15 --compile --load]
+    .venv/bin/python benchmarks/train_step.py [--bsz 4 --seqlen 256 --threads N --repeats 15 --compile --load]
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ from ds_parallel.model.compile import apply_compile
 from ds_parallel.model.init import init_weights
 from ds_parallel.model.transformer import Transformer
 from ds_parallel.parallel.groups import ParallelContext
-from ds_parallel.parallel.init import keep_freed_memory
+from ds_parallel.parallel.init import DistEnv, intra_op_threads, keep_freed_memory
 
 TOL = 1e-4  # step 1: the same weights, the same batch
 # Over more steps a routing decision near a tie can flip between implementations (fused
@@ -156,13 +157,25 @@ def candidates(side: str, cfg: ModelConfig, ids, labels, compiled: bool) -> tupl
     return fns, lines
 
 
+def side_threads(side: str, threads: int) -> int:
+    """The intra-op threads `side` runs with: `threads` if set (--threads); else each side's
+    own default, as its users run it: ours what the trainer gives a single CPU rank
+    (parallel/init.py `intra_op_threads`: the cores it owns), transformers torch's default."""
+    if threads > 0:
+        return threads
+    if side == "ours":
+        return intra_op_threads(DistEnv(0, 1, 0, "localhost", 0, "single", 1))
+    return torch.get_num_threads()  # a fresh (spawned) process: torch's default
+
+
 def worker(side: str, cfg: ModelConfig, threads: int, ids, labels, compiled: bool, conn) -> None:
     """Builds `side`'s candidates, then runs one step of the named one per request and sends
     back (loss, wall ms, cpu ms), timed here; None ends it."""
-    torch.set_num_threads(threads)
+    torch.set_num_threads(side_threads(side, threads))
     warnings.filterwarnings("ignore")
     hf_logging.disable_progress_bar()
     fns, lines = candidates(side, cfg, ids, labels, compiled)
+    lines.append(f"  {side} process: {torch.get_num_threads()} intra-op thread(s)")
     conn.send((list(fns), lines))
     while (name := conn.recv()) is not None:
         c0, t0 = time.process_time(), time.perf_counter()
@@ -171,7 +184,7 @@ def worker(side: str, cfg: ModelConfig, threads: int, ids, labels, compiled: boo
 
 
 def main() -> None:
-    parser = base_parser(__doc__, repeats=15, warmup=2)
+    parser = base_parser(__doc__, repeats=15, warmup=2, threads=0)
     parser.add_argument("--bsz", type=int, default=4)
     add_experts_args(parser)
     parser.add_argument("--seqlen", type=int, default=256)
@@ -242,6 +255,7 @@ def run(args, conns: dict) -> None:
             runs["loaded"] = time_interleaved(fns, 1, rounds["loaded"], label="train step, loaded ")
 
     ref = "ours-compiled" if args.compile else "ours"
+    threads = f"{args.threads} thread(s)" if args.threads else "each side's default threads"
     ratios = {}
     for run_name, ms in runs.items():
         o, rows = ms[ref], []
@@ -252,7 +266,7 @@ def run(args, conns: dict) -> None:
                          f"{o.cpu_ms:.1f}", f"{t.cpu_ms:.1f}", f"{t.cpu_ms / o.cpu_ms:.2f}x"])
         print()
         print(f"{run_name}: debug_v3 training step (fwd+bwd+AdamW), batch {args.bsz}x{args.seqlen}, medians of "
-              f"{rounds[run_name]} interleaved rounds (CPU, fp32, {args.threads} thread(s)); ratio = theirs / {ref} "
+              f"{rounds[run_name]} interleaved rounds (CPU, fp32, {threads}); ratio = theirs / {ref} "
               f"(> 1: {ref} faster); losses equal to {TOL:g} at step 1 and to {TOL_LAST:g} at step {CURVE_STEPS}")
         print(table(["vs", f"{ref} wall ms", "theirs wall ms", "ratio wall", f"{ref} cpu ms", "theirs cpu ms",
                      "ratio cpu"], rows))

@@ -103,24 +103,29 @@ def _bmm_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- grouped GEMM
 
 
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool = True) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, w, counts: torch.Tensor, use_grouped_mm: bool = True):
     """x (P, in) rows sorted by group, w (G, out, in), counts (G,) -> (P, out), where the
     rows of group g are multiplied by w[g]^T: the routed experts' GEMMs (moe/experts.py).
+    `w` may be a tuple of such weights (w1 and w3 of a SwiGLU, which read the same rows):
+    then a tuple of outputs.
 
-    One grouped kernel when `use_grouped_mm`: on CPU in fp32, MKL's `cblas_sgemm_batch` (one
-    call for all groups, which MKL spreads over its threads; `_grouped_mm_mkl`), elsewhere
-    `torch._grouped_mm` where it takes the dtype and device; otherwise, or inside
-    batch_invariant() (group by group with the row-invariant `linear`), a loop over groups,
-    never over rows. Every path multiplies each group with the same BLAS GEMM, so they agree
-    to rounding (tests/unit/test_kernels.py)."""
+    One grouped kernel when `use_grouped_mm`: on CPU in fp32, MKL's `cblas_sgemm_batch`
+    (`_GroupedMKL`: one call for all groups of all the weights, which MKL spreads over its
+    threads), elsewhere `torch._grouped_mm` where it takes the dtype and device; otherwise,
+    or inside batch_invariant() (group by group with the row-invariant `linear`), a loop over
+    groups, never over rows. Every path multiplies each group with the same BLAS GEMM, so
+    they agree to rounding (tests/unit/test_kernels.py)."""
+    several = isinstance(w, (tuple, list))
+    ws = tuple(w) if several else (w,)
+    if use_grouped_mm and not is_batch_invariant() and _sgemm_batch_ok(x, ws, counts):
+        return _GroupedMKL.apply(x, counts, *ws)
+    if several:
+        return tuple(grouped_linear(x, wi, counts, use_grouped_mm) for wi in ws)
     if is_batch_invariant():
         return torch.cat([linear(chunk, w[g]) for g, chunk in enumerate(x.split(counts.tolist()))])
-    if use_grouped_mm:
-        if _sgemm_batch_ok(x, w, counts):
-            return _GroupedMKL.apply(x, w, counts)
-        if _grouped_mm_ok(x):
-            offs = counts.cumsum(0).to(torch.int32)
-            return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
+    if use_grouped_mm and _grouped_mm_ok(x):
+        offs = counts.cumsum(0).to(torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
     chunks = x.split(counts.tolist())
     return torch.cat([chunk @ w[g].t() for g, chunk in enumerate(chunks)])
 
@@ -170,66 +175,81 @@ def _sgemm_batch() -> Optional[Callable]:
     return None
 
 
-def _sgemm_batch_ok(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and counts.device.type == "cpu"
-            and not torch.compiler.is_compiling() and _sgemm_batch() is not None)
+def _sgemm_batch_ok(x: torch.Tensor, ws: tuple, counts: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and all(w.dtype == torch.float32 for w in ws)
+            and counts.device.type == "cpu" and not torch.compiler.is_compiling() and _sgemm_batch() is not None)
 
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 
 
-def _sgemm_groups(trans_a: bool, trans_b: bool, m, n, k, a, lda: int, b, ldb: int, c, ldc: int) -> None:
-    """C_g = op(A_g) op(B_g) for every group g (row-major, beta = 0), one MKL call: m, n, k
-    are ints or int arrays (G,), a, b, c arrays (G,) of addresses."""
-    groups = len(a)
+def _sgemm_groups(trans_a: bool, trans_b: bool, gemms: list[tuple], beta: float = 0.0) -> None:
+    """C = op(A) op(B) + beta C for every GEMM of every entry of `gemms`, row-major, in one
+    MKL call. An entry (m, n, k, a, lda, b, ldb, c, ldc) describes G GEMMs: each field an int
+    or an array (G,), with a, b, c arrays of addresses."""
+    sizes = [max(len(v) if isinstance(v, np.ndarray) else 1 for v in entry) for entry in gemms]
 
-    def ints(v) -> np.ndarray:
-        return np.array(np.broadcast_to(v, (groups,)), dtype=np.int32)
+    def column(i: int, dtype) -> np.ndarray:
+        return np.concatenate([np.broadcast_to(np.asarray(entry[i], dtype), (size,))
+                               for entry, size in zip(gemms, sizes)]).astype(dtype, copy=False)
 
-    args = [ints(_TRANS if trans_a else _NO_TRANS), ints(_TRANS if trans_b else _NO_TRANS), ints(m), ints(n),
-            ints(k), np.ones(groups, np.float32), a, ints(lda), b, ints(ldb), np.zeros(groups, np.float32), c,
-            ints(ldc)]
-    _sgemm_batch()(_ROW_MAJOR, *(arr.ctypes.data for arr in args), groups, ints(1).ctypes.data)
+    total = sum(sizes)
+    ints = lambda v: np.full(total, v, np.int32)
+    m, n, k, lda, ldb, ldc = (column(i, np.int32) for i in (0, 1, 2, 4, 6, 8))
+    a, b, c = (column(i, np.int64) for i in (3, 5, 7))
+    args = [ints(_TRANS if trans_a else _NO_TRANS), ints(_TRANS if trans_b else _NO_TRANS), m, n, k,
+            np.ones(total, np.float32), a, lda, b, ldb, np.full(total, beta, np.float32), c, ldc]
+    _sgemm_batch()(_ROW_MAJOR, *(arr.ctypes.data for arr in args), total, ints(1).ctypes.data)
 
 
 class _GroupedMKL(torch.autograd.Function):
-    """`grouped_linear` as MKL batch GEMMs: y_g = x_g w_g^T, dx_g = dy_g w_g and
-    dw_g = dy_g^T x_g, each one `cblas_sgemm_batch` over the groups. Saves x and w, as the
-    autograd of `torch._grouped_mm` does. One thread: the per-group GEMMs of `_grouped_mm`
-    at the same speed (its loop calls the same MKL sgemm); more threads: MKL runs groups side
-    by side instead of splitting each small GEMM, 1.5x faster at 2 threads for the small
-    V3's experts (benchmarks/README.md)."""
+    """`grouped_linear` as MKL batch GEMMs, for weights w_1..w_n (G, N_i, K) on the same
+    rows: y_ig = x_g w_ig^T in one call; in backward dx_g = sum_i dy_ig w_ig (one call per
+    weight, accumulating in place) and dw_ig = dy_ig^T x_g (one call). Saves x and the
+    weights, as the autograd of `torch._grouped_mm` does. One thread: the per-group GEMMs of
+    `_grouped_mm` at about the same speed (its loop calls the same MKL sgemm, the outputs
+    are bitwise equal); more threads: MKL runs groups side by side instead of splitting each
+    small GEMM (benchmarks/README.md)."""
 
     @staticmethod
-    def forward(fctx, x, w, counts):
-        x, w = x.contiguous(), w.contiguous()
+    def forward(fctx, x, counts, *ws):
+        x, ws = x.contiguous(), tuple(w.contiguous() for w in ws)
         rows = counts.numpy().astype(np.int32)
         starts = np.zeros(len(rows), np.int64)
         np.cumsum(rows[:-1], out=starts[1:])
-        fctx.save_for_backward(x, w)
+        fctx.save_for_backward(x, *ws)
         fctx.groups = rows, starts
-        G, N, K = w.shape
-        y = x.new_empty(x.shape[0], N)
-        _sgemm_groups(False, True, rows, N, K, _rows_at(x, starts), K, _groups_at(w), K, _rows_at(y, starts), N)
-        return y
+        K = x.shape[1]
+        ys = [x.new_empty(x.shape[0], w.shape[1]) for w in ws]
+        xa = _rows_at(x, starts)
+        _sgemm_groups(False, True, [(rows, w.shape[1], K, xa, K, _groups_at(w), K, _rows_at(y, starts), w.shape[1])
+                                    for w, y in zip(ws, ys)])
+        return ys[0] if len(ys) == 1 else tuple(ys)
 
     @staticmethod
-    def backward(fctx, dy):
-        x, w = fctx.saved_tensors
+    def backward(fctx, *dys):
+        x, *ws = fctx.saved_tensors
         rows, starts = fctx.groups
-        dy = dy.contiguous()
-        G, N, K = w.shape
-        dx = dw = None
+        dys = [dy.contiguous() for dy in dys]
+        K = x.shape[1]
+        dx, dws = None, [None] * len(ws)
         if fctx.needs_input_grad[0]:
-            dx = dy.new_empty(dy.shape[0], K)
-            _sgemm_groups(False, False, rows, K, N, _rows_at(dy, starts), N, _groups_at(w), K, _rows_at(dx, starts), K)
-        if fctx.needs_input_grad[1]:
-            dw = torch.empty_like(w)
-            _sgemm_groups(True, False, N, K, rows, _rows_at(dy, starts), N, _rows_at(x, starts), K, _groups_at(dw), K)
+            dx = x.new_empty(x.shape)
+            for i, (dy, w) in enumerate(zip(dys, ws)):
+                _sgemm_groups(False, False, [(rows, K, w.shape[1], _rows_at(dy, starts), w.shape[1], _groups_at(w), K,
+                                              _rows_at(dx, starts), K)], beta=0.0 if i == 0 else 1.0)
+        wanted = [i for i in range(len(ws)) if fctx.needs_input_grad[2 + i]]
+        if wanted:
+            xa = _rows_at(x, starts)
+            for i in wanted:
+                dws[i] = torch.empty_like(ws[i])
+            _sgemm_groups(True, False, [(ws[i].shape[1], K, rows, _rows_at(dys[i], starts), ws[i].shape[1], xa, K,
+                                         _groups_at(dws[i]), K) for i in wanted])
             empty = np.flatnonzero(rows == 0)
             if len(empty):  # k = 0: zero by the BLAS rule for beta = 0, but not every BLAS writes it
-                dw[torch.from_numpy(empty)] = 0
-        return dx, dw, None
+                for i in wanted:
+                    dws[i][torch.from_numpy(empty)] = 0
+        return dx, None, *dws
 
 
 def _rows_at(t: torch.Tensor, starts: np.ndarray) -> np.ndarray:

@@ -309,7 +309,9 @@ class BlockwiseFP8GroupedGemm:
         assert impl in IMPLS, f"impl={impl!r}: expected one of {IMPLS}"
         self.block_size, self.power_of_two, self.impl = block_size, power_of_two, impl
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool = True) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, w, counts: torch.Tensor, use_grouped_mm: bool = True):
+        if isinstance(w, (tuple, list)):  # several weights on the same rows: one GEMM each
+            return tuple(self(x, wi, counts, use_grouped_mm) for wi in w)
         return FP8GroupedLinearFunction.apply(x, w, counts, self.block_size, self.power_of_two, use_grouped_mm,
                                               self.impl)
 

@@ -71,7 +71,7 @@ class GroupedExperts(nn.Module):
             tag_expert_param(p, ctx)
         self.use_grouped_mm = True
         # Injection point for the grouped GEMM, as `gemm` is for the linears (fp8/recipe.py
-        # swaps in an FP8 one); signature of `grouped_linear`.
+        # swaps in an FP8 one); signature of `grouped_linear` (one weight, or a tuple of weights on the same rows).
         self.grouped_gemm = grouped_linear
         self.swiglu_region = None  # `swiglu`'s runner (model/recompute.py); None: no checkpoint
         self.swiglu_fn = _swiglu  # model/compile.py swaps in a compiled region
@@ -82,8 +82,8 @@ class GroupedExperts(nn.Module):
         which is linear: w2(g h) = g w2(h), the gate-weighted expert output, computed on
         moe_inter_dim-wide rows instead of dim-wide ones and fused into the SwiGLU's region."""
         gm, gemm = self.use_grouped_mm, self.grouped_gemm
-        h = swiglu(gemm(x, self.w1, counts, gm), gemm(x, self.w3, counts, gm), self.swiglu_region, self.swiglu_fn,
-                   scale)
+        a, b = gemm(x, (self.w1, self.w3), counts, gm)  # one grouped call for both (kernels.grouped_linear)
+        h = swiglu(a, b, self.swiglu_region, self.swiglu_fn, scale)
         return gemm(h, self.w2, counts, gm)
 
 

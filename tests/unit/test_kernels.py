@@ -132,7 +132,8 @@ def test_causal_blocks_equal_sdpa_eager_and_compiled():
 def test_grouped_linear_paths_agree(threads):
     """The routed experts' grouped GEMM: MKL's batch GEMM (what CPU fp32 takes),
     torch._grouped_mm and the per-group loop give the same output and gradients, with empty
-    groups (first, inner, last), a transposed weight view and an expanded output gradient."""
+    groups (first, inner, last), a transposed weight view, an expanded output gradient, and
+    two weights on the same rows in one call."""
     g = torch.Generator().manual_seed(4)
     counts = torch.tensor([0, 7, 33, 0, 1, 96, 12, 0])
     x = torch.randn(int(counts.sum()), 40, generator=g)
@@ -141,11 +142,11 @@ def test_grouped_linear_paths_agree(threads):
     offs = counts.cumsum(0).to(torch.int32)
     paths = {
         "default": lambda x, w: kernels.grouped_linear(x, w, counts),
-        "mkl": lambda x, w: kernels._GroupedMKL.apply(x, w, counts),
+        "mkl": lambda x, w: kernels._GroupedMKL.apply(x, counts, w),
         "grouped_mm": lambda x, w: kernels._ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)),
         "loop": lambda x, w: kernels.grouped_linear(x, w, counts, use_grouped_mm=False),
     }
-    if not kernels._sgemm_batch_ok(x, w, counts):  # a torch build without MKL: the others still agree
+    if not kernels._sgemm_batch_ok(x, (w,), counts):  # a torch build without MKL: the others still agree
         assert not torch.backends.mkl.is_available()
         del paths["mkl"]
     outs = {}
@@ -163,6 +164,22 @@ def test_grouped_linear_paths_agree(threads):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
     if "mkl" in outs:
         assert all(torch.equal(a, b) for a, b in zip(outs["default"], outs["mkl"]))
+    # w1 and w3 of a SwiGLU in one call: each output and weight gradient as alone, and the
+    # input gradient their sum (accumulated in place by the MKL path)
+    w3 = torch.randn(w.shape, generator=g)
+    cot3 = torch.randn(cot.shape, generator=g)
+    with num_threads(threads):
+        xg, w1g, w3g = x.clone().requires_grad_(), w.clone().requires_grad_(), w3.clone().requires_grad_()
+        y1, y3 = kernels.grouped_linear(xg, (w1g, w3g), counts)
+        ((y1 * cot).sum() + (y3 * cot3).sum()).backward()
+        xl, w3l = x.clone().requires_grad_(), w3.clone().requires_grad_()
+        y3l = kernels.grouped_linear(xl, w3l, counts, use_grouped_mm=False)
+        (y3l * cot3).sum().backward()
+    torch.testing.assert_close(y1, outs["loop"][0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(y3, y3l, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(xg.grad, outs["loop"][1] + xl.grad, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(w1g.grad, outs["loop"][2], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(w3g.grad, w3l.grad, rtol=1e-6, atol=1e-5)
     assert outs["default"][2][[0, 3, 7]].eq(0).all()  # empty groups: zero weight gradients
     ones = torch.ones(x.shape[0], 24)
     torch.testing.assert_close(xe.grad, torch.cat([ones[:int(c)] @ w[e] for e, c in enumerate(counts)]), rtol=1e-6, atol=1e-5)
