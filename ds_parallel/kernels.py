@@ -183,33 +183,33 @@ def _sgemm_batch_ok(x: torch.Tensor, ws: tuple, counts: torch.Tensor) -> bool:
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 
 
-def _sgemm_groups(trans_a: bool, trans_b: bool, gemms: list[tuple], beta: float = 0.0) -> None:
+def _sgemm_groups(gemms: list[tuple]) -> None:
     """C = op(A) op(B) + beta C for every GEMM of every entry of `gemms`, row-major, in one
-    MKL call. An entry (m, n, k, a, lda, b, ldb, c, ldc) describes G GEMMs: each field an int
-    or an array (G,), with a, b, c arrays of addresses."""
+    MKL call. An entry (trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta) describes G
+    GEMMs: m, n, k, lda, ldb, ldc ints or int arrays (G,), a, b, c arrays (G,) of addresses."""
     sizes = [max(len(v) if isinstance(v, np.ndarray) else 1 for v in entry) for entry in gemms]
 
-    def column(i: int, dtype) -> np.ndarray:
-        return np.concatenate([np.broadcast_to(np.asarray(entry[i], dtype), (size,))
-                               for entry, size in zip(gemms, sizes)]).astype(dtype, copy=False)
+    def column(i: int, dtype, fn=lambda v: v) -> np.ndarray:
+        return np.concatenate([np.broadcast_to(np.asarray(fn(entry[i]), dtype), (size,))
+                               for entry, size in zip(gemms, sizes)])
 
-    total = sum(sizes)
-    ints = lambda v: np.full(total, v, np.int32)
-    m, n, k, lda, ldb, ldc = (column(i, np.int32) for i in (0, 1, 2, 4, 6, 8))
-    a, b, c = (column(i, np.int64) for i in (3, 5, 7))
-    args = [ints(_TRANS if trans_a else _NO_TRANS), ints(_TRANS if trans_b else _NO_TRANS), m, n, k,
-            np.ones(total, np.float32), a, lda, b, ldb, np.full(total, beta, np.float32), c, ldc]
-    _sgemm_batch()(_ROW_MAJOR, *(arr.ctypes.data for arr in args), total, ints(1).ctypes.data)
+    trans = lambda t: _TRANS if t else _NO_TRANS
+    args = [column(0, np.int32, trans), column(1, np.int32, trans)]
+    args += [column(i, dtype) for i, dtype in ((2, np.int32), (3, np.int32), (4, np.int32))]
+    args.append(np.ones(sum(sizes), np.float32))  # alpha
+    args += [column(i, dtype) for i, dtype in ((5, np.int64), (6, np.int32), (7, np.int64), (8, np.int32))]
+    args += [column(11, np.float32), column(9, np.int64), column(10, np.int32)]  # beta, c, ldc
+    _sgemm_batch()(_ROW_MAJOR, *(arr.ctypes.data for arr in args), len(args[0]), np.ones(len(args[0]), np.int32).ctypes.data)
 
 
 class _GroupedMKL(torch.autograd.Function):
     """`grouped_linear` as MKL batch GEMMs, for weights w_1..w_n (G, N_i, K) on the same
-    rows: y_ig = x_g w_ig^T in one call; in backward dx_g = sum_i dy_ig w_ig (one call per
-    weight, accumulating in place) and dw_ig = dy_ig^T x_g (one call). Saves x and the
-    weights, as the autograd of `torch._grouped_mm` does. One thread: the per-group GEMMs of
-    `_grouped_mm` at about the same speed (its loop calls the same MKL sgemm, the outputs
-    are bitwise equal); more threads: MKL runs groups side by side instead of splitting each
-    small GEMM (benchmarks/README.md)."""
+    rows: y_ig = x_g w_ig^T in one call; in backward dw_ig = dy_ig^T x_g and the first term
+    of dx_g = sum_i dy_ig w_ig in one call, each further term accumulated in place by one
+    more. Saves x and the weights, as the autograd of `torch._grouped_mm` does. One thread:
+    the per-group GEMMs of `_grouped_mm` at about the same speed (its loop calls the same
+    MKL sgemm, the outputs are bitwise equal); more threads: MKL runs groups side by side
+    instead of splitting each small GEMM (benchmarks/README.md)."""
 
     @staticmethod
     def forward(fctx, x, counts, *ws):
@@ -222,8 +222,8 @@ class _GroupedMKL(torch.autograd.Function):
         K = x.shape[1]
         ys = [x.new_empty(x.shape[0], w.shape[1]) for w in ws]
         xa = _rows_at(x, starts)
-        _sgemm_groups(False, True, [(rows, w.shape[1], K, xa, K, _groups_at(w), K, _rows_at(y, starts), w.shape[1])
-                                    for w, y in zip(ws, ys)])
+        _sgemm_groups([(False, True, rows, w.shape[1], K, xa, K, _groups_at(w), K, _rows_at(y, starts), w.shape[1], 0.0)
+                       for w, y in zip(ws, ys)])
         return ys[0] if len(ys) == 1 else tuple(ys)
 
     @staticmethod
@@ -233,22 +233,29 @@ class _GroupedMKL(torch.autograd.Function):
         dys = [dy.contiguous() for dy in dys]
         K = x.shape[1]
         dx, dws = None, [None] * len(ws)
+        calls = [[]]
         if fctx.needs_input_grad[0]:
             dx = x.new_empty(x.shape)
-            for i, (dy, w) in enumerate(zip(dys, ws)):
-                _sgemm_groups(False, False, [(rows, K, w.shape[1], _rows_at(dy, starts), w.shape[1], _groups_at(w), K,
-                                              _rows_at(dx, starts), K)], beta=0.0 if i == 0 else 1.0)
+            for i, (dy, w) in enumerate(zip(dys, ws)):  # the first term in the first call, one call per further term
+                gemm = (False, False, rows, K, w.shape[1], _rows_at(dy, starts), w.shape[1], _groups_at(w), K,
+                        _rows_at(dx, starts), K, 0.0 if i == 0 else 1.0)
+                if i == 0:
+                    calls[0].append(gemm)
+                else:
+                    calls.append([gemm])
         wanted = [i for i in range(len(ws)) if fctx.needs_input_grad[2 + i]]
-        if wanted:
-            xa = _rows_at(x, starts)
+        xa = _rows_at(x, starts)
+        for i in wanted:
+            dws[i] = torch.empty_like(ws[i])
+            calls[0].append((True, False, ws[i].shape[1], K, rows, _rows_at(dys[i], starts), ws[i].shape[1], xa, K,
+                             _groups_at(dws[i]), K, 0.0))
+        for gemms in calls:
+            if gemms:
+                _sgemm_groups(gemms)
+        empty = np.flatnonzero(rows == 0)
+        if len(empty):  # k = 0: zero by the BLAS rule for beta = 0, but not every BLAS writes it
             for i in wanted:
-                dws[i] = torch.empty_like(ws[i])
-            _sgemm_groups(True, False, [(ws[i].shape[1], K, rows, _rows_at(dys[i], starts), ws[i].shape[1], xa, K,
-                                         _groups_at(dws[i]), K) for i in wanted])
-            empty = np.flatnonzero(rows == 0)
-            if len(empty):  # k = 0: zero by the BLAS rule for beta = 0, but not every BLAS writes it
-                for i in wanted:
-                    dws[i][torch.from_numpy(empty)] = 0
+                dws[i][torch.from_numpy(empty)] = 0
         return dx, None, *dws
 
 
