@@ -17,6 +17,7 @@ that row (and on the keys it may attend to):
                         no longer depends on the row count (measured, MKL fp32: row counts
                         below 4 with 1 thread, 12 with 2 or 8, 28 with 16, 52 with 32 and
                         76 with 64 round differently)
+    grouped_linear      group by group through `linear`
     silu, sigmoid,      evaluated over a flat copy padded to a multiple of ALIGN, in
     rsqrt, exp, log     pieces of at most PIECE elements (one thread each), so every
                         element goes through the vector code

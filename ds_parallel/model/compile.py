@@ -11,8 +11,9 @@ does, with the distributed parts left outside the compiled regions.
 
 Compiling a whole MoE block would put the dispatch and the all-to-alls in the graph: their
 split sizes are data-dependent, so dynamo would break the graph there anyway, and the
-routed experts' grouped GEMM (torch._grouped_mm, one kernel already) has no fp32 meta kernel
-to trace on CPU. Its neighbours are what a compiler can fuse: the router's sigmoid, bias,
+routed experts' grouped GEMM is one kernel already (kernels.grouped_linear: MKL's batch GEMM,
+called through ctypes, on CPU in fp32; torch._grouped_mm, which has no fp32 meta kernel to
+trace on CPU, elsewhere). Its neighbours are what a compiler can fuse: the router's sigmoid, bias,
 group scores, masks and normalisation, and the SwiGLU's silu and product (forward and
 backward). In a compiled attention half, causal MLA on CPU (kernels.causal_blocks, which
 skips the keys no query block can see, eagerly too) is traced through its autograd function,
