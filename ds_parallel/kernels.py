@@ -200,7 +200,8 @@ def _sgemm_groups(gemms: list[tuple]) -> None:
     args.append(np.ones(sum(sizes), np.float32))  # alpha
     args += [column(i, dtype) for i, dtype in ((5, np.int64), (6, np.int32), (7, np.int64), (8, np.int32))]
     args += [column(11, np.float32), column(9, np.int64), column(10, np.int32)]  # beta, c, ldc
-    _sgemm_batch()(_ROW_MAJOR, *(arr.ctypes.data for arr in args), len(args[0]), np.ones(len(args[0]), np.int32).ctypes.data)
+    group_size = np.ones(len(args[0]), np.int32)  # every GEMM its own group; held until the call returns
+    _sgemm_batch()(_ROW_MAJOR, *(arr.ctypes.data for arr in args), len(group_size), group_size.ctypes.data)
 
 
 class _GroupedMKL(torch.autograd.Function):
@@ -216,6 +217,13 @@ class _GroupedMKL(torch.autograd.Function):
     def forward(fctx, x, counts, *ws):
         x, ws = x.contiguous(), tuple(w.contiguous() for w in ws)
         rows = counts.numpy().astype(np.int32)
+        # MKL reads and writes through raw addresses: shapes that do not match would do so
+        # outside the tensors, so they are refused here
+        if x.dim() != 2 or (rows < 0).any() or int(rows.sum()) != x.shape[0] or any(
+                w.dim() != 3 or w.shape[0] != len(rows) or w.shape[2] != x.shape[1] for w in ws):
+            raise ValueError(f"grouped_linear: x {tuple(x.shape)} with counts summing to {int(rows.sum())} and weights "
+                             f"{[tuple(w.shape) for w in ws]}: expected x (P, in), counts (G,) >= 0 summing to P, "
+                             "weights (G, out, in)")
         starts = np.zeros(len(rows), np.int64)
         np.cumsum(rows[:-1], out=starts[1:])
         fctx.save_for_backward(x, *ws)

@@ -180,6 +180,11 @@ def test_grouped_linear_paths_agree(threads):
     torch.testing.assert_close(xg.grad, outs["loop"][1] + xl.grad, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(w1g.grad, outs["loop"][2], rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(w3g.grad, w3l.grad, rtol=1e-6, atol=1e-5)
+    if "mkl" in paths:  # raw addresses: mismatched shapes are refused, not read past
+        for bad_x, bad_w, bad_counts in ((x[1:], w, counts), (x, w[:, :, 1:], counts), (x, w[1:], counts),
+                                         (x, w, counts.flip(0) - 1)):
+            with pytest.raises(ValueError, match="grouped_linear"):
+                kernels._GroupedMKL.apply(bad_x, bad_counts, bad_w)
     assert outs["default"][2][[0, 3, 7]].eq(0).all()  # empty groups: zero weight gradients
     ones = torch.ones(x.shape[0], 24)
     torch.testing.assert_close(xe.grad, torch.cat([ones[:int(c)] @ w[e] for e, c in enumerate(counts)]), rtol=1e-6, atol=1e-5)
