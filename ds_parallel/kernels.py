@@ -114,8 +114,7 @@ def grouped_linear(x: torch.Tensor, w, counts: torch.Tensor, use_grouped_mm: boo
     (`_GroupedMKL`: one call for all groups of all the weights, which MKL spreads over its
     threads), elsewhere `torch._grouped_mm` where it takes the dtype and device; otherwise,
     or inside batch_invariant() (group by group with the row-invariant `linear`), a loop over
-    groups, never over rows. Every path multiplies each group with the same BLAS GEMM, so
-    they agree to rounding (tests/unit/test_kernels.py)."""
+    groups, never over rows. The paths agree to rounding (tests/unit/test_kernels.py)."""
     several = isinstance(w, (tuple, list))
     ws = tuple(w) if several else (w,)
     if use_grouped_mm and not is_batch_invariant() and _sgemm_batch_ok(x, ws, counts):
@@ -209,9 +208,10 @@ class _GroupedMKL(torch.autograd.Function):
     rows: y_ig = x_g w_ig^T in one call; in backward dw_ig = dy_ig^T x_g and the first term
     of dx_g = sum_i dy_ig w_ig in one call, each further term accumulated in place by one
     more. Saves x and the weights, as the autograd of `torch._grouped_mm` does. One thread:
-    the per-group GEMMs of `_grouped_mm` at about the same speed (its loop calls the same
-    MKL sgemm, the outputs are bitwise equal); more threads: MKL runs groups side by side
-    instead of splitting each small GEMM (benchmarks/README.md)."""
+    the per-group GEMMs of `_grouped_mm` at about the same speed (its loop calls MKL's sgemm
+    per group; outputs bitwise equal at the small V3's sizes, while a one-row group and the
+    input gradient of small groups can round differently); more threads: MKL runs groups side
+    by side instead of splitting each small GEMM (benchmarks/README.md)."""
 
     @staticmethod
     def forward(fctx, x, counts, *ws):
