@@ -156,7 +156,8 @@ class _ContiguousGrad(torch.autograd.Function):
 @functools.cache
 def _sgemm_batch() -> Optional[Callable]:
     """`cblas_sgemm_batch` of the MKL inside the libtorch_cpu this process runs (the MKL
-    torch's own GEMMs call, LP64 integers), or None: a build without MKL, or a library that
+    torch's own GEMMs call; 32-bit integers: torch links MKL's LP64 interface, and MKL names
+    its 64-bit one `cblas_sgemm_batch_64`), or None: a build without MKL, or a library that
     does not export it."""
     if not torch.backends.mkl.is_available():
         return None
