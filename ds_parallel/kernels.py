@@ -118,7 +118,8 @@ def grouped_linear(x: torch.Tensor, w, counts: torch.Tensor, use_grouped_mm: boo
     several = isinstance(w, (tuple, list))
     ws = tuple(w) if several else (w,)
     if use_grouped_mm and not is_batch_invariant() and _sgemm_batch_ok(x, ws, counts):
-        return _GroupedMKL.apply(x, counts, *ws)
+        out = _GroupedMKL.apply(x, counts, *ws)  # a tensor for one weight, a tuple for several
+        return (out,) if several and len(ws) == 1 else out
     if several:
         return tuple(grouped_linear(x, wi, counts, use_grouped_mm) for wi in ws)
     if is_batch_invariant():

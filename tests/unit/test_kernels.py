@@ -180,6 +180,10 @@ def test_grouped_linear_paths_agree(threads):
     torch.testing.assert_close(xg.grad, outs["loop"][1] + xl.grad, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(w1g.grad, outs["loop"][2], rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(w3g.grad, w3l.grad, rtol=1e-6, atol=1e-5)
+    for use_grouped_mm in (True, False):  # a one-weight tuple gives a one-output tuple on every path
+        single = kernels.grouped_linear(x, (w,), counts, use_grouped_mm)
+        assert isinstance(single, tuple) and len(single) == 1
+        torch.testing.assert_close(single[0], outs["loop"][0], rtol=1e-6, atol=1e-5)
     if "mkl" in paths:  # raw addresses: mismatched shapes are refused, not read past
         for bad_x, bad_w, bad_counts in ((x[1:], w, counts), (x, w[:, :, 1:], counts), (x, w[1:], counts),
                                          (x, w, counts.flip(0) - 1)):
